@@ -1,0 +1,3 @@
+from plgk_cli.cli import main
+
+main()

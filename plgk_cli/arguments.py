@@ -1,0 +1,148 @@
+"""Replay's arguments: one frozen dataclass, validated on construction, stored in the output,
+and the parsers of the user-facing specs (audit set, rule, train subset)."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plgk_cli.errors import AuditSpecError
+from plgk_cli.gradients import TARGETS
+
+SLICE_SPEC = re.compile(r"^(train|test)(?:\[(-?\d*):(-?\d*)\])?$")
+RULES = ("euler", "trapezoid", "supersample:K")
+
+
+@dataclass(frozen=True)
+class ReplayArguments:
+    ckpts: str
+    audit_set: str
+    out: str
+    targets: tuple = ("loss",)
+    rule: str = "trapezoid"
+    train_subset: str | None = None
+    group_by: str | None = None
+    stride: int = 1
+    device: str = "auto"
+    chunk_size: int = 256
+    overwrite: bool = False
+
+    def __post_init__(self):
+        targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
+        object.__setattr__(self, "targets", targets)
+        if not targets:
+            raise AuditSpecError("--target: give at least one of " + ", ".join(TARGETS))
+        for t in targets:
+            if t not in TARGETS:
+                raise AuditSpecError(f"--target: unknown target {t!r}; expected one of {', '.join(TARGETS)}")
+        parse_rule(self.rule)
+        if self.group_by not in (None, "label"):
+            raise AuditSpecError(f"--group-by: unknown grouping {self.group_by!r}; expected label")
+        if not isinstance(self.stride, int) or self.stride < 1:
+            raise AuditSpecError(f"--stride: must be a whole number >= 1, got {self.stride!r}")
+        if self.chunk_size < 1:
+            raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @property
+    def quadrature_points(self) -> int:
+        return parse_rule(self.rule)
+
+
+def parse_rule(rule: str) -> int:
+    """Number of sub-intervals of the composite trapezoid; 0 means euler (left endpoint)."""
+    if rule == "euler":
+        return 0
+    if rule == "trapezoid":
+        return 1
+    m = re.fullmatch(r"supersample:(\d+)", rule)
+    if m and int(m.group(1)) >= 1:
+        return int(m.group(1))
+    raise AuditSpecError(f"--rule: unknown rule {rule!r}; expected euler, trapezoid or supersample:K "
+                         "with K >= 1")
+
+
+@dataclass(frozen=True)
+class AuditSet:
+    x: torch.Tensor
+    y: torch.Tensor
+    source: str  # the spec, e.g. "test[0:64]" or the npz path
+    split: str | None  # "train"/"test" when the points are rows of a split
+    index: torch.Tensor | None  # their indices in that split
+
+
+def _slice(spec: str, split: str, start: str, stop: str, length: int, flag: str) -> range:
+    lo = int(start) if start else 0
+    hi = int(stop) if stop else length
+    if lo < 0:
+        lo += length
+    if hi < 0:
+        hi += length
+    if not (0 <= lo <= length and 0 <= hi <= length):
+        raise AuditSpecError(f"{flag}: {spec!r} is out of range: the {split} split has {length} "
+                             f"examples (valid indices 0..{length - 1})")
+    if hi <= lo:
+        raise AuditSpecError(f"{flag}: {spec!r} selects no examples")
+    return range(lo, hi)
+
+
+def resolve_audit_set(spec: str, dataset) -> AuditSet:
+    m = SLICE_SPEC.match(spec)
+    if m:
+        split, start, stop = m.group(1), m.group(2), m.group(3)
+        x, y = dataset.split(split)
+        rows = _slice(spec, split, start or "", stop or "", len(y), "--audit-set")
+        index = torch.arange(rows.start, rows.stop)
+        return AuditSet(x[index], y[index], spec, split, index)
+    path = Path(spec)
+    if path.suffix != ".npz":
+        raise AuditSpecError(f"--audit-set: {spec!r} is neither SPLIT[START:STOP] (split train or "
+                             "test) nor a PATH.npz with arrays x and y")
+    if not path.is_file():
+        raise AuditSpecError(f"--audit-set: {spec}: file not found")
+    from plgk_cli.data import _as_images
+
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            if "x" not in f or "y" not in f:
+                raise AuditSpecError(f"--audit-set: {spec}: needs arrays x and y, has {', '.join(f.files)}")
+            x, y = _as_images(f["x"]), np.asarray(f["y"])
+    except AuditSpecError:
+        raise
+    except Exception as exc:
+        raise AuditSpecError(f"--audit-set: {spec}: cannot read ({exc})") from None
+    if x.shape[1:] != tuple(dataset.in_shape) or len(x) != len(y) or y.ndim != 1 or len(y) == 0:
+        raise AuditSpecError(f"--audit-set: {spec}: x has shape {x.shape} and y {y.shape}; expected "
+                             f"x (N, {', '.join(map(str, dataset.in_shape))}) and y (N,) with N >= 1")
+    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= dataset.num_classes:
+        raise AuditSpecError(f"--audit-set: {spec}: labels must be integers in 0..{dataset.num_classes - 1}")
+    return AuditSet(torch.as_tensor(x, dtype=dataset.x_train.dtype), torch.as_tensor(y, dtype=torch.int64),
+                    str(path), None, None)
+
+
+def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | None:
+    """Indices of the training examples to audit (partial audit, paper A.1.3); None = all."""
+    if spec is None:
+        return None
+    m = re.fullmatch(r"(?:train)?\[?(-?\d*):(-?\d*)\]?", spec)
+    if m:
+        rows = _slice(spec, "train", m.group(1), m.group(2), num_train, "--train-subset")
+        return torch.arange(rows.start, rows.stop)
+    path = Path(spec)
+    if not path.is_file():
+        raise AuditSpecError(f"--train-subset: {spec!r} is neither START:STOP nor a file of indices")
+    try:
+        idx = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+    except Exception as exc:
+        raise AuditSpecError(f"--train-subset: {spec}: cannot read indices ({exc})") from None
+    idx = np.unique(np.asarray(idx).astype(np.int64))
+    if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_train:
+        raise AuditSpecError(f"--train-subset: {spec}: indices must be in 0..{num_train - 1}")
+    return torch.as_tensor(idx)

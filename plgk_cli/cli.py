@@ -1,0 +1,117 @@
+"""The `plgk` command: parses options and calls library functions. Imports torch lazily."""
+
+from __future__ import annotations
+
+import functools
+import sys
+
+import click
+
+from plgk_cli import __version__
+from plgk_cli.errors import PlgkError
+
+
+def reports_errors(fn):
+    """Turn a PlgkError into one line on stderr and its exit code; --debug keeps the traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        ctx = click.get_current_context()
+        try:
+            return fn(*args, **kwargs)
+        except PlgkError as exc:
+            if ctx.find_root().params.get("debug"):
+                raise
+            click.echo(f"plgk: error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except KeyboardInterrupt:
+            click.echo("plgk: interrupted; nothing was written to the output path", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="plgk")
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+def main(debug):
+    """Make a training run auditable: record it, replay it, inspect the audit."""
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
+              help="TOML run configuration (see configs/).")
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Run directory to create (must be new or empty).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def train(config_path, out, quiet):
+    """Train a model and record its trajectory."""
+    from plgk_cli.config import load_config
+    from plgk_cli.train import train as run_training
+
+    manifest = run_training(load_config(config_path), out, progress=not quiet)
+    final = manifest["final"]
+    click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "
+               f"{final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}")
+
+
+@main.command()
+@click.option("--ckpts", required=True, help="Run directory written by `plgk train`.")
+@click.option("--audit-set", required=True,
+              help="SPLIT[START:STOP] over train/test (e.g. test[:64]) or PATH.npz with arrays x, y.")
+@click.option("--out", default="influences.h5", show_default=True, help="Output HDF5 file.")
+@click.option("--target", "targets", multiple=True, default=("loss",), show_default=True,
+              help="loss | logit | margin | logits; repeat for several.")
+@click.option("--rule", default="trapezoid", show_default=True,
+              help="Quadrature over each update: euler | trapezoid | supersample:K.")
+@click.option("--train-subset", default=None, help="Partial audit: START:STOP or a file of indices.")
+@click.option("--group-by", type=click.Choice(["label"]), default=None,
+              help="Grouped audit: influence per training class.")
+@click.option("--stride", default=1, show_default=True, type=int,
+              help="Evaluate the audit side every K updates only (faster, coarser).")
+@click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
+@click.option("--chunk-size", default=256, show_default=True, type=int,
+              help="Examples per batched per-sample-gradient pass.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@reports_errors
+def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
+           overwrite, quiet):
+    """Replay a recorded run and write the training-data audit."""
+    from plgk_cli.arguments import ReplayArguments
+    from plgk_cli.replay import replay as run_replay
+
+    targets = tuple(t.strip() for spec in targets for t in spec.split(",") if t.strip())
+    args = ReplayArguments(ckpts=ckpts, audit_set=audit_set, out=out, targets=targets, rule=rule,
+                           train_subset=train_subset, group_by=group_by, stride=stride,
+                           device=device, chunk_size=chunk_size, overwrite=overwrite)
+    result = run_replay(args, progress=not quiet)
+    for target, m in result.metrics.items():
+        click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}")
+    click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps; wrote {out}")
+
+
+@main.command()
+@click.argument("path")
+@click.option("--audit", type=int, default=None, help="Audit point to list examples for.")
+@click.option("--top", type=int, default=10, show_default=True, help="How many examples each way.")
+@click.option("--target", default=None, help="Target to list (default: the first stored).")
+@click.option("--class", "klass", type=int, default=None, help="Class column for --target logits.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@reports_errors
+def inspect(path, audit, top, target, klass, as_json):
+    """Summarise an influences.h5, or list the top training examples of one audit point."""
+    from plgk_cli.inspect import format_summary, format_top, summary, to_json, top_examples
+    from plgk_cli.store import InfluenceFile
+
+    with InfluenceFile(path) as f:
+        result = summary(f) if audit is None else top_examples(f, audit, top, target, klass)
+    if as_json:
+        click.echo(to_json(result))
+    else:
+        click.echo(format_summary(result) if audit is None else format_top(result))
+
+
+if __name__ == "__main__":
+    main()

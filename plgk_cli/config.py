@@ -1,0 +1,263 @@
+"""The run configuration (`plgk train --config run.toml`): parsed, validated, frozen.
+
+Every section is a frozen dataclass. Unknown keys and bad values raise ConfigError naming the
+file, the section and the key, so that a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from plgk_cli.errors import ConfigError
+
+OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
+SCHEDULES = ("constant", "step", "cosine")
+BUILTIN_MODELS = ("mlp", "cnn", "lenet5")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    dataset: str = "digits"
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "cnn"
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.0
+    nesterov: bool = False
+    dampening: float = 0.0
+    betas: tuple = (0.9, 0.999)
+    eps: float | None = None  # None: torch's default for the optimizer
+    alpha: float = 0.99
+    weight_decay: float = 0.0
+    amsgrad: bool = False
+    centered: bool = False
+    clip_grad_norm: float | None = None
+
+    def resolved_eps(self) -> float:
+        if self.eps is not None:
+            return self.eps
+        return {"rmsprop": 1e-8, "adagrad": 1e-10}.get(self.name, 1e-8)
+
+
+@dataclass(frozen=True)
+class ScheduleConfig:
+    name: str = "constant"
+    warmup_steps: int = 0
+    step_size: int = 1000  # in optimizer steps
+    gamma: float = 0.1
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 5
+    batch_size: int = 64
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "float32"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    every: int = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+SECTIONS = {
+    "data": DataConfig,
+    "model": ModelConfig,
+    "optim": OptimConfig,
+    "schedule": ScheduleConfig,
+    "train": TrainConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+def _fail(source: str, section: str, key: str, problem: str) -> ConfigError:
+    return ConfigError(f"{source}: [{section}] {key}: {problem}")
+
+
+def _number(source, section, key, value, *, integer=False, low=None, high=None, low_open=False,
+            high_open=False):
+    kind = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or (
+            integer and not isinstance(value, int)):
+        raise _fail(source, section, key, f"expected {kind}, got {value!r}")
+    if not integer and not math.isfinite(value):
+        raise _fail(source, section, key, f"expected a finite number, got {value!r}")
+    if low is not None and (value < low or (low_open and value == low)):
+        bound = f"> {low}" if low_open else f">= {low}"
+        raise _fail(source, section, key, f"must be {bound}, got {value!r}")
+    if high is not None and (value > high or (high_open and value == high)):
+        bound = f"< {high}" if high_open else f"<= {high}"
+        raise _fail(source, section, key, f"must be {bound}, got {value!r}")
+    return int(value) if integer else float(value)
+
+
+def _choice(source, section, key, value, choices):
+    if value not in choices:
+        raise _fail(source, section, key, f"expected one of {', '.join(choices)}; got {value!r}")
+    return value
+
+
+def _bool(source, section, key, value):
+    if not isinstance(value, bool):
+        raise _fail(source, section, key, f"expected true or false, got {value!r}")
+    return value
+
+
+def _validate_section(source: str, section: str, raw: dict) -> dict:
+    """Type- and range-check one section's keys; returns the converted values."""
+    s = section
+    out: dict[str, Any] = {}
+    for key, value in raw.items():
+        if s == "data":
+            if key == "dataset":
+                if not isinstance(value, str) or not (
+                        value == "digits" or value.startswith(("npz:", "mnist:"))):
+                    raise _fail(source, s, key,
+                                f'expected "digits", "npz:PATH" or "mnist:DIR"; got {value!r}')
+                if value.startswith(("npz:", "mnist:")) and not value.split(":", 1)[1]:
+                    raise _fail(source, s, key, f"{value!r} names no path")
+                out[key] = value
+            elif key == "seed":
+                out[key] = _number(source, s, key, value, integer=True, low=0)
+        elif s == "model":
+            if key == "name":
+                if not isinstance(value, str) or not (value in BUILTIN_MODELS or (
+                        ":" in value and all(value.split(":", 1)))):
+                    raise _fail(source, s, key, f"expected one of {', '.join(BUILTIN_MODELS)} or "
+                                                f'"package.module:function"; got {value!r}')
+                out[key] = value
+            elif key == "kwargs":
+                if not isinstance(value, dict):
+                    raise _fail(source, s, key, "expected a table, e.g. kwargs = { hidden = 64 }")
+                out[key] = dict(value)
+        elif s == "optim":
+            if key == "name":
+                out[key] = _choice(source, s, key, value, OPTIMIZERS)
+            elif key == "lr":
+                out[key] = _number(source, s, key, value, low=0, low_open=True)
+            elif key in ("momentum", "dampening"):
+                out[key] = _number(source, s, key, value, low=0, high=1, high_open=True)
+            elif key == "alpha":
+                out[key] = _number(source, s, key, value, low=0, high=1)
+            elif key in ("nesterov", "amsgrad", "centered"):
+                out[key] = _bool(source, s, key, value)
+            elif key == "betas":
+                if not isinstance(value, list) or len(value) != 2:
+                    raise _fail(source, s, key, f"expected [beta1, beta2], got {value!r}")
+                out[key] = tuple(_number(source, s, key, b, low=0, high=1, high_open=True)
+                                 for b in value)
+            elif key == "eps":
+                out[key] = _number(source, s, key, value, low=0, low_open=True)
+            elif key == "weight_decay":
+                out[key] = _number(source, s, key, value, low=0)
+            elif key == "clip_grad_norm":
+                out[key] = _number(source, s, key, value, low=0, low_open=True)
+        elif s == "schedule":
+            if key == "name":
+                out[key] = _choice(source, s, key, value, SCHEDULES)
+            elif key == "warmup_steps":
+                out[key] = _number(source, s, key, value, integer=True, low=0)
+            elif key == "step_size":
+                out[key] = _number(source, s, key, value, integer=True, low=1)
+            elif key == "gamma":
+                out[key] = _number(source, s, key, value, low=0, low_open=True)
+        elif s == "train":
+            if key in ("epochs", "batch_size"):
+                out[key] = _number(source, s, key, value, integer=True, low=1)
+            elif key == "seed":
+                out[key] = _number(source, s, key, value, integer=True, low=0)
+            elif key == "device":
+                out[key] = _choice(source, s, key, value, ("auto", "cpu", "cuda"))
+            elif key == "dtype":
+                out[key] = _choice(source, s, key, value, ("float32", "float64"))
+        elif s == "checkpoint":
+            if key == "every":
+                out[key] = _number(source, s, key, value, integer=True, low=1)
+    return out
+
+
+def parse_config(raw: dict, source: str = "config") -> RunConfig:
+    """Build a RunConfig from a parsed TOML document, rejecting unknown sections and keys."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{source}: expected a TOML table at the top level")
+    sections = {}
+    for name, body in raw.items():
+        if name not in SECTIONS:
+            raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
+                              f"{', '.join('[' + s + ']' for s in SECTIONS)}")
+        if not isinstance(body, dict):
+            raise ConfigError(f"{source}: [{name}] must be a table")
+        cls = SECTIONS[name]
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in body:
+            if key not in known:
+                raise _fail(source, name, key, f"unknown key; known keys: {', '.join(known)}")
+        sections[name] = cls(**_validate_section(source, name, body))
+    config = RunConfig(**sections)
+    _check_combinations(config, source)
+    return config
+
+
+def _check_combinations(config: RunConfig, source: str) -> None:
+    o = config.optim
+    if o.nesterov and (o.name != "sgd" or o.momentum <= 0 or o.dampening != 0):
+        raise _fail(source, "optim", "nesterov",
+                    "needs name = \"sgd\", momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+    if o.momentum and o.name not in ("sgd", "rmsprop"):
+        raise _fail(source, "optim", "momentum",
+                    f"only sgd and rmsprop take momentum; {o.name} uses betas")
+    if o.amsgrad and o.name not in ("adam", "adamw"):
+        raise _fail(source, "optim", "amsgrad", "only adam and adamw take amsgrad")
+    if o.centered and o.name != "rmsprop":
+        raise _fail(source, "optim", "centered", "only rmsprop takes centered")
+
+
+def load_config(path: str | Path) -> RunConfig:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from None
+    return parse_config(raw, source=str(path))
+
+
+def config_from_dict(d: dict) -> RunConfig:
+    """Inverse of RunConfig.to_dict (used when reading a manifest)."""
+    d = {k: dict(v) for k, v in d.items()}
+    if "betas" in d.get("optim", {}):
+        d["optim"]["betas"] = tuple(d["optim"]["betas"])
+    return RunConfig(**{name: SECTIONS[name](**body) for name, body in d.items()})

@@ -1,0 +1,156 @@
+"""Datasets as training sees them: split tensors, class count, input shape and a fingerprint.
+
+Specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``npz:PATH`` (arrays x_train,
+y_train, x_test, y_test) and ``mnist:DIR`` (the four standard IDX files, gzipped or not).
+Images get a channel axis (N, C, H, W); integer pixels are scaled to [0, 1].
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plgk_cli.errors import DataError
+
+DIGITS_TEST_FRACTION = 0.2
+
+
+@dataclass(frozen=True)
+class Dataset:
+    spec: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor  # int64 class labels
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+
+    @property
+    def in_shape(self) -> tuple:
+        return tuple(self.x_train.shape[1:])
+
+    def split(self, name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        if name == "train":
+            return self.x_train, self.y_train
+        if name == "test":
+            return self.x_test, self.y_test
+        raise DataError(f"unknown split {name!r}; expected train or test")
+
+    def fingerprint(self) -> str:
+        """sha256 over the split tensors exactly as training sees them."""
+        h = hashlib.sha256()
+        for t in (self.x_train, self.y_train, self.x_test, self.y_test):
+            h.update(str(tuple(t.shape)).encode() + str(t.dtype).encode())
+            h.update(t.detach().cpu().contiguous().numpy().tobytes())
+        return h.hexdigest()
+
+
+def _as_images(x: np.ndarray) -> np.ndarray:
+    if np.issubdtype(x.dtype, np.integer):  # 8-bit pixels
+        x = x.astype(np.float64) / 255.0
+    x = x.astype(np.float64)
+    if x.ndim == 3:  # (N, H, W) -> (N, 1, H, W)
+        x = x[:, None]
+    return x
+
+
+def _load_digits(seed: int):
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("dataset digits needs scikit-learn: pip install scikit-learn") from None
+    bunch = load_digits()
+    x = (bunch.images / 16.0)[:, None].astype(np.float64)  # (1797, 1, 8, 8) in [0, 1]
+    y = bunch.target.astype(np.int64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    return x[train], y[train], x[test], y[test]
+
+
+def _load_npz(path: Path):
+    if not path.is_file():
+        raise DataError(f"dataset npz:{path}: file not found; give the path of an .npz with "
+                        "arrays x_train, y_train, x_test, y_test")
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
+            if missing:
+                raise DataError(f"dataset npz:{path}: missing arrays {', '.join(missing)} "
+                                "(needs x_train, y_train, x_test, y_test)")
+            arrays = [f[k] for k in ("x_train", "y_train", "x_test", "y_test")]
+    except DataError:
+        raise
+    except Exception as exc:  # zipfile/pickle errors: the file is not a readable npz
+        raise DataError(f"dataset npz:{path}: cannot read ({exc})") from None
+    return _as_images(arrays[0]), arrays[1], _as_images(arrays[2]), arrays[3]
+
+
+def _read_idx(path: Path) -> np.ndarray:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        data = f.read()
+    if len(data) < 4 or data[0] != 0 or data[1] != 0:
+        raise DataError(f"{path}: not an IDX file (bad magic number)")
+    dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+    if data[2] not in dtype:
+        raise DataError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
+    ndim = data[3]
+    shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
+    array = np.frombuffer(data, dtype=dtype[data[2]], offset=4 + 4 * ndim)
+    if array.size != int(np.prod(shape)):
+        raise DataError(f"{path}: truncated IDX file ({array.size} of {int(np.prod(shape))} values)")
+    return array.reshape(shape)
+
+
+def _load_mnist(root: Path):
+    names = {"x_train": "train-images-idx3-ubyte", "y_train": "train-labels-idx1-ubyte",
+             "x_test": "t10k-images-idx3-ubyte", "y_test": "t10k-labels-idx1-ubyte"}
+    arrays = {}
+    for key, stem in names.items():
+        candidates = [root / stem, root / (stem + ".gz")]
+        found = next((p for p in candidates if p.is_file()), None)
+        if found is None:
+            raise DataError(f"dataset mnist:{root}: {stem}[.gz] not found; put the four MNIST IDX "
+                            f"files ({', '.join(names.values())}) in {root}")
+        arrays[key] = _read_idx(found)
+    return (_as_images(arrays["x_train"]), arrays["y_train"],
+            _as_images(arrays["x_test"]), arrays["y_test"])
+
+
+def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
+    if spec == "digits":
+        arrays = _load_digits(seed)
+    elif spec.startswith("npz:"):
+        arrays = _load_npz(Path(spec[4:]))
+    elif spec.startswith("mnist:"):
+        arrays = _load_mnist(Path(spec[6:]))
+    else:
+        raise DataError(f"unknown dataset {spec!r}; expected digits, npz:PATH or mnist:DIR")
+    x_train, y_train, x_test, y_test = arrays
+    for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if len(x) != len(y):
+            raise DataError(f"dataset {spec}: x_{name} has {len(x)} rows but y_{name} has {len(y)}")
+        if not np.issubdtype(np.asarray(y).dtype, np.integer):
+            raise DataError(f"dataset {spec}: y_{name} must hold integer class labels")
+        if len(y) and np.asarray(y).min() < 0:
+            raise DataError(f"dataset {spec}: y_{name} has negative labels")
+    if len(y_train) == 0:
+        raise DataError(f"dataset {spec}: the training split is empty")
+    if x_train.shape[1:] != x_test.shape[1:]:
+        raise DataError(f"dataset {spec}: x_train rows {x_train.shape[1:]} and x_test rows "
+                        f"{x_test.shape[1:]} differ in shape")
+    num_classes = int(max(np.max(y_train), np.max(y_test, initial=0))) + 1
+    return Dataset(
+        spec=spec,
+        x_train=torch.as_tensor(x_train, dtype=dtype),
+        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.int64),
+        x_test=torch.as_tensor(x_test, dtype=dtype),
+        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.int64),
+        num_classes=num_classes,
+    )

@@ -1,0 +1,102 @@
+"""`load_run(dir)`: a recorded run as Python objects (the public API over trajectory.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from plgk_cli.config import RunConfig, config_from_dict
+from plgk_cli.data import Dataset, load_dataset
+from plgk_cli.errors import DataError, TrajectoryError
+from plgk_cli.gradients import ParameterLayout
+from plgk_cli.models import build_model
+from plgk_cli.optimizers import Decomposition, Hyper, decomposition_for
+from plgk_cli.trajectory import Checkpoint, check_steps, read_checkpoint, read_manifest
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+@dataclass(frozen=True)
+class Run:
+    """A recorded training run. ``dataset`` holds the split tensors exactly as training saw them
+    (checked against the manifest's fingerprint); ``checkpoint(t)`` reads θ_t and its record."""
+
+    path: Path
+    manifest: dict
+
+    @cached_property
+    def config(self) -> RunConfig:
+        return config_from_dict(self.manifest["config"])
+
+    @property
+    def run_id(self) -> str:
+        return self.manifest["run_id"]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return DTYPES[self.manifest["dtype"]]
+
+    @cached_property
+    def dataset(self) -> Dataset:
+        d = self.manifest["dataset"]
+        data = load_dataset(d["spec"], d["seed"], self.dtype)
+        if data.fingerprint() != d["fingerprint"]:
+            raise DataError(f"dataset {d['spec']}: its contents changed since run {self.run_id} was "
+                            "recorded (fingerprint mismatch); restore the original data or re-train")
+        return data
+
+    def build_model(self) -> torch.nn.Module:
+        """A fresh model of the run's architecture (parameters are not θ_0: load a checkpoint)."""
+        d = self.manifest["dataset"]
+        model = build_model(self.manifest["model"]["name"], self.manifest["model"]["kwargs"],
+                            tuple(d["in_shape"]), d["num_classes"])
+        layout = ParameterLayout.of(model)
+        recorded = tuple(p["name"] for p in self.manifest["parameters"])
+        shapes = tuple(tuple(p["shape"]) for p in self.manifest["parameters"])
+        if layout.names != recorded or layout.shapes != shapes:
+            raise TrajectoryError(f"{self.path}: the model {self.manifest['model']['name']} now builds "
+                                  "parameters that differ from the recorded ones; restore its code")
+        return model
+
+    @staticmethod
+    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss: mean cross-entropy over the batch."""
+        return F.cross_entropy(logits, y)
+
+    @cached_property
+    def hyper(self) -> Hyper:
+        o = self.manifest["optimizer"]
+        fields = {k: v for k, v in o.items() if k in Hyper.__dataclass_fields__}
+        fields["betas"] = tuple(fields.get("betas", (0.9, 0.999)))
+        return Hyper(**fields)
+
+    @cached_property
+    def decomposition(self) -> Decomposition:
+        return decomposition_for(self.hyper)
+
+    @cached_property
+    def steps(self) -> list[int]:
+        return check_steps(self.path, self.manifest)
+
+    def checkpoint(self, t: int) -> Checkpoint:
+        ck = read_checkpoint(self.path, t, self.run_id)
+        for p in self.manifest["parameters"]:
+            tensor = ck.params.get(p["name"])
+            if tensor is None or list(tensor.shape) != p["shape"]:
+                got = None if tensor is None else list(tensor.shape)
+                raise TrajectoryError(f"{self.path}/step_{t:08d}.safetensors: param/{p['name']} has "
+                                      f"shape {got}, the manifest says {p['shape']}")
+        return ck
+
+    def epoch_of(self, step: int) -> int:
+        """Epoch of optimizer step `step` (0-based update index)."""
+        return step // self.manifest["steps_per_epoch"]
+
+
+def load_run(run_dir: str | Path) -> Run:
+    run_dir = Path(run_dir)
+    return Run(run_dir, read_manifest(run_dir))

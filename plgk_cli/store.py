@@ -1,0 +1,221 @@
+"""influences.h5 (schema v1): the only module that knows its names. Writer and reader.
+
+Layout (train x audit, as TRAK and dattri):
+  /                         attrs: plgk_version, schema_version, created, rule, targets (JSON),
+                            replay_arguments (JSON), manifest (JSON), optimizer, complete_audit, group_by
+  /train/index (R)          training-split indices of the influence rows (R = M, or the subset)
+  /train/label (R)          their labels
+  /train/group (G)          with --group-by label: the class of each influence row (G rows)
+  /audit/index (N)          indices into the split named by attr `split` (absent for npz audit sets)
+  /audit/source             attr: the audit-set spec or npz path
+  /audit/label (N)
+  /audit/<target>/influence (R|G, N[, C])   float32 (accumulated in float64); attr `sign`
+  /audit/<target>/residual, initial, final (N[, C])
+  /audit/<target>/trace/step (K), trace/true_change, trace/reconstructed (K, N[, C])
+  /audit/<target>/by_layer_epoch/signed, abs (E, L, N[, C]); attr `layers`
+      attrs on /audit/<target>: mre, lc, rmre, max_update_error, attribution_gap, complete
+  /replay/update_error (T)  per-step relative error of the modelled update against the record
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from plgk_cli import __version__
+from plgk_cli.errors import OutputError, StoreError
+
+SCHEMA_VERSION = 1
+SIGN_CONVENTION = ("influence[m, n] < 0: training example m pushed the audited quantity of audit "
+                   "point n down over training (for the loss: helpful); > 0: pushed it up (harmful)")
+COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """One audited target's arrays (numpy, float64) and metrics, ready to store."""
+
+    name: str
+    influence: np.ndarray  # (R, N[, C])
+    residual: np.ndarray  # (N[, C])
+    initial: np.ndarray
+    final: np.ndarray
+    trace_step: np.ndarray  # (K,)
+    trace_true_change: np.ndarray  # (K, N[, C])
+    trace_reconstructed: np.ndarray
+    layer_epoch_signed: np.ndarray  # (E, L, N[, C])
+    layer_epoch_abs: np.ndarray
+    mre: float
+    lc: float
+    rmre: float
+    attribution_gap: float
+
+
+def check_writable(path: Path, overwrite: bool) -> None:
+    """Refuse early, before any work, to clobber an existing output or write into nowhere."""
+    if path.exists() and not overwrite:
+        raise OutputError(f"{path}: exists; pass --overwrite to replace it or choose another --out")
+    if not path.parent.is_dir():
+        raise OutputError(f"{path.parent}: directory not found; create it or choose another --out")
+    if not os.access(path.parent, os.W_OK):
+        raise OutputError(f"{path.parent}: not writable; choose another --out")
+
+
+def _chunks(shape: tuple) -> tuple | None:
+    if not shape or 0 in shape:
+        return None
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * 4 if len(shape) > 1 else 4
+    rows = max(1, min(shape[0], (1 << 20) // max(row_bytes, 1)))
+    return (rows, *shape[1:])
+
+
+def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, targets: list,
+                     train_index: np.ndarray, train_label: np.ndarray, group: np.ndarray | None,
+                     audit_index: np.ndarray | None, audit_split: str | None, audit_source: str,
+                     audit_label: np.ndarray, results: list, update_error: np.ndarray,
+                     layers: list, complete_audit: bool, overwrite: bool) -> Path:
+    """Write to PATH.partial and rename: a crash or a bad run never leaves a half file at PATH."""
+    path = Path(path)
+    check_writable(path, overwrite)
+    tmp = path.with_name(path.name + ".partial")
+    with h5py.File(tmp, "w") as f:
+        f.attrs.update({
+            "plgk_version": __version__, "schema_version": SCHEMA_VERSION,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "rule": rule, "targets": json.dumps(targets), "optimizer": manifest["optimizer"]["name"],
+            "replay_arguments": json.dumps(arguments), "manifest": json.dumps(manifest),
+            "complete_audit": complete_audit, "group_by": arguments.get("group_by") or "",
+        })
+        f.create_dataset("train/index", data=train_index.astype(np.int64))
+        f.create_dataset("train/label", data=train_label.astype(np.int64))
+        if group is not None:
+            f.create_dataset("train/group", data=group.astype(np.int64))
+        if audit_index is not None:
+            f.create_dataset("audit/index", data=audit_index.astype(np.int64))
+            f["audit"].attrs["split"] = audit_split
+        f["audit"].attrs["source"] = audit_source
+        f.create_dataset("audit/label", data=audit_label.astype(np.int64))
+        f.create_dataset("replay/update_error", data=update_error)
+        for r in results:
+            g = f.create_group(f"audit/{r.name}")
+            g.attrs.update(mre=r.mre, lc=r.lc, rmre=r.rmre, attribution_gap=r.attribution_gap,
+                           max_update_error=float(update_error.max(initial=0.0)),
+                           complete=complete_audit)
+            infl = g.create_dataset("influence", data=r.influence.astype(np.float32),
+                                    chunks=_chunks(r.influence.shape), **COMPRESSION)
+            infl.attrs["sign"] = SIGN_CONVENTION
+            infl.attrs["layout"] = "train x audit" + (" x class" if r.influence.ndim == 3 else "")
+            for name in ("residual", "initial", "final"):
+                g.create_dataset(name, data=getattr(r, name))
+            g.create_dataset("trace/step", data=r.trace_step.astype(np.int64))
+            g.create_dataset("trace/true_change", data=r.trace_true_change)
+            g.create_dataset("trace/reconstructed", data=r.trace_reconstructed)
+            g.create_dataset("by_layer_epoch/signed", data=r.layer_epoch_signed)
+            g.create_dataset("by_layer_epoch/abs", data=r.layer_epoch_abs)
+            g["by_layer_epoch"].attrs["layers"] = json.dumps(layers)
+    os.replace(tmp, path)
+    return path
+
+
+class InfluenceFile:
+    """Read-only view of an influences.h5. Arrays come back as numpy."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise StoreError(f"{self.path}: file not found")
+        try:
+            self._f = h5py.File(self.path, "r")
+        except OSError as exc:
+            raise StoreError(f"{self.path}: not a readable HDF5 file ({exc}); it may be truncated "
+                             "or still being written") from None
+        if self._f.attrs.get("schema_version") is None or "audit" not in self._f:
+            self._f.close()
+            raise StoreError(f"{self.path}: not a plgk influences file (no schema_version or /audit)")
+        if int(self._f.attrs["schema_version"]) != SCHEMA_VERSION:
+            version = int(self._f.attrs["schema_version"])
+            self._f.close()
+            raise StoreError(f"{self.path}: schema version {version}; this plgk reads {SCHEMA_VERSION}")
+
+    def close(self):
+        self._f.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self._f.attrs)
+
+    @property
+    def targets(self) -> list:
+        return json.loads(self._f.attrs["targets"])
+
+    @property
+    def manifest(self) -> dict:
+        return json.loads(self._f.attrs["manifest"])
+
+    @property
+    def arguments(self) -> dict:
+        return json.loads(self._f.attrs["replay_arguments"])
+
+    def _target(self, target: str):
+        if target not in self.targets:
+            raise StoreError(f"{self.path}: no target {target!r}; it holds {', '.join(self.targets)}")
+        return self._f[f"audit/{target}"]
+
+    def metrics(self, target: str) -> dict:
+        return {k: (float(v) if not isinstance(v, (bool, np.bool_)) else bool(v))
+                for k, v in self._target(target).attrs.items()}
+
+    def array(self, target: str, name: str) -> np.ndarray:
+        """influence, residual, initial, final, trace/step, trace/true_change,
+        trace/reconstructed, by_layer_epoch/signed, by_layer_epoch/abs."""
+        return self._target(target)[name][()]
+
+    def influence(self, target: str = "loss") -> np.ndarray:
+        return self.array(target, "influence")
+
+    def layers(self, target: str = "loss") -> list:
+        return json.loads(self._target(target)["by_layer_epoch"].attrs["layers"])
+
+    @property
+    def train_index(self) -> np.ndarray:
+        return self._f["train/index"][()]
+
+    @property
+    def train_label(self) -> np.ndarray:
+        return self._f["train/label"][()]
+
+    @property
+    def train_group(self) -> np.ndarray | None:
+        return self._f["train/group"][()] if "train/group" in self._f else None
+
+    @property
+    def audit_index(self) -> np.ndarray | None:
+        return self._f["audit/index"][()] if "audit/index" in self._f else None
+
+    @property
+    def audit_label(self) -> np.ndarray:
+        return self._f["audit/label"][()]
+
+    @property
+    def audit_source(self) -> str:
+        return str(self._f["audit"].attrs["source"])
+
+    @property
+    def audit_split(self) -> str | None:
+        return self._f["audit"].attrs.get("split")
+
+    @property
+    def update_error(self) -> np.ndarray:
+        return self._f["replay/update_error"][()]

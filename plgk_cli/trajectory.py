@@ -1,0 +1,162 @@
+"""The trajectory format (v1): ``manifest.json`` plus one ``step_XXXXXXXX.safetensors`` per checkpoint.
+
+Checkpoint t holds θ_t (``param/<name>``), the optimizer state after t updates
+(``optim/<name>/<key>``) and the record of the update t-1 -> t: the minibatch indices ``batch``
+(int64 indices into the training split), the learning rate ``lr`` and clip coefficient
+``clip_coef`` the step used, and the minibatch ``loss``. Its safetensors metadata names the run and
+the step so that a file from another run or a renamed file is caught. This module is the only
+place that knows these names.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, safe_open, save_file
+
+from plgk_cli.errors import TrajectoryError
+
+FORMAT = "plgk-trajectory"
+FORMAT_VERSION = 1
+MANIFEST = "manifest.json"
+STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
+PARAM_PREFIX = "param/"
+OPTIM_PREFIX = "optim/"
+BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / f"step_{step:08d}.safetensors"
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """θ_t, the optimizer state after t updates, and the record of the update t-1 -> t."""
+
+    step: int
+    params: dict  # name -> tensor
+    optim_state: dict  # name -> {key -> tensor}
+    optim_step: int  # optimizer's own step counter after t updates
+    batch: torch.Tensor | None  # B_{t-1}; None at t = 0
+    lr: float | None
+    clip_coef: float | None
+    loss: float | None
+
+
+def write_manifest(run_dir: Path, manifest: dict) -> None:
+    _atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+
+
+def read_manifest(run_dir: Path) -> dict:
+    path = Path(run_dir) / MANIFEST
+    if not Path(run_dir).is_dir():
+        raise TrajectoryError(f"{run_dir}: run directory not found; give the --out of `plgk train`")
+    if not path.is_file():
+        raise TrajectoryError(f"{path}: manifest missing; {run_dir} is not a plgk run directory")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TrajectoryError(f"{path}: manifest unreadable ({exc}); re-run `plgk train`") from None
+    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+        raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version "
+                              f"{manifest.get('format_version')!r}; this plgk reads {FORMAT} "
+                              f"version {FORMAT_VERSION}")
+    return manifest
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_state: dict,
+                     optim_step: int, batch: torch.Tensor | None = None, lr: float | None = None,
+                     clip_coef: float | None = None, loss: float | None = None,
+                     extra_metadata: dict | None = None) -> Path:
+    tensors = {PARAM_PREFIX + name: t.detach().cpu().contiguous() for name, t in params.items()}
+    for name, state in optim_state.items():
+        for key, t in state.items():
+            tensors[f"{OPTIM_PREFIX}{name}/{key}"] = t.detach().cpu().contiguous()
+    if batch is not None:
+        tensors[BATCH] = batch.detach().cpu().to(torch.int64).contiguous()
+        tensors[LR] = torch.tensor([lr], dtype=torch.float64)
+        tensors[CLIP_COEF] = torch.tensor([clip_coef], dtype=torch.float64)
+        tensors[LOSS] = torch.tensor([loss], dtype=torch.float64)
+    metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "run_id": run_id,
+                "step": str(step), "optim_step": str(optim_step), **(extra_metadata or {})}
+    path = checkpoint_path(run_dir, step)
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)  # a crash never leaves a half-written step file under its real name
+    return path
+
+
+def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Checkpoint:
+    path = checkpoint_path(run_dir, step)
+    if not path.is_file():
+        raise TrajectoryError(f"{path}: checkpoint missing; the run has a gap at step {step}")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+        tensors = load_file(str(path))
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        raise TrajectoryError(f"{path}: cannot read checkpoint ({exc}); the file is truncated or "
+                              "corrupt: restore it or re-run `plgk train`") from None
+    if metadata.get("step") != str(step):
+        raise TrajectoryError(f"{path}: holds step {metadata.get('step')!r}, not {step}; "
+                              "checkpoint files were renamed or mixed")
+    if run_id is not None and metadata.get("run_id") != run_id:
+        raise TrajectoryError(f"{path}: belongs to run {metadata.get('run_id')!r}, not {run_id!r} "
+                              "named by the manifest; checkpoints of two runs are mixed")
+    params, optim_state = {}, {}
+    for key, t in tensors.items():
+        if key.startswith(PARAM_PREFIX):
+            params[key[len(PARAM_PREFIX):]] = t
+        elif key.startswith(OPTIM_PREFIX):
+            name, _, state_key = key[len(OPTIM_PREFIX):].rpartition("/")
+            optim_state.setdefault(name, {})[state_key] = t
+    has_record = BATCH in tensors
+    if step > 0 and not has_record:
+        raise TrajectoryError(f"{path}: no update record (batch, lr, clip_coef); the file is "
+                              "incomplete: re-run `plgk train`")
+    return Checkpoint(
+        step=step, params=params, optim_state=optim_state,
+        optim_step=int(metadata.get("optim_step", step)),
+        batch=tensors[BATCH] if has_record else None,
+        lr=float(tensors[LR][0]) if has_record else None,
+        clip_coef=float(tensors[CLIP_COEF][0]) if has_record else None,
+        loss=float(tensors[LOSS][0]) if has_record else None,
+    )
+
+
+def list_steps(run_dir: Path) -> list[int]:
+    return sorted(int(m.group(1)) for p in Path(run_dir).iterdir()
+                  if (m := STEP_PATTERN.match(p.name)))
+
+
+def check_steps(run_dir: Path, manifest: dict) -> list[int]:
+    """The checkpoint steps, verified contiguous from 0 at the manifest's stride."""
+    steps = list_steps(run_dir)
+    if not steps:
+        raise TrajectoryError(f"{run_dir}: no step_*.safetensors checkpoints")
+    every = int(manifest.get("checkpoint_every", 1))
+    if steps[0] != 0:
+        raise TrajectoryError(f"{checkpoint_path(run_dir, 0)}: missing; the trajectory must start "
+                              "at step 0 (θ_0)")
+    for previous, current in zip(steps, steps[1:]):
+        if current - previous != every:
+            missing = previous + every
+            raise TrajectoryError(f"{checkpoint_path(run_dir, missing)}: missing; the run has a gap "
+                                  f"between steps {previous} and {current}")
+    total = manifest.get("total_steps")
+    if manifest.get("complete") and total is not None and steps[-1] != total:
+        raise TrajectoryError(f"{run_dir}: manifest says {total} steps but the last checkpoint is "
+                              f"step {steps[-1]}; checkpoints are missing at the end")
+    return steps
