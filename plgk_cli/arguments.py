@@ -89,7 +89,7 @@ def _slice(spec: str, split: str, start: str, stop: str, length: int, flag: str)
         raise AuditSpecError(f"{flag}: {spec!r} is out of range: the {split} split has {length} "
                              f"examples (valid indices 0..{length - 1})")
     if hi <= lo:
-        raise AuditSpecError(f"{flag}: {spec!r} selects no examples")
+        raise AuditSpecError(f"{flag}: {spec!r} selects no examples; give START < STOP")
     return range(lo, hi)
 
 
@@ -107,6 +107,11 @@ def resolve_audit_set(spec: str, dataset) -> AuditSet:
                              "test) nor a PATH.npz with arrays x and y")
     if not path.is_file():
         raise AuditSpecError(f"--audit-set: {spec}: file not found")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # else numpy falls back to pickle and blames allow_pickle
+        raise AuditSpecError(f"--audit-set: {spec}: not an .npz archive; write it with "
+                             "numpy.savez(path, x=..., y=...)")
     from plgk_cli.data import _as_images
 
     try:

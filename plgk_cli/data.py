@@ -77,6 +77,11 @@ def _load_npz(path: Path):
     if not path.is_file():
         raise DataError(f"dataset npz:{path}: file not found; give the path of an .npz with "
                         "arrays x_train, y_train, x_test, y_test")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):  # else numpy falls back to pickle and blames allow_pickle
+        raise DataError(f"dataset npz:{path}: not an .npz archive; write it with "
+                        "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
     try:
         with np.load(path, allow_pickle=False) as f:
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]

@@ -56,6 +56,8 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     rows_label = group if group is not None else f.train_label
     score = HELPFUL_SIGN[target] * column.astype(np.float64)
     order = np.argsort(-score, kind="stable")
+    if k < 1:
+        raise AuditSpecError(f"--top: must be >= 1, got {k}")
     k = min(k, len(order))
 
     def entries(idx):

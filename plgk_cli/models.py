@@ -67,7 +67,7 @@ def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> n
                               "package.module:function importable from the working directory") from None
     try:
         model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
-    except TypeError as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:  # unknown or out-of-range kwargs
         raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"[model] name: {name} returned {type(model).__name__}, not a torch.nn.Module")

@@ -59,6 +59,9 @@ class TargetResult:
 
 def check_writable(path: Path, overwrite: bool) -> None:
     """Refuse early, before any work, to clobber an existing output or write into nowhere."""
+    if path.is_dir():
+        raise OutputError(f"{path}: is a directory; give --out a file path such as "
+                          f"{path / 'influences.h5'}")
     if path.exists() and not overwrite:
         raise OutputError(f"{path}: exists; pass --overwrite to replace it or choose another --out")
     if not path.parent.is_dir():

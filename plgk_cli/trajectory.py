@@ -29,6 +29,8 @@ STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
 PARAM_PREFIX = "param/"
 OPTIM_PREFIX = "optim/"
 BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
+MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
+                 "steps_per_epoch", "total_steps")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -63,10 +65,17 @@ def read_manifest(run_dir: Path) -> dict:
         manifest = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TrajectoryError(f"{path}: manifest unreadable ({exc}); re-run `plgk train`") from None
+    if not isinstance(manifest, dict):
+        raise TrajectoryError(f"{path}: manifest is not a JSON object; restore it or re-run "
+                              "`plgk train`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version "
                               f"{manifest.get('format_version')!r}; this plgk reads {FORMAT} "
                               f"version {FORMAT_VERSION}")
+    missing = [k for k in MANIFEST_KEYS if k not in manifest]
+    if missing:
+        raise TrajectoryError(f"{path}: manifest lacks {', '.join(missing)}; restore it or re-run "
+                              "`plgk train`")
     return manifest
 
 
@@ -114,7 +123,8 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Chec
                               "checkpoint files were renamed or mixed")
     if run_id is not None and metadata.get("run_id") != run_id:
         raise TrajectoryError(f"{path}: belongs to run {metadata.get('run_id')!r}, not {run_id!r} "
-                              "named by the manifest; checkpoints of two runs are mixed")
+                              "named by the manifest; checkpoints of two runs are mixed: restore "
+                              "this run's file or re-run `plgk train`")
     params, optim_state = {}, {}
     for key, t in tensors.items():
         if key.startswith(PARAM_PREFIX):
@@ -154,7 +164,8 @@ def check_steps(run_dir: Path, manifest: dict) -> list[int]:
         if current - previous != every:
             missing = previous + every
             raise TrajectoryError(f"{checkpoint_path(run_dir, missing)}: missing; the run has a gap "
-                                  f"between steps {previous} and {current}")
+                                  f"between steps {previous} and {current}; restore the file "
+                                  "or re-run `plgk train`")
     total = manifest.get("total_steps")
     if manifest.get("complete") and total is not None and steps[-1] != total:
         raise TrajectoryError(f"{run_dir}: manifest says {total} steps but the last checkpoint is "

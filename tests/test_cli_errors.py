@@ -1,0 +1,442 @@
+"""The CLI's error contract: bad input gets ONE clear line on stderr ("plgk: error: ..." naming the
+file, key or value and how to fix it), the PlgkError subclass's non-zero exit code, never a
+traceback, and nothing already written is lost.
+
+One tiny run (20 train / 8 test examples, 6 features, 3 classes, mlp hidden 4, adam, 1 epoch of
+batch 8 = 3 updates, float64 on cpu) is trained once per module through the CLI; each test that
+damages it works on its own copy.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from plgk_cli.cli import main
+from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
+                             TrajectoryError)
+
+# click < 8.2 mixes stderr into output unless told not to; 8.2+ always keeps result.stderr apart.
+if "mix_stderr" in inspect.signature(CliRunner.__init__).parameters:
+    def make_runner() -> CliRunner:
+        return CliRunner(mix_stderr=False)
+else:
+    def make_runner() -> CliRunner:
+        return CliRunner()
+
+
+CONFIG = """\
+[data]
+dataset = "npz:{npz}"
+seed = 0
+
+[model]
+name = "mlp"
+kwargs = {{ hidden = 4 }}
+
+[optim]
+name = "adam"
+lr = 0.01
+
+[train]
+epochs = 1
+batch_size = 8
+seed = 0
+device = "cpu"
+dtype = "float64"
+"""
+
+
+def invoke(*args):
+    return make_runner().invoke(main, [str(a) for a in args])
+
+
+def assert_one_line_error(result, exit_code: int, *needles: str) -> str:
+    """Exit code, exactly one non-empty 'plgk: error:' line on stderr naming every needle,
+    no traceback anywhere. Returns the line."""
+    assert "Traceback" not in result.output, result.output
+    assert "Traceback" not in result.stderr, result.stderr
+    assert isinstance(result.exception, SystemExit), repr(result.exception)
+    assert result.exit_code == exit_code != 0, (result.exit_code, result.stderr)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    line = lines[0]
+    assert line.startswith("plgk: error: "), line
+    for needle in needles:
+        assert str(needle) in line, (needle, line)
+    return line
+
+
+def write_npz(path: Path, seed: int = 0, n_train: int = 20, n_test: int = 8) -> Path:
+    rng = np.random.default_rng(seed)
+    y_train = np.arange(n_train) % 3  # every class present in both splits
+    y_test = np.arange(n_test) % 3
+    np.savez(path, x_train=rng.normal(size=(n_train, 6)), y_train=y_train.astype(np.int64),
+             x_test=rng.normal(size=(n_test, 6)), y_test=y_test.astype(np.int64))
+    return path
+
+
+def write_config(path: Path, npz: Path) -> Path:
+    path.write_text(CONFIG.format(npz=npz))
+    return path
+
+
+def train_run(config: Path, out: Path) -> Path:
+    result = invoke("train", "--config", config, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("base")
+    npz = write_npz(root / "data.npz")
+    config = write_config(root / "run.toml", npz)
+    run = train_run(config, root / "run")
+    other = train_run(config, root / "other")  # same config, another run_id
+    h5 = root / "influences.h5"
+    result = invoke("replay", "--ckpts", run, "--audit-set", "test[:4]", "--out", h5, "--quiet")
+    assert result.exit_code == 0, result.output
+    return {"root": root, "npz": npz, "config": config, "run": run, "other": other, "h5": h5}
+
+
+@pytest.fixture
+def run_copy(base, tmp_path) -> Path:
+    return Path(shutil.copytree(base["run"], tmp_path / "run"))
+
+
+def replay(run, *extra, audit_set="test[:4]", out=None):
+    return invoke("replay", "--ckpts", run, "--audit-set", audit_set, "--out", out, "--quiet", *extra)
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "out.h5"
+
+
+def assert_nothing_written(out: Path):
+    assert not out.exists()
+    assert not out.with_name(out.name + ".partial").exists()
+
+
+# --------------------------------------------------------------------------- happy path
+
+
+def test_replay_then_inspect(base, out):
+    result = replay(base["run"], "--target", "loss,margin", out=out)
+    assert result.exit_code == 0, result.output
+    assert "wrote" in result.stdout and out.is_file()
+
+    result = invoke("inspect", out)
+    assert result.exit_code == 0, result.output
+    assert "MRE" in result.stdout and "loss" in result.stdout and "margin" in result.stdout
+
+    result = invoke("inspect", out, "--audit", 0, "--top", 3)
+    assert result.exit_code == 0, result.output
+    assert "most helpful" in result.stdout and "most harmful" in result.stdout
+
+    result = invoke("inspect", out, "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert {"file", "schema_version", "rule", "optimizer", "run", "audit_set", "complete_audit",
+            "group_by", "targets"} <= s.keys()
+    assert set(s["targets"]) == {"loss", "margin"}
+    assert s["targets"]["loss"]["influence_shape"] == [20, 4]
+    assert {"mre", "lc", "rmre", "max_update_error", "attribution_gap", "residual_share",
+            "mean_true_change"} <= s["targets"]["loss"].keys()
+    assert s["run"]["steps"] == 3
+
+    result = invoke("inspect", out, "--audit", 0, "--top", 3, "--json")
+    assert result.exit_code == 0, result.output
+    t = json.loads(result.stdout)
+    assert {"target", "class", "audit", "audit_index", "audit_label", "initial", "final", "helpful",
+            "harmful"} <= t.keys()
+    assert len(t["helpful"]) == 3 and len(t["harmful"]) == 3
+    assert {"rank", "train_index", "label", "influence"} <= t["helpful"][0].keys()
+
+
+# --------------------------------------------------------------------------- damaged trajectories
+
+
+def test_missing_checkpoint_gap(run_copy, out):
+    (run_copy / "step_00000002.safetensors").unlink()
+    line = assert_one_line_error(replay(run_copy, out=out), TrajectoryError.exit_code,
+                                 "step_00000002.safetensors", "gap")
+    assert "between steps 1 and 3" in line and "re-run `plgk train`" in line
+    assert_nothing_written(out)
+
+
+def test_truncated_checkpoint(run_copy, out):
+    path = run_copy / "step_00000002.safetensors"
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(replay(run_copy, out=out), TrajectoryError.exit_code,
+                          "step_00000002.safetensors", "truncated or corrupt")
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("where", [range(8, 24), range(0, 8)], ids=["json", "length"])
+def test_flipped_header_bytes(run_copy, out, where):
+    """Bytes flipped in the JSON header, or in the 8-byte header length before it."""
+    path = run_copy / "step_00000001.safetensors"
+    data = bytearray(path.read_bytes())
+    for i in where:
+        data[i] ^= 0xFF
+    path.write_bytes(bytes(data))
+    assert_one_line_error(replay(run_copy, out=out), TrajectoryError.exit_code,
+                          "step_00000001.safetensors", "corrupt")
+    assert_nothing_written(out)
+
+
+def test_checkpoint_from_another_run(base, run_copy, out):
+    shutil.copy(base["other"] / "step_00000002.safetensors", run_copy / "step_00000002.safetensors")
+    run_id = json.loads((run_copy / "manifest.json").read_text())["run_id"]
+    line = assert_one_line_error(replay(run_copy, out=out), TrajectoryError.exit_code,
+                                 "step_00000002.safetensors", run_id)
+    assert "mixed" in line
+    assert_nothing_written(out)
+
+
+def test_failing_replay_keeps_existing_output(base, run_copy, out):
+    """--overwrite does not remove the old file when the replay itself fails."""
+    shutil.copy(base["h5"], out)
+    before = out.read_bytes()
+    (run_copy / "step_00000002.safetensors").unlink()
+    assert_one_line_error(replay(run_copy, "--overwrite", out=out), TrajectoryError.exit_code,
+                          "step_00000002.safetensors")
+    assert out.read_bytes() == before
+
+
+def test_dataset_changed_after_training(base, tmp_path, out):
+    npz = write_npz(tmp_path / "data.npz")
+    run = train_run(write_config(tmp_path / "run.toml", npz), tmp_path / "run")
+    with np.load(npz) as f:
+        arrays = dict(f)
+    arrays["x_train"][0, 0] += 1.0
+    np.savez(npz, **arrays)
+    line = assert_one_line_error(replay(run, out=out), DataError.exit_code, str(npz),
+                                 "fingerprint")
+    assert "restore" in line
+    assert_nothing_written(out)
+
+
+def _drop_key(path: Path, key: str):
+    manifest = json.loads(path.read_text())
+    del manifest[key]
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("damage, needles", [
+    ("manifest", ("manifest.json", "manifest missing")),
+    ("run_dir", ("run directory not found",)),
+    ("not_json", ("manifest.json", "manifest unreadable", "re-run `plgk train`")),
+    ("json_list", ("manifest.json", "not a JSON object")),
+    ("no_dataset", ("manifest.json", "manifest lacks dataset")),
+])
+def test_not_a_run_directory(base, tmp_path, out, damage, needles):
+    run = Path(shutil.copytree(base["run"], tmp_path / "run"))
+    manifest = run / "manifest.json"
+    if damage == "manifest":
+        manifest.unlink()
+    elif damage == "run_dir":
+        shutil.rmtree(run)
+    elif damage == "not_json":
+        manifest.write_text("{not json")
+    elif damage == "json_list":
+        manifest.write_text("[1, 2]")
+    else:
+        _drop_key(manifest, "dataset")
+    assert_one_line_error(replay(run, out=out), TrajectoryError.exit_code, str(run), *needles)
+    assert_nothing_written(out)
+
+
+# --------------------------------------------------------------------------- replay arguments
+
+
+@pytest.mark.parametrize("spec, needles", [
+    ("test[0:999]", ("test[0:999]", "out of range", "8 examples")),
+    ("test[3:3]", ("test[3:3]", "selects no examples", "START < STOP")),
+    ("test[-99:]", ("test[-99:]", "out of range")),
+    ("valid[0:4]", ("valid[0:4]", "SPLIT[START:STOP]")),
+])
+def test_bad_audit_slice(base, out, spec, needles):
+    assert_one_line_error(replay(base["run"], audit_set=spec, out=out), AuditSpecError.exit_code,
+                          "--audit-set", *needles)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("extra, needles", [
+    (("--target", "gradnorm"), ("--target", "'gradnorm'", "loss, logit, margin, logits")),
+    (("--rule", "simpson"), ("--rule", "'simpson'", "supersample:K")),
+    (("--rule", "supersample:0"), ("--rule", "'supersample:0'", "K >= 1")),
+    (("--stride", "0"), ("--stride", ">= 1", "0")),
+    (("--chunk-size", "0"), ("--chunk-size", ">= 1")),
+    (("--train-subset", "0:99"), ("--train-subset", "'0:99'", "out of range")),
+])
+def test_bad_replay_option(base, out, extra, needles):
+    assert_one_line_error(replay(base["run"], *extra, out=out), AuditSpecError.exit_code, *needles)
+    assert_nothing_written(out)
+
+
+@pytest.mark.parametrize("arrays, needles", [
+    (lambda rng: dict(x=rng.normal(size=(4, 5)), y=np.zeros(4, np.int64)),
+     ("x has shape (4, 5)", "expected x (N, 6)")),
+    (lambda rng: dict(x=rng.normal(size=(4, 6)), y=np.array([0, 1, 2, 3])),
+     ("labels must be integers in 0..2",)),
+    (lambda rng: dict(x=rng.normal(size=(4, 6))), ("needs arrays x and y",)),
+    (None, ("not an .npz archive", "numpy.savez")),
+])
+def test_bad_audit_npz(base, tmp_path, out, arrays, needles):
+    path = tmp_path / "audit.npz"
+    if arrays is None:
+        path.write_text("not an npz\n")
+    else:
+        np.savez(path, **arrays(np.random.default_rng(0)))
+    assert_one_line_error(replay(base["run"], audit_set=path, out=out), AuditSpecError.exit_code,
+                          "--audit-set", str(path), *needles)
+    assert_nothing_written(out)
+
+
+def test_existing_out_not_overwritten(base, out):
+    out.write_text("precious\n")
+    assert_one_line_error(replay(base["run"], out=out), OutputError.exit_code, str(out),
+                          "--overwrite")
+    assert out.read_text() == "precious\n"
+
+
+def test_out_is_a_directory(base, tmp_path):
+    """Refused up front, not after the whole replay (even with --overwrite)."""
+    target = tmp_path / "results"
+    target.mkdir()
+    (target / "keep.txt").write_text("keep me\n")
+    assert_one_line_error(replay(base["run"], "--overwrite", out=target), OutputError.exit_code,
+                          str(target), "is a directory")
+    assert [p.name for p in target.iterdir()] == ["keep.txt"]
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_text_file(tmp_path):
+    path = tmp_path / "x.h5"
+    path.write_text("this is not hdf5\n")
+    assert_one_line_error(invoke("inspect", path), StoreError.exit_code, str(path),
+                          "not a readable HDF5 file")
+    assert path.read_text() == "this is not hdf5\n"
+
+
+def test_inspect_missing_file(tmp_path):
+    path = tmp_path / "nope.h5"
+    assert_one_line_error(invoke("inspect", path), StoreError.exit_code, str(path), "not found")
+
+
+@pytest.mark.parametrize("audit", [4, -1, 999])
+def test_inspect_audit_out_of_range(base, audit):
+    assert_one_line_error(invoke("inspect", base["h5"], "--audit", audit), AuditSpecError.exit_code,
+                          "--audit", str(audit), "0..3")
+
+
+@pytest.mark.parametrize("top", [0, -1])
+def test_inspect_top_not_positive(base, top):
+    assert_one_line_error(invoke("inspect", base["h5"], "--audit", 0, "--top", top),
+                          AuditSpecError.exit_code, "--top", ">= 1", str(top))
+
+
+def test_inspect_truncated_h5(base, tmp_path):
+    path = tmp_path / "cut.h5"
+    data = base["h5"].read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    assert_one_line_error(invoke("inspect", path), StoreError.exit_code, str(path), "truncated")
+
+
+def test_inspect_unknown_target(base):
+    assert_one_line_error(invoke("inspect", base["h5"], "--audit", 0, "--target", "margin"),
+                          StoreError.exit_code, "'margin'", "loss")
+
+
+# --------------------------------------------------------------------------- config / train
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: c.replace("lr = 0.01", "lr = 0.01\nlearning_rate = 0.1"),
+     ("[optim] learning_rate", "unknown key", "lr")),
+    (lambda c: c + "\n[trainer]\nepochs = 2\n", ("unknown section [trainer]", "[train]")),
+    (lambda c: c.replace("lr = 0.01", "lr = -0.01"), ("[optim] lr", "> 0", "-0.01")),
+    (lambda c: c.replace("epochs = 1", 'epochs = "3"'),
+     ("[train] epochs", "expected an integer", "'3'")),
+    (lambda c: c.replace("epochs = 1", "epochs = = 1"), ("not valid TOML", "line")),
+    (lambda c: c.replace('device = "cpu"', 'device = "tpu"'), ("[train] device", "'tpu'", "cpu")),
+    (lambda c: c.encode("utf-16"), ("not a UTF-8 text file",)),
+])
+def test_bad_config(base, tmp_path, edit, needles):
+    config = tmp_path / "bad.toml"
+    text = edit(base["config"].read_text())
+    config.write_bytes(text if isinstance(text, bytes) else text.encode())
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          ConfigError.exit_code, str(config), *needles)
+    assert not out.exists()
+
+
+def test_missing_config(tmp_path):
+    config = tmp_path / "missing.toml"
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          ConfigError.exit_code, str(config), "config file not found")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("edit, needles", [
+    (lambda c: c.replace("hidden = 4", "hiden = 4"), ("[model] kwargs", "'hiden'")),
+    (lambda c: c.replace("hidden = 4", "hidden = -4"), ("[model] kwargs", "'hidden': -4")),
+])
+def test_bad_model_kwargs(base, tmp_path, edit, needles):
+    config = tmp_path / "bad.toml"
+    config.write_text(edit(base["config"].read_text()))
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          ConfigError.exit_code, *needles)
+    assert not out.exists()
+
+
+def test_missing_dataset(base, tmp_path):
+    config = tmp_path / "run.toml"
+    missing = tmp_path / "missing.npz"
+    write_config(config, missing)
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          DataError.exit_code, str(missing), "file not found")
+    assert not out.exists()
+
+
+def test_train_into_non_empty_directory(base, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me\n")
+    assert_one_line_error(invoke("train", "--config", base["config"], "--out", out, "--quiet"),
+                          OutputError.exit_code, str(out), "not empty")
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert (out / "notes.txt").read_text() == "keep me\n"
+
+
+def test_train_over_existing_run_keeps_it(base, run_copy):
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    assert_one_line_error(invoke("train", "--config", base["config"], "--out", run_copy, "--quiet"),
+                          OutputError.exit_code, str(run_copy), "not empty")
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+
+
+def test_dataset_not_an_npz(tmp_path):
+    npz = tmp_path / "data.npz"
+    npz.write_text("x_train,y_train\n")
+    config = write_config(tmp_path / "run.toml", npz)
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          DataError.exit_code, str(npz), "not an .npz archive")
+    assert not out.exists()
