@@ -99,10 +99,11 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
         f.create_dataset("train/label", data=train_label.astype(np.int64))
         if group is not None:
             f.create_dataset("train/group", data=group.astype(np.int64))
+        audit = f.create_group("audit")
+        audit.attrs["source"] = audit_source
         if audit_index is not None:
-            f.create_dataset("audit/index", data=audit_index.astype(np.int64))
-            f["audit"].attrs["split"] = audit_split
-        f["audit"].attrs["source"] = audit_source
+            audit.create_dataset("index", data=audit_index.astype(np.int64))
+            audit.attrs["split"] = audit_split
         f.create_dataset("audit/label", data=audit_label.astype(np.int64))
         f.create_dataset("replay/update_error", data=update_error)
         for r in results:

@@ -1,0 +1,32 @@
+# plgk: `make demo` installs into .venv and runs the digits demo; `make test` runs the test suite.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PLGK := $(VENV)/bin/plgk
+DEMO_RUN ?= runs/demo
+
+.PHONY: install demo test bench clean
+
+# Without a GPU, take torch's CPU wheel first: a bare `torch` requirement can pull a multi-GB CUDA build.
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	if ! command -v nvidia-smi >/dev/null 2>&1; then $(PY) -m pip install -q torch==2.13.0; fi
+	$(PY) -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	rm -rf $(DEMO_RUN)
+	$(PLGK) train --config configs/demo.toml --out $(DEMO_RUN)
+	$(PLGK) replay --ckpts $(DEMO_RUN) --audit-set 'test[:64]' --out $(DEMO_RUN).h5 --overwrite
+	$(PLGK) inspect $(DEMO_RUN).h5
+	$(PLGK) inspect $(DEMO_RUN).h5 --audit 0 --top 5
+
+test: install
+	$(PY) -m pytest -q
+
+bench: install
+	$(PY) scripts/bench.py
+
+clean:
+	rm -rf runs bench-results

@@ -1,0 +1,39 @@
+"""Shared fixtures: a tiny random dataset and tiny recorded runs that train in well under a second."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from plgk_cli.config import parse_config
+from plgk_cli.train import train
+
+
+def write_tiny_npz(path: Path, n_train: int = 22, n_test: int = 6, features: int = 6,
+                   classes: int = 3, seed: int = 0) -> Path:
+    rng = np.random.default_rng(seed)
+    np.savez(path, x_train=rng.normal(size=(n_train, features)),
+             y_train=rng.integers(0, classes, n_train),
+             x_test=rng.normal(size=(n_test, features)), y_test=rng.integers(0, classes, n_test))
+    return path
+
+
+def train_tiny(out: Path, npz: Path, optim: dict, schedule: dict | None = None,
+               dtype: str = "float64", epochs: int = 2, batch_size: int = 8,
+               model: dict | None = None) -> Path:
+    config = {"data": {"dataset": f"npz:{npz}"},
+              "model": model or {"name": "mlp", "kwargs": {"hidden": 6}},
+              "optim": optim,
+              "train": {"epochs": epochs, "batch_size": batch_size, "seed": 0, "dtype": dtype,
+                        "device": "cpu"}}
+    if schedule:
+        config["schedule"] = schedule
+    train(parse_config(config), out, progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_npz(tmp_path_factory) -> Path:
+    return write_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")

@@ -1,0 +1,112 @@
+"""Replay's audit against the true change of the audited quantities, and its variants
+(targets, rules, stride, partial and grouped audits) against the full audit."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from conftest import train_tiny
+from plgk_cli.arguments import ReplayArguments
+from plgk_cli.replay import replay
+from plgk_cli.store import InfluenceFile
+
+ADAM_WD = {"name": "adam", "lr": 0.01, "weight_decay": 0.01}
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_npz):
+    return train_tiny(tmp_path_factory.mktemp("run") / "run", tiny_npz, ADAM_WD, epochs=3)
+
+
+def _replay(run_dir, tmp_path, name="out.h5", **kwargs):
+    kwargs.setdefault("audit_set", "test[0:5]")
+    args = ReplayArguments(ckpts=str(run_dir), out=str(tmp_path / name), device="cpu", **kwargs)
+    summary = replay(args, progress=False)
+    return summary, InfluenceFile(tmp_path / name)
+
+
+def _true_change(f, target="loss"):
+    return f.array(target, "final") - f.array(target, "initial")
+
+
+def test_complete_audit_reconstructs_the_true_loss_change(run_dir, tmp_path):
+    summary, f = _replay(run_dir, tmp_path)
+    with f:
+        infl, residual = f.influence("loss").astype(np.float64), f.array("loss", "residual")
+        reconstructed = infl.sum(0) + residual
+        true = _true_change(f)
+        assert np.abs(true).mean() > 1e-2  # the run moved the losses: the test has teeth
+        assert np.abs(reconstructed - true).mean() == pytest.approx(summary.metrics["loss"]["mre"], rel=1e-3)
+        assert summary.metrics["loss"]["mre"] < 1e-3 * np.abs(true).mean()
+        assert np.any(residual != 0)  # L2 weight decay has no owner
+        assert f.metrics("loss")["attribution_gap"] < 1e-6  # float32 storage of influence
+        # the trace ends at the final reconstruction and starts at zero
+        assert np.allclose(f.array("loss", "trace/true_change")[-1], true)
+        assert np.all(f.array("loss", "trace/reconstructed")[0] == 0)
+        # per-layer, per-epoch sums add up to the influence totals
+        signed = f.array("loss", "by_layer_epoch/signed")
+        assert signed.shape[:2] == (3, 2)  # 3 epochs, 2 Linear layers
+        np.testing.assert_allclose(signed.sum((0, 1)), infl.sum(0), rtol=1e-5, atol=1e-9)
+        assert np.all(f.array("loss", "by_layer_epoch/abs") >= np.abs(signed) - 1e-12)
+
+
+def test_quadrature_rules_order(run_dir, tmp_path):
+    mre = {rule: _replay(run_dir, tmp_path, f"{rule}.h5", rule=rule)[0].metrics["loss"]["mre"]
+           for rule in ("euler", "trapezoid", "supersample:4")}
+    assert mre["euler"] > 5 * mre["trapezoid"]
+    assert mre["supersample:4"] < mre["trapezoid"]
+
+
+def test_targets_together_equal_targets_alone(run_dir, tmp_path):
+    _, together = _replay(run_dir, tmp_path, "all.h5", targets=("loss", "margin", "logits"))
+    _, margin = _replay(run_dir, tmp_path, "margin.h5", targets=("margin",))
+    with together, margin:
+        np.testing.assert_allclose(together.influence("margin"), margin.influence("margin"), rtol=1e-6)
+        logits = together.influence("logits")
+        assert logits.shape == (22, 5, 3)
+        reconstructed = logits.astype(np.float64).sum(0) + together.array("logits", "residual")
+        true = _true_change(together, "logits")
+        # logits bend more along the path than the loss: a looser quadrature bound
+        assert np.abs(reconstructed - true).mean() < 5e-3 * np.abs(true).mean()
+
+
+def test_grouped_audit_sums_the_full_audit_by_label(run_dir, tmp_path):
+    _, full = _replay(run_dir, tmp_path, "full.h5")
+    _, grouped = _replay(run_dir, tmp_path, "grouped.h5", group_by="label")
+    with full, grouped:
+        labels, groups = full.train_label, grouped.train_group
+        expected = np.stack([full.influence()[labels == g].astype(np.float64).sum(0) for g in groups])
+        np.testing.assert_allclose(grouped.influence(), expected, rtol=1e-5, atol=1e-8)
+        assert grouped.metrics("loss")["mre"] == pytest.approx(full.metrics("loss")["mre"], rel=1e-3)
+
+
+def test_partial_audit_rows_equal_full_audit_rows(run_dir, tmp_path):
+    _, full = _replay(run_dir, tmp_path, "full.h5")
+    _, part = _replay(run_dir, tmp_path, "part.h5", train_subset="3:11")
+    with full, part:
+        assert list(part.train_index) == list(range(3, 11))
+        np.testing.assert_allclose(part.influence(), full.influence()[3:11], rtol=1e-6)
+        assert not part.attrs["complete_audit"]
+        assert part.metrics("loss")["lc"] == part.metrics("loss")["lc"]  # LC still reported
+
+
+def test_stride_keeps_the_decomposition_exact(run_dir, tmp_path):
+    summary, f = _replay(run_dir, tmp_path, "stride.h5", stride=2)
+    with f:
+        assert list(f.array("loss", "trace/step")) == [0, 2, 4, 6, 8, 9]
+        assert f.metrics("loss")["attribution_gap"] < 1e-6
+        reference = _replay(run_dir, tmp_path, "s1.h5")[0]
+        assert summary.metrics["loss"]["mre"] > reference.metrics["loss"]["mre"]
+
+
+def test_npz_audit_set_and_determinism(run_dir, tmp_path, tiny_npz):
+    data = np.load(tiny_npz)
+    np.savez(tmp_path / "audit.npz", x=data["x_test"][:5] + 0.1, y=data["y_test"][:5])
+    _, a = _replay(run_dir, tmp_path, "a.h5", audit_set=str(tmp_path / "audit.npz"))
+    _, b = _replay(run_dir, tmp_path, "b.h5", audit_set=str(tmp_path / "audit.npz"))
+    _, clean = _replay(run_dir, tmp_path, "c.h5")
+    with a, b, clean:
+        assert a.audit_index is None and a.audit_source.endswith("audit.npz")
+        assert np.array_equal(a.influence(), b.influence())  # bit-identical on CPU
+        assert not np.allclose(a.influence(), clean.influence())  # perturbed points differ
