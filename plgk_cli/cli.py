@@ -11,6 +11,12 @@ from plgk_cli import __version__
 from plgk_cli.errors import PlgkError
 
 
+INTERRUPTED = {
+    "train": "the run directory holds the steps recorded so far (manifest complete = false)",
+    "replay": "the output file was not written",
+}
+
+
 def reports_errors(fn):
     """Turn a PlgkError into one line on stderr and its exit code; --debug keeps the traceback."""
 
@@ -25,7 +31,7 @@ def reports_errors(fn):
             click.echo(f"plgk: error: {exc}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo("plgk: interrupted; nothing was written to the output path", err=True)
+            click.echo(f"plgk: interrupted; {INTERRUPTED.get(ctx.info_name, 'stopped')}", err=True)
             sys.exit(130)
 
     return wrapper

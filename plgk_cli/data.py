@@ -98,19 +98,26 @@ def _load_npz(path: Path):
 
 def _read_idx(path: Path) -> np.ndarray:
     opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rb") as f:
-        data = f.read()
+    try:
+        with opener(path, "rb") as f:
+            data = f.read()
+    except (OSError, EOFError) as exc:  # gzip.BadGzipFile is an OSError
+        raise DataError(f"{path}: cannot read ({exc}); the file is damaged: copy it again") from None
     if len(data) < 4 or data[0] != 0 or data[1] != 0:
         raise DataError(f"{path}: not an IDX file (bad magic number)")
     dtype = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
     if data[2] not in dtype:
         raise DataError(f"{path}: unknown IDX element type 0x{data[2]:02x}")
     ndim = data[3]
+    if len(data) < 4 + 4 * ndim:
+        raise DataError(f"{path}: truncated IDX header; the file is damaged: copy it again")
     shape = struct.unpack(f">{ndim}I", data[4:4 + 4 * ndim])
     array = np.frombuffer(data, dtype=dtype[data[2]], offset=4 + 4 * ndim)
-    if array.size != int(np.prod(shape)):
-        raise DataError(f"{path}: truncated IDX file ({array.size} of {int(np.prod(shape))} values)")
-    return array.reshape(shape)
+    expected = int(np.prod(shape))
+    if array.size != expected:
+        problem = "truncated" if array.size < expected else "over-long"
+        raise DataError(f"{path}: {problem} IDX file ({array.size} values, the header says {expected})")
+    return array.reshape(shape).copy()
 
 
 def _load_mnist(root: Path):

@@ -94,7 +94,7 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     data = run.dataset
     audit_set = resolve_audit_set(args.audit_set, data)
     subset = resolve_train_subset(args.train_subset, len(data.y_train))
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, where="--device")
 
     model = run.build_model().to(device=device, dtype=torch.float64)
     layout = ParameterLayout.of(model)

@@ -37,11 +37,11 @@ def learning_rate(schedule: ScheduleConfig, base_lr: float, step: int, total_ste
     return base_lr
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, where: str = "[train] device") -> torch.device:
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("[train] device: \"cuda\" requested but torch sees no CUDA device; "
+        raise ConfigError(f"{where}: \"cuda\" requested but torch sees no CUDA device; "
                           "use \"auto\" or \"cpu\"")
     return torch.device(name)
 
