@@ -96,13 +96,16 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     subset = resolve_train_subset(args.train_subset, len(data.y_train))
     device = resolve_device(args.device, where="--device")
 
-    model = run.build_model().to(device=device, dtype=torch.float64)
+    # Gradients in the training dtype (what training computed); adjoints, coefficients, the
+    # update check and every accumulator in float64, where sums over steps would drift.
+    compute = run.dtype
+    model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
     gradients = GradientComputer(model, layout, data.num_classes, args.chunk_size)
     decomposition = run.decomposition
-    x_train = data.x_train.to(device=device, dtype=torch.float64)
+    x_train = data.x_train.to(device=device, dtype=compute)
     y_train = data.y_train.to(device)
-    x_audit = audit_set.x.to(device=device, dtype=torch.float64)
+    x_audit = audit_set.x.to(device=device, dtype=compute)
     y_audit = audit_set.y.to(device)
     n_audit, targets = len(y_audit), args.targets
     q = gradients.target_columns(targets)
@@ -115,8 +118,9 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
         return layout.flatten(ck.params, device=device)
 
     def audit_side(theta):
-        values, grads = gradients.audit_gradients(theta, x_audit, y_audit, targets)
-        return values.reshape(-1), grads.reshape(n_audit * q, -1).T  # (N*Q,), (P, N*Q)
+        values, grads = gradients.audit_gradients(theta.to(compute), x_audit, y_audit, targets)
+        f64 = torch.float64
+        return values.reshape(-1).to(f64), grads.reshape(n_audit * q, -1).T.to(f64)  # (NQ,), (P, NQ)
 
     sub_intervals = args.quadrature_points
     boundaries = list(range(0, total, args.stride)) + [total]
@@ -147,12 +151,14 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
             w, v = coeffs.adjoint(w, decay_next, h)
             decay_next = coeffs.decay
 
-            audited = batch[row_of.to(device)[batch] >= 0]
-            g, _ = gradients.loss_gradients(theta_t, x_train[audited], y_train[audited])
+            audited = batch[acc.row_of[batch] >= 0]
+            g, _ = gradients.loss_gradients(theta_t.to(compute), x_train[audited], y_train[audited])
+            g = g.to(torch.float64)
             if len(audited) == len(batch):
                 batch_grad = g.sum(0) / len(batch)
             else:  # partial audit: the update still saw the whole batch
-                batch_grad = gradients.mean_loss_gradient(theta_t, x_train[batch], y_train[batch])
+                batch_grad = gradients.mean_loss_gradient(theta_t.to(compute), x_train[batch],
+                                                          y_train[batch]).to(torch.float64)
             acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t))
             acc.add_residual(coeffs.residual(theta_t, v, h))
 
