@@ -31,6 +31,9 @@ class ReplayArguments:
     device: str = "auto"
     chunk_size: int = 256
     overwrite: bool = False
+    resume: bool = False
+    commit_every: int = 0  # commit progress every K updates (0: by time only)
+    commit_seconds: float = 60.0  # ... and at least this often
 
     def __post_init__(self):
         targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
@@ -45,6 +48,8 @@ class ReplayArguments:
             raise AuditSpecError(f"--group-by: unknown grouping {self.group_by!r}; expected label")
         if not isinstance(self.stride, int) or self.stride < 1:
             raise AuditSpecError(f"--stride: must be a whole number >= 1, got {self.stride!r}")
+        if self.commit_every < 0 or self.commit_seconds <= 0:
+            raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
         if self.chunk_size < 1:
             raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
 
@@ -136,9 +141,11 @@ def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | Non
     """Indices of the training examples to audit (partial audit, paper A.1.3); None = all."""
     if spec is None:
         return None
-    m = re.fullmatch(r"(?:train)?\[?(-?\d*):(-?\d*)\]?", spec)
+    m = re.fullmatch(r"train\[(-?\d*):(-?\d*)\]|(-?\d*):(-?\d*)", spec)
     if m:
-        rows = _slice(spec, "train", m.group(1), m.group(2), num_train, "--train-subset")
+        start, stop = (m.group(1), m.group(2)) if m.group(1) is not None or m.group(2) is not None \
+            else (m.group(3), m.group(4))
+        rows = _slice(spec, "train", start, stop, num_train, "--train-subset")
         return torch.arange(rows.start, rows.stop)
     path = Path(spec)
     if not path.is_file():

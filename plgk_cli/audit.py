@@ -44,7 +44,7 @@ class AuditAccumulator:
         self.layer_epoch_signed = torch.zeros(num_epochs, len(layers), num_columns, **f64)
         self.layer_epoch_abs = torch.zeros(num_epochs, len(layers), num_columns, **f64)
         self.step_change = torch.zeros(num_steps, num_columns, **f64)  # Δθ_t · h(t), recorded Δθ
-        self.max_update_error = 0.0
+        self.update_error = torch.zeros(num_steps, **f64)  # per-step relative error of the update check
 
     def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float,
                     v: torch.Tensor, epoch: int) -> None:
@@ -63,4 +63,18 @@ class AuditAccumulator:
 
     def record_step(self, step: int, delta: torch.Tensor, h: torch.Tensor, update_error: float) -> None:
         self.step_change[step] = delta @ h
-        self.max_update_error = max(self.max_update_error, update_error)
+        self.update_error[step] = update_error
+
+    STATE = ("influence", "residual", "layer_epoch_signed", "layer_epoch_abs", "step_change",
+             "update_error")
+
+    def state_tensors(self) -> dict:
+        """The accumulated sums, for a progress commit (exact float64 copies)."""
+        return {f"audit/{name}": getattr(self, name) for name in self.STATE}
+
+    def load_state_tensors(self, tensors: dict) -> None:
+        for name in self.STATE:
+            saved = tensors[f"audit/{name}"]
+            if saved.shape != getattr(self, name).shape:
+                raise ValueError(f"progress: audit/{name} has shape {tuple(saved.shape)}")
+            setattr(self, name, saved.to(getattr(self, name).device))

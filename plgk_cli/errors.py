@@ -1,4 +1,8 @@
-"""Errors a user can cause. The CLI turns each into one line and the class's exit code."""
+"""Errors a user can cause. The CLI turns each into one line and the class's exit code.
+
+Codes start at 10 so that they never collide with click's usage errors (2) or an unexpected
+exception (1).
+"""
 
 
 class PlgkError(Exception):
@@ -8,26 +12,32 @@ class PlgkError(Exception):
 
 
 class ConfigError(PlgkError):
-    exit_code = 2
+    exit_code = 10
 
 
 class DataError(PlgkError):
-    exit_code = 3
+    exit_code = 11
 
 
 class TrajectoryError(PlgkError):
-    exit_code = 4
+    exit_code = 12
 
 
 class AuditSpecError(PlgkError):
-    exit_code = 5
+    exit_code = 13
 
 
 class OutputError(PlgkError):
-    exit_code = 6
+    exit_code = 14
 
 
 class StoreError(PlgkError):
     """An influences.h5 that cannot be read as one."""
 
-    exit_code = 7
+    exit_code = 15
+
+
+class Interrupted(PlgkError):
+    """Stopped by SIGINT/SIGTERM after committing progress."""
+
+    exit_code = 130

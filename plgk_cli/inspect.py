@@ -9,10 +9,6 @@ import numpy as np
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.store import InfluenceFile
 
-# For the loss, pushing it down helps; for logits and margins, pushing them up helps.
-HELPFUL_SIGN = {"loss": -1.0, "logit": 1.0, "margin": 1.0, "logits": 1.0}
-
-
 def summary(f: InfluenceFile) -> dict:
     manifest = f.manifest
     out = {
@@ -37,27 +33,40 @@ def summary(f: InfluenceFile) -> dict:
     return out
 
 
+def helpful_sign(target: str, klass: int | None = None, label: int | None = None) -> float:
+    """+1 where pushing the audited quantity up helps the audit point, −1 where pushing it down does:
+    down for the loss and for a wrong class's logit; up for the true-class logit and the margin."""
+    if target == "loss" or (target == "logits" and klass != label):
+        return -1.0
+    return 1.0
+
+
 def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None,
                  klass: int | None = None) -> dict:
     target = target or f.targets[0]
+    if k < 1:
+        raise AuditSpecError(f"--top: must be >= 1, got {k}")
     infl = f.influence(target)
     n_audit = infl.shape[1]
     if not 0 <= audit < n_audit:
         raise AuditSpecError(f"--audit: {audit} is out of range; the file has audit points 0..{n_audit - 1}")
+    if klass is not None and target != "logits":
+        raise AuditSpecError(f"--class: only for --target logits (the file's {target!r} has one column "
+                             "per audit point)")
     label = int(f.audit_label[audit])
     column = infl[:, audit]
+    initial = np.asarray(f.array(target, "initial"))[audit]
+    final = np.asarray(f.array(target, "final"))[audit]
     if column.ndim == 2:  # logits: one class's column, the true class unless --class
         klass = label if klass is None else klass
         if not 0 <= klass < column.shape[1]:
             raise AuditSpecError(f"--class: {klass} is out of range 0..{column.shape[1] - 1}")
-        column = column[:, klass]
+        column, initial, final = column[:, klass], initial[klass], final[klass]
     group = f.train_group
     rows_index = group if group is not None else f.train_index
     rows_label = group if group is not None else f.train_label
-    score = HELPFUL_SIGN[target] * column.astype(np.float64)
-    order = np.argsort(-score, kind="stable")
-    if k < 1:
-        raise AuditSpecError(f"--top: must be >= 1, got {k}")
+    sign = helpful_sign(target, klass, label)
+    order = np.argsort(-sign * column.astype(np.float64), kind="stable")
     k = min(k, len(order))
 
     def entries(idx):
@@ -67,9 +76,8 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     index = f.audit_index
     return {"target": target, "class": klass, "audit": audit,
             "audit_index": None if index is None else int(index[audit]), "audit_label": label,
-            "initial": float(np.asarray(f.array(target, "initial"))[audit].reshape(-1)[0 if klass is None else klass]),
-            "final": float(np.asarray(f.array(target, "final"))[audit].reshape(-1)[0 if klass is None else klass]),
-            "helpful": entries(order[:k]), "harmful": entries(order[::-1][:k])}
+            "initial": float(initial), "final": float(final), "helpful_direction":
+            "down" if sign < 0 else "up", "helpful": entries(order[:k]), "harmful": entries(order[::-1][:k])}
 
 
 def format_summary(s: dict) -> str:
@@ -105,10 +113,19 @@ def format_top(t: dict) -> str:
         lines.append(f"  {'rank':>4} {key:>12} {'label':>5} {'influence':>12}")
         for e in t[kind]:
             lines.append(f"  {e['rank']:>4} {e[key]:>12} {e['label']:>5} {e['influence']:>12.4e}")
-    lines.append(f"(influence < 0 pushed the {t['target']} down; helpful = pushed it "
-                 f"{'down' if HELPFUL_SIGN[t['target']] < 0 else 'up'})")
+    lines.append(f"(influence < 0 pushed the {t['target']}{cls} down; helpful = pushed it "
+                 f"{t['helpful_direction']})")
     return "\n".join(lines)
 
 
 def to_json(obj) -> str:
-    return json.dumps(obj, indent=2, default=float)
+    """Strict JSON: NaN (e.g. the attribution gap of a partial audit) becomes null."""
+    def clean(x):
+        if isinstance(x, dict):
+            return {k: clean(v) for k, v in x.items()}
+        if isinstance(x, list | tuple):
+            return [clean(v) for v in x]
+        if isinstance(x, float | np.floating):
+            return float(x) if np.isfinite(x) else None
+        return x
+    return json.dumps(clean(obj), indent=2, allow_nan=False)

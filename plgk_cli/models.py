@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 import math
+import os
+import sys
 
 import torch
 from torch import nn
@@ -52,7 +54,8 @@ def lenet5(in_shape: tuple, num_classes: int) -> nn.Module:
 
 
 BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5}
-UNSUPPORTED_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.GroupNorm)
+# Batch statistics couple the examples of a batch; dropout draws randomness the record lacks.
+UNSUPPORTED_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
 
 
 def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> nn.Module:
@@ -60,6 +63,8 @@ def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> n
         builder = BUILTIN[name]
     else:
         module_name, _, function_name = name.partition(":")
+        if "" not in sys.path and os.getcwd() not in sys.path:  # `plgk` as a console script
+            sys.path.insert(0, os.getcwd())
         try:
             builder = getattr(importlib.import_module(module_name), function_name)
         except (ImportError, AttributeError) as exc:

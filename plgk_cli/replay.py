@@ -14,16 +14,24 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import signal
+import threading
+import time
+
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from plgk_cli.arguments import ReplayArguments, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
-from plgk_cli.errors import TrajectoryError
+from plgk_cli.check import validate_run
+from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
 from plgk_cli.gradients import GradientComputer, ParameterLayout
+from plgk_cli.progress import commit as commit_progress
+from plgk_cli.progress import load as load_progress
+from plgk_cli.progress import progress_path
 from plgk_cli.run import Run, load_run
-from plgk_cli.store import TargetResult, check_writable, write_influences
+from plgk_cli.store import TargetResult, check_free_space, check_writable, write_influences
 from plgk_cli.train import resolve_device
 
 ROUNDINGS_PER_UPDATE = 2
@@ -80,114 +88,284 @@ def _row_mapping(run: Run, subset: torch.Tensor | None, group_by: str | None):
     return row_of, audited, y[audited], None
 
 
-def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
-    out = Path(args.out)
-    check_writable(out, args.overwrite)
+@dataclass(frozen=True)
+class ReplayPlan:
+    """Everything fixed for one replay, derived from its arguments and the run (no state)."""
+
+    args: ReplayArguments
+    run: Run
+    layout: ParameterLayout
+    gradients: GradientComputer
+    device: torch.device
+    compute: torch.dtype  # gradients in the training dtype; everything accumulated in float64
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    audit_set: object  # arguments.AuditSet
+    x_audit: torch.Tensor
+    y_audit: torch.Tensor
+    columns: int  # N*Q audited quantities
+    row_of: torch.Tensor
+    train_index: torch.Tensor
+    train_label: torch.Tensor
+    group: torch.Tensor | None
+    total: int  # number of updates T
+    boundaries: tuple  # checkpoints where the audit side is evaluated (stride)
+
+    @property
+    def n_audit(self) -> int:
+        return len(self.y_audit)
+
+    def theta(self, step_checkpoint) -> torch.Tensor:
+        return self.layout.flatten(step_checkpoint.params, device=self.device)
+
+    def audit_side(self, theta: torch.Tensor):
+        """Values (N*Q) and gradients (P x N*Q) of the audited quantities at θ, float64."""
+        values, grads = self.gradients.audit_gradients(theta.to(self.compute), self.x_audit,
+                                                       self.y_audit, self.args.targets)
+        f64 = torch.float64
+        return values.reshape(-1).to(f64), grads.reshape(self.columns, -1).T.to(f64)
+
+
+def plan_replay(args: ReplayArguments) -> ReplayPlan:
+    """Validate the run and the arguments and build the plan; raises before any heavy work."""
     run = load_run(args.ckpts)
-    steps = run.steps
+    problems = validate_run(args.ckpts)
+    if problems:
+        problems[0].raise_(more=len(problems) - 1)
     if run.manifest.get("checkpoint_every", 1) != 1:
         raise TrajectoryError(f"{run.path}: checkpoints every {run.manifest['checkpoint_every']} steps; "
                               "this plgk replays stride-1 trajectories only")
-    total = steps[-1]
+    total = run.steps[-1]
     if total == 0:
         raise TrajectoryError(f"{run.path}: only step 0 is recorded; there is no update to audit")
     data = run.dataset
     audit_set = resolve_audit_set(args.audit_set, data)
     subset = resolve_train_subset(args.train_subset, len(data.y_train))
     device = resolve_device(args.device, where="--device")
-
-    # Gradients in the training dtype (what training computed); adjoints, coefficients, the
-    # update check and every accumulator in float64, where sums over steps would drift.
     compute = run.dtype
     model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
     gradients = GradientComputer(model, layout, data.num_classes, args.chunk_size)
-    decomposition = run.decomposition
-    x_train = data.x_train.to(device=device, dtype=compute)
-    y_train = data.y_train.to(device)
-    x_audit = audit_set.x.to(device=device, dtype=compute)
-    y_audit = audit_set.y.to(device)
-    n_audit, targets = len(y_audit), args.targets
-    q = gradients.target_columns(targets)
     row_of, train_index, train_label, group = _row_mapping(run, subset, args.group_by)
-    num_rows = len(group) if group is not None else len(train_index)
-    epochs = run.epoch_of(total - 1) + 1
-    acc = AuditAccumulator(row_of, num_rows, n_audit * q, total, epochs, layout.layers, device)
+    return ReplayPlan(
+        args=args, run=run, layout=layout, gradients=gradients, device=device, compute=compute,
+        x_train=data.x_train.to(device=device, dtype=compute), y_train=data.y_train.to(device),
+        audit_set=audit_set, x_audit=audit_set.x.to(device=device, dtype=compute),
+        y_audit=audit_set.y.to(device), columns=len(audit_set.y) * gradients.target_columns(args.targets),
+        row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
+        boundaries=tuple(range(0, total, args.stride)) + (total,))
 
-    def theta_of(ck):
-        return layout.flatten(ck.params, device=device)
 
-    def audit_side(theta):
-        values, grads = gradients.audit_gradients(theta.to(compute), x_audit, y_audit, targets)
-        f64 = torch.float64
-        return values.reshape(-1).to(f64), grads.reshape(n_audit * q, -1).T.to(f64)  # (NQ,), (P, NQ)
+class WalkState:
+    """What the backward walk carries from one update to the next (float64, mutable).
 
-    sub_intervals = args.quadrature_points
-    boundaries = list(range(0, total, args.stride)) + [total]
-    values_at = {}
-    update_error = np.zeros(total)
+    ``next_step`` is the next update t (t -> t+1) to process, walking down; -1 when done.
+    ``a_boundary`` holds ∇q at the lowest boundary set up so far, ``h`` the quadrature of the
+    segment starting there (``h_start``); values of q at every boundary set up are in ``values``.
+    """
 
-    ck_next = run.checkpoint(total)
-    theta_end = theta_of(ck_next)
-    values_at[total], a_end = audit_side(theta_end)
-    w = torch.zeros(layout.size, n_audit * q, dtype=torch.float64, device=device)
-    decay_next = 0.0
-    bar = tqdm(total=total, desc="replay", unit="step", disable=not progress, dynamic_ncols=True)
-    for seg_start, seg_end in reversed(list(zip(boundaries, boundaries[1:]))):
-        ck_start = run.checkpoint(seg_start)
-        theta_start = theta_of(ck_start)
-        values_at[seg_start], a_start = audit_side(theta_start)
-        h = _quadrature(sub_intervals, a_start, a_end, theta_start, theta_end, audit_side)
-        for t in range(seg_end - 1, seg_start - 1, -1):
-            ck = ck_start if t == seg_start else run.checkpoint(t)
-            theta_t = theta_of(ck)
-            theta_next = theta_of(ck_next)
-            before = flat_state(layout, ck.optim_state, f"{run.path}/step_{t:08d}", device)
-            after = flat_state(layout, ck_next.optim_state, f"{run.path}/step_{t + 1:08d}", device)
-            batch = ck_next.batch.to(device)
-            lr, clip, step_after = ck_next.lr, ck_next.clip_coef, ck_next.optim_step
+    def __init__(self, plan: ReplayPlan):
+        f64 = dict(dtype=torch.float64, device=plan.device)
+        num_rows = len(plan.group) if plan.group is not None else len(plan.train_index)
+        epochs = plan.run.epoch_of(plan.total - 1) + 1
+        self.acc = AuditAccumulator(plan.row_of, num_rows, plan.columns, plan.total, epochs,
+                                    plan.layout.layers, plan.device)
+        self.w = torch.zeros(plan.layout.size, plan.columns, **f64)
+        self.decay_next = 0.0
+        self.values = torch.zeros(len(plan.boundaries), plan.columns, **f64)
+        self.next_step = plan.total - 1
+        self.h_start = plan.total
+        values, self.a_boundary = plan.audit_side(plan.theta(plan.run.checkpoint(plan.total)))
+        self.values[-1] = values
+        self.h = torch.zeros_like(self.a_boundary)
 
-            coeffs = decomposition.coefficients(before, after, lr, clip, step_after)
-            w, v = coeffs.adjoint(w, decay_next, h)
-            decay_next = coeffs.decay
+    def tensors(self) -> dict:
+        return {"walk/w": self.w, "walk/h": self.h, "walk/a_boundary": self.a_boundary,
+                "walk/values": self.values, **self.acc.state_tensors()}
 
-            audited = batch[acc.row_of[batch] >= 0]
-            g, _ = gradients.loss_gradients(theta_t.to(compute), x_train[audited], y_train[audited])
-            g = g.to(torch.float64)
-            if len(audited) == len(batch):
-                batch_grad = g.sum(0) / len(batch)
-            else:  # partial audit: the update still saw the whole batch
-                batch_grad = gradients.mean_loss_gradient(theta_t.to(compute), x_train[batch],
-                                                          y_train[batch]).to(torch.float64)
-            acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t))
-            acc.add_residual(coeffs.residual(theta_t, v, h))
+    def scalars(self) -> dict:
+        return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": self.decay_next}
 
-            delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, lr, clip,
-                                                               step_after)
-            recorded_delta = theta_next - theta_t
-            errors = [_relative_error(delta, recorded_delta, theta_next, run.dtype)]
-            errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
-                       for k in predicted_state if k in after]
-            update_error[t] = max(errors)
-            acc.record_step(t, recorded_delta, h, update_error[t])
-            ck_next = ck
-            bar.update(1)
-        theta_end, a_end = theta_start, a_start
+    def restore(self, tensors: dict, scalars: dict) -> None:
+        device = self.w.device
+        for name in ("w", "h", "a_boundary", "values"):
+            saved = tensors[f"walk/{name}"]
+            if saved.shape != getattr(self, name).shape:
+                raise StoreError(f"progress: walk/{name} has shape {tuple(saved.shape)}, expected "
+                                 f"{tuple(getattr(self, name).shape)}; start over with --overwrite")
+            setattr(self, name, saved.to(device))
+        self.acc.load_state_tensors(tensors)
+        self.next_step, self.h_start = int(scalars["next_step"]), int(scalars["h_start"])
+        self.decay_next = float(scalars["decay_next"])
+
+
+# Arguments that do not change the result: a resume may differ in them.
+VOLATILE_ARGUMENTS = ("overwrite", "resume", "commit_every", "commit_seconds")
+
+
+def _identity(args: ReplayArguments) -> dict:
+    return {k: v for k, v in args.to_dict().items() if k not in VOLATILE_ARGUMENTS}
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the walk commits at the next update boundary and stops.
+    A second SIGINT interrupts at once."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+        if threading.current_thread() is threading.main_thread():
+            for sig in self._previous:
+                signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc):
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in self._previous.items():
+                signal.signal(sig, handler)
+
+
+def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
+    out = Path(args.out)
+    progress_file = progress_path(out)
+    _check_output(args, out, progress_file)
+    plan = plan_replay(args)
+    check_free_space(out, _estimated_bytes(plan))
+
+    state = WalkState(plan)
+    if args.resume and progress_file.exists():
+        tensors, saved = load_progress(progress_file)
+        if saved.get("arguments") != _identity(args) or saved.get("run_id") != plan.run.run_id:
+            raise AuditSpecError(f"{progress_file}: was made with other arguments or another run "
+                                 f"({saved.get('arguments')}); resume with the same arguments or "
+                                 "start over with --overwrite")
+        state.restore(tensors, saved["walk"])
+    elif progress_file.exists():
+        progress_file.unlink()  # --overwrite: start over
+
+    def save():
+        commit_progress(progress_file, state.tensors(), {"arguments": _identity(args),
+                                                         "run_id": plan.run.run_id,
+                                                         "walk": state.scalars()})
+
+    bar = tqdm(total=plan.total, initial=plan.total - 1 - state.next_step, desc="replay",
+               unit="step", disable=not progress, dynamic_ncols=True)
+    with StopRequest() as stop:
+        _walk(plan, state, bar, stop, save)
     bar.close()
 
-    results = _target_results(acc, values_at, boundaries, targets, n_audit, gradients.num_classes,
-                              complete=subset is None)
+    results = _target_results(state, plan)
     write_influences(
-        out, arguments=args.to_dict(), manifest=run.manifest, rule=args.rule, targets=list(targets),
-        train_index=train_index.numpy(), train_label=train_label.numpy(),
-        group=None if group is None else group.numpy(),
-        audit_index=None if audit_set.index is None else audit_set.index.numpy(),
-        audit_split=audit_set.split, audit_source=audit_set.source, audit_label=audit_set.y.numpy(),
-        results=results, update_error=update_error, layers=[name for name, _ in layout.layers],
-        complete_audit=subset is None, overwrite=args.overwrite)
+        out, arguments=_identity(args), manifest=plan.run.manifest, rule=args.rule,
+        targets=list(args.targets), train_index=plan.train_index.numpy(),
+        train_label=plan.train_label.numpy(), group=None if plan.group is None else plan.group.numpy(),
+        audit_index=None if plan.audit_set.index is None else plan.audit_set.index.numpy(),
+        audit_split=plan.audit_set.split, audit_source=plan.audit_set.source,
+        audit_label=plan.audit_set.y.numpy(), results=results,
+        update_error=state.acc.update_error.cpu().numpy(),
+        layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
+        overwrite=True)
+    progress_file.unlink(missing_ok=True)
     metrics = {r.name: {"mre": r.mre, "lc": r.lc, "rmre": r.rmre, "attribution_gap": r.attribution_gap}
                for r in results}
-    return ReplaySummary(out, metrics, float(update_error.max()), total)
+    return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total)
+
+
+def _check_output(args: ReplayArguments, out: Path, progress_file: Path) -> None:
+    if args.resume and not progress_file.exists() and out.exists() and not args.overwrite:
+        raise OutputError(f"{out}: already complete; nothing to resume (pass --overwrite to redo it)")
+    if progress_file.exists() and not (args.resume or args.overwrite):
+        raise OutputError(f"{progress_file}: an interrupted replay left its progress here; pass "
+                          "--resume to continue it or --overwrite to start over")
+    check_writable(out, args.overwrite or args.resume)
+
+
+def _estimated_bytes(plan: ReplayPlan) -> int:
+    """Output (float32 influence + float64 traces) plus one progress commit (float64 state)."""
+    rows = len(plan.group) if plan.group is not None else len(plan.train_index)
+    k = len(plan.boundaries)
+    output = rows * plan.columns * 4 + 3 * k * plan.columns * 8
+    commit = (3 * plan.layout.size + rows + k + plan.total) * plan.columns * 8
+    return output + 2 * commit  # the old commit stays until the new one is renamed over it
+
+
+def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save) -> None:
+    run, args = plan.run, plan.args
+    decomposition = run.decomposition
+    last_commit_time, since_commit = time.monotonic(), 0
+    segments = list(zip(plan.boundaries, plan.boundaries[1:]))
+    for index in range(len(segments) - 1, -1, -1):
+        seg_start, seg_end = segments[index]
+        if seg_start > state.next_step:
+            continue
+        if state.h_start != seg_start:  # set this segment up: ∇q at its start, quadrature
+            theta_start, theta_end = plan.theta(run.checkpoint(seg_start)), plan.theta(run.checkpoint(seg_end))
+            values, a_start = plan.audit_side(theta_start)
+            state.values[index] = values
+            state.h = _quadrature(args.quadrature_points, a_start, state.a_boundary, theta_start,
+                                  theta_end, plan.audit_side)
+            state.a_boundary, state.h_start = a_start, seg_start
+        ck_next = run.checkpoint(state.next_step + 1)
+        for t in range(state.next_step, seg_start - 1, -1):
+            ck = run.checkpoint(t)
+            _audit_update(plan, state, decomposition, t, ck, ck_next)
+            state.next_step = t - 1
+            ck_next = ck
+            bar.update(1)
+            since_commit += 1
+            now = time.monotonic()
+            due = (args.commit_every and since_commit >= args.commit_every) or \
+                now - last_commit_time >= args.commit_seconds
+            if stop.requested or (due and state.next_step >= 0):
+                save()
+                last_commit_time, since_commit = now, 0
+            if stop.requested:
+                raise Interrupted(f"replay stopped at step {t} of {plan.total}; progress committed "
+                                  f"to {progress_path(Path(args.out))}: continue with --resume")
+
+
+def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ck, ck_next) -> None:
+    """One update t -> t+1: adjoint step, per-sample credit, residual, update check."""
+    layout, device, compute, run = plan.layout, plan.device, plan.compute, plan.run
+    theta_t, theta_next = plan.theta(ck), plan.theta(ck_next)
+    before = flat_state(layout, ck.optim_state, f"{run.path}/step_{t:08d}", device)
+    after = flat_state(layout, ck_next.optim_state, f"{run.path}/step_{t + 1:08d}", device)
+    batch = ck_next.batch.to(device)
+    lr, clip, step_after = ck_next.lr, ck_next.clip_coef, ck_next.optim_step
+
+    coeffs = decomposition.coefficients(before, after, lr, clip, step_after)
+    state.w, v = coeffs.adjoint(state.w, state.decay_next, state.h)
+    state.decay_next = coeffs.decay
+
+    acc = state.acc
+    audited = batch[acc.row_of[batch] >= 0]
+    if len(audited):
+        g, _ = plan.gradients.loss_gradients(theta_t.to(compute), plan.x_train[audited],
+                                             plan.y_train[audited])
+        g = g.to(torch.float64)
+    else:  # partial audit: none of this batch is audited
+        g = torch.zeros(0, layout.size, dtype=torch.float64, device=device)
+    if len(audited) == len(batch):
+        batch_grad = g.sum(0) / len(batch)
+    else:  # partial audit: the update still saw the whole batch
+        batch_grad = plan.gradients.mean_loss_gradient(theta_t.to(compute), plan.x_train[batch],
+                                                       plan.y_train[batch]).to(torch.float64)
+    acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t))
+    acc.add_residual(coeffs.residual(theta_t, v, state.h))
+
+    delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, lr, clip, step_after)
+    recorded_delta = theta_next - theta_t
+    errors = [_relative_error(delta, recorded_delta, theta_next, run.dtype)]
+    errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
+               for k in predicted_state if k in after]
+    acc.record_step(t, recorded_delta, state.h, max(errors))
 
 
 def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audit_side):
@@ -201,11 +379,13 @@ def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audi
     return h / sub_intervals
 
 
-def _target_results(acc: AuditAccumulator, values_at: dict, boundaries: list, targets: tuple,
-                    n_audit: int, num_classes: int, complete: bool) -> list:
-    q = sum(num_classes if t == "logits" else 1 for t in targets)
+def _target_results(state: WalkState, plan: ReplayPlan) -> list:
+    acc, boundaries, targets = state.acc, list(plan.boundaries), plan.args.targets
+    n_audit, num_classes = plan.n_audit, plan.gradients.num_classes
+    complete = plan.args.train_subset is None
+    q = plan.columns // n_audit
     cols = lambda x: x.reshape(*x.shape[:-1], n_audit, q)  # noqa: E731 (columns -> (N, Q))
-    values = torch.stack([values_at[b] for b in boundaries])  # (K, N*Q)
+    values = state.values  # (K, N*Q): q at every boundary
     true_change = values - values[0]
     steps_done = torch.cumsum(acc.step_change, 0)
     reconstructed = torch.cat([torch.zeros_like(values[:1]), steps_done[[b - 1 for b in boundaries[1:]]]])

@@ -22,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -70,6 +71,16 @@ def check_writable(path: Path, overwrite: bool) -> None:
         raise OutputError(f"{path.parent}: not writable; choose another --out")
 
 
+def check_free_space(path: Path, needed: int) -> None:
+    """Refuse before any work when the output's file system cannot hold the planned output.
+    PLGK_FREE_BYTES overrides the measured free space (fault injection for tests)."""
+    free = int(os.environ.get("PLGK_FREE_BYTES", shutil.disk_usage(path.parent).free))
+    if free < needed:
+        raise OutputError(f"{path.parent}: {free / 1e6:.1f} MB free but the replay needs about "
+                          f"{needed / 1e6:.1f} MB (output and progress commits); free space or "
+                          "choose another --out")
+
+
 def _chunks(shape: tuple) -> tuple | None:
     if not shape or 0 in shape:
         return None
@@ -83,10 +94,26 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                      audit_index: np.ndarray | None, audit_split: str | None, audit_source: str,
                      audit_label: np.ndarray, results: list, update_error: np.ndarray,
                      layers: list, complete_audit: bool, overwrite: bool) -> Path:
-    """Write to PATH.partial and rename: a crash or a bad run never leaves a half file at PATH."""
+    """Write to PATH.partial.<pid> and rename: a crash or a bad run never leaves a half file at
+    PATH, and two writers never share the temporary file."""
     path = Path(path)
     check_writable(path, overwrite)
-    tmp = path.with_name(path.name + ".partial")
+    tmp = path.with_name(f"{path.name}.partial.{os.getpid()}")
+    try:
+        _write(tmp, arguments=arguments, manifest=manifest, rule=rule, targets=targets,
+               train_index=train_index, train_label=train_label, group=group,
+               audit_index=audit_index, audit_split=audit_split, audit_source=audit_source,
+               audit_label=audit_label, results=results, update_error=update_error, layers=layers,
+               complete_audit=complete_audit)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_label, group,
+           audit_index, audit_split, audit_source, audit_label, results, update_error, layers,
+           complete_audit) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update({
             "plgk_version": __version__, "schema_version": SCHEMA_VERSION,
@@ -123,8 +150,6 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
             g.create_dataset("by_layer_epoch/signed", data=r.layer_epoch_signed)
             g.create_dataset("by_layer_epoch/abs", data=r.layer_epoch_abs)
             g["by_layer_epoch"].attrs["layers"] = json.dumps(layers)
-    os.replace(tmp, path)
-    return path
 
 
 class InfluenceFile:

@@ -122,7 +122,7 @@ def out(tmp_path) -> Path:
 
 def assert_nothing_written(out: Path):
     assert not out.exists()
-    assert not out.with_name(out.name + ".partial").exists()
+    assert not list(out.parent.glob(out.name + ".*"))  # no .partial.<pid>, no .progress
 
 
 # --------------------------------------------------------------------------- happy path
