@@ -79,11 +79,16 @@ def train(config_path, out, quiet):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--chunk-size", default=256, show_default=True, type=int,
               help="Examples per batched per-sample-gradient pass.")
-@click.option("--overwrite", is_flag=True, help="Replace an existing --out.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing --out (and its progress).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted replay from its last commit.")
+@click.option("--commit-every", default=0, show_default=True, type=int,
+              help="Commit progress every K updates (0: by time only).")
+@click.option("--commit-seconds", default=60.0, show_default=True, type=float,
+              help="Commit progress at least this often.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
-           overwrite, quiet):
+           overwrite, resume, commit_every, commit_seconds, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
     from plgk_cli.replay import replay as run_replay
@@ -91,11 +96,29 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
     targets = tuple(t.strip() for spec in targets for t in spec.split(",") if t.strip())
     args = ReplayArguments(ckpts=ckpts, audit_set=audit_set, out=out, targets=targets, rule=rule,
                            train_subset=train_subset, group_by=group_by, stride=stride,
-                           device=device, chunk_size=chunk_size, overwrite=overwrite)
+                           device=device, chunk_size=chunk_size, overwrite=overwrite, resume=resume,
+                           commit_every=commit_every, commit_seconds=commit_seconds)
     result = run_replay(args, progress=not quiet)
     for target, m in result.metrics.items():
-        click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}")
+        caveat = "  (partial audit: MRE is not a completeness measure)" if train_subset else ""
+        click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}{caveat}")
     click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps; wrote {out}")
+
+
+@main.command()
+@click.argument("run_dir")
+@reports_errors
+def check(run_dir):
+    """Validate a run directory and report every problem found."""
+    from plgk_cli.check import validate_run
+
+    problems = validate_run(run_dir)
+    for p in problems:
+        click.echo(f"plgk: problem: {p.message}", err=True)
+    if problems:
+        click.echo(f"{run_dir}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", err=True)
+        sys.exit(max(p.error.exit_code for p in problems))
+    click.echo(f"{run_dir}: ok")
 
 
 @main.command()

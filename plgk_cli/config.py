@@ -18,6 +18,7 @@ from plgk_cli.errors import ConfigError
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine")
 BUILTIN_MODELS = ("mlp", "cnn", "lenet5")
+DATASET_PREFIXES = ("npz:", "mnist:", "svhn:", "py:")
 
 
 @dataclass(frozen=True)
@@ -139,11 +140,13 @@ def _validate_section(source: str, section: str, raw: dict) -> dict:
         if s == "data":
             if key == "dataset":
                 if not isinstance(value, str) or not (
-                        value == "digits" or value.startswith(("npz:", "mnist:"))):
-                    raise _fail(source, s, key,
-                                f'expected "digits", "npz:PATH" or "mnist:DIR"; got {value!r}')
-                if value.startswith(("npz:", "mnist:")) and not value.split(":", 1)[1]:
+                        value == "digits" or value.startswith(DATASET_PREFIXES)):
+                    raise _fail(source, s, key, 'expected "digits", "npz:PATH", "mnist:DIR", '
+                                f'"svhn:DIR" or "py:package.module:function"; got {value!r}')
+                if value.startswith(("npz:", "mnist:", "svhn:")) and not value.split(":", 1)[1]:
                     raise _fail(source, s, key, f"{value!r} names no path")
+                if value.startswith("py:") and not all(value[3:].partition(":")[::2]):
+                    raise _fail(source, s, key, f"{value!r}: expected py:package.module:function")
                 out[key] = value
             elif key == "seed":
                 out[key] = _number(source, s, key, value, integer=True, low=0)

@@ -1,8 +1,11 @@
 """Datasets as training sees them: split tensors, class count, input shape and a fingerprint.
 
 Specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``npz:PATH`` (arrays x_train,
-y_train, x_test, y_test) and ``mnist:DIR`` (the four standard IDX files, gzipped or not).
-Images get a channel axis (N, C, H, W); integer pixels are scaled to [0, 1].
+y_train, x_test, y_test), ``mnist:DIR`` (the four standard IDX files, gzipped or not),
+``svhn:DIR`` (train_32x32.mat and test_32x32.mat) and ``py:package.module:function`` (a function
+of the user's that returns x_train, y_train, x_test, y_test).
+Images from files get a channel axis (N, C, H, W) and integer pixels are scaled to [0, 1]; arrays
+returned by a ``py:`` function are used as they are.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import numpy as np
 import torch
 
 from plgk_cli.errors import DataError
+from plgk_cli.importing import import_object
 
 DIGITS_TEST_FRACTION = 0.2
 
@@ -135,6 +139,68 @@ def _load_mnist(root: Path):
             _as_images(arrays["x_test"]), arrays["y_test"])
 
 
+SVHN_URL = "http://ufldl.stanford.edu/housenumbers/"
+SVHN_FILES = ("train_32x32.mat", "test_32x32.mat")
+
+
+def _load_svhn(root: Path):
+    try:
+        from scipy.io import loadmat
+    except ImportError:
+        raise DataError("dataset svhn needs scipy: pip install scipy") from None
+    arrays = []
+    for name in SVHN_FILES:
+        path = root / name
+        if not path.is_file():
+            raise DataError(f"dataset svhn:{root}: {name} not found; download {' and '.join(SVHN_FILES)} "
+                            f"(format 2, cropped digits) from {SVHN_URL} and put them in {root}")
+        try:
+            mat = loadmat(str(path), variable_names=("X", "y"))
+        except Exception as exc:  # scipy raises ValueError, MatReadError, OSError... on damaged files
+            raise DataError(f"{path}: cannot read ({exc}); the file is damaged: download it again "
+                            f"from {SVHN_URL}") from None
+        if "X" not in mat or "y" not in mat:
+            raise DataError(f"{path}: no arrays X and y; not an SVHN {name}")
+        x, y = mat["X"], np.asarray(mat["y"]).reshape(-1)
+        # SVHN stores images as (32, 32, 3, N) uint8 and labels 1..10, where 10 is the digit 0.
+        if x.ndim != 4 or x.shape[:3] != (32, 32, 3) or x.dtype != np.uint8:
+            raise DataError(f"{path}: X is {x.dtype} {x.shape}; SVHN stores uint8 (32, 32, 3, N)")
+        if len(y) != x.shape[3] or not np.issubdtype(y.dtype, np.number) or (
+                len(y) and (y.min() < 1 or y.max() > 10 or not np.all(y == np.round(y)))):
+            raise DataError(f"{path}: y must hold {x.shape[3]} labels in 1..10 (10 is the digit 0)")
+        images = np.ascontiguousarray(x.transpose(3, 2, 0, 1))  # (N, 3, 32, 32): channels first
+        arrays += [_as_images(images), np.where(y == 10, 0, y).astype(np.int64)]
+    return tuple(arrays)
+
+
+def _load_py(target: str):
+    module_name, _, function_name = target.partition(":")
+    if not module_name or not function_name:
+        raise DataError(f"dataset py:{target}: expected py:package.module:function")
+    try:
+        function = import_object(target)
+    except (ImportError, AttributeError) as exc:
+        raise DataError(f"dataset py:{target}: cannot import ({exc}); give package.module:function "
+                        "importable from the working directory") from None
+    try:
+        result = function()
+    except Exception as exc:  # the user's code: one line here, the traceback under --debug
+        raise DataError(f"dataset py:{target}: the function raised {type(exc).__name__}: {exc}") from exc
+    if not isinstance(result, (tuple, list)) or len(result) != 4:
+        raise DataError(f"dataset py:{target}: returned {type(result).__name__}; expected the tuple "
+                        "(x_train, y_train, x_test, y_test)")
+    arrays = []
+    for name, a in zip(("x_train", "y_train", "x_test", "y_test"), result):
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().numpy()
+        a = np.asarray(a)
+        if not np.issubdtype(a.dtype, np.number) or a.ndim == 0:
+            raise DataError(f"dataset py:{target}: {name} is {a.dtype} with shape {a.shape}; expected "
+                            "a numeric tensor or array with one row per example")
+        arrays.append(a)
+    return tuple(arrays)
+
+
 def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
     if spec == "digits":
         arrays = _load_digits(seed)
@@ -142,8 +208,13 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
         arrays = _load_npz(Path(spec[4:]))
     elif spec.startswith("mnist:"):
         arrays = _load_mnist(Path(spec[6:]))
+    elif spec.startswith("svhn:"):
+        arrays = _load_svhn(Path(spec[5:]))
+    elif spec.startswith("py:"):
+        arrays = _load_py(spec[3:])
     else:
-        raise DataError(f"unknown dataset {spec!r}; expected digits, npz:PATH or mnist:DIR")
+        raise DataError(f"unknown dataset {spec!r}; expected digits, npz:PATH, mnist:DIR, svhn:DIR or "
+                        "py:package.module:function")
     x_train, y_train, x_test, y_test = arrays
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):

@@ -37,6 +37,19 @@ class StoreError(PlgkError):
     exit_code = 15
 
 
+class RecorderError(PlgkError):
+    """A training loop that broke the Recorder's protocol (plgk_cli/recorder.py): a recorded
+    trajectory would not describe the updates that actually ran."""
+
+    exit_code = 16
+
+
+class DependencyError(PlgkError):
+    """An optional package that the requested feature needs is not installed."""
+
+    exit_code = 17
+
+
 class Interrupted(PlgkError):
     """Stopped by SIGINT/SIGTERM after committing progress."""
 

@@ -6,15 +6,13 @@ into per-example gradients, which batch statistics would couple.
 
 from __future__ import annotations
 
-import importlib
 import math
-import os
-import sys
 
 import torch
 from torch import nn
 
 from plgk_cli.errors import ConfigError
+from plgk_cli.importing import import_object
 
 
 def _flat_features(module: nn.Module, in_shape: tuple) -> int:
@@ -62,11 +60,8 @@ def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> n
     if name in BUILTIN:
         builder = BUILTIN[name]
     else:
-        module_name, _, function_name = name.partition(":")
-        if "" not in sys.path and os.getcwd() not in sys.path:  # `plgk` as a console script
-            sys.path.insert(0, os.getcwd())
         try:
-            builder = getattr(importlib.import_module(module_name), function_name)
+            builder = import_object(name)
         except (ImportError, AttributeError) as exc:
             raise ConfigError(f"[model] name: cannot import {name!r} ({exc}); give "
                               "package.module:function importable from the working directory") from None

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 from pathlib import Path
 
 import torch
@@ -65,12 +66,17 @@ def load(path: Path) -> tuple[dict, dict]:
 
 
 def _fault_hook(point: str) -> None:
-    """Fault injection for the resume tests: PLGK_FAULT=after_commit:K kills the process with
-    SIGKILL right after the K-th commit (no cleanup, like a power cut). Unset in normal use."""
-    spec = os.environ.get("PLGK_FAULT", "")
-    if not spec.startswith(point + ":"):
+    """Fault injection for the resume tests, unset in normal use: PLGK_FAULT=POINT:K[:HOW] acts
+    right after the K-th commit, HOW being KILL (SIGKILL: no cleanup, like a power cut; default),
+    TERM or INT (a signal the replay handles) or CRASH (an unexpected exception)."""
+    spec = os.environ.get("PLGK_FAULT", "").split(":")
+    if spec[0] != point:
         return
     count = int(os.environ.get("PLGK_FAULT_COUNT", "0")) + 1
     os.environ["PLGK_FAULT_COUNT"] = str(count)
-    if count >= int(spec.split(":", 1)[1]):
-        os.kill(os.getpid(), 9)
+    if count != int(spec[1]):
+        return
+    how = spec[2] if len(spec) > 2 else "KILL"
+    if how == "CRASH":
+        raise RuntimeError("injected crash (PLGK_FAULT)")
+    os.kill(os.getpid(), getattr(signal, "SIG" + how))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import json
 import signal
 import threading
 import time
@@ -199,12 +200,15 @@ class WalkState:
         self.decay_next = float(scalars["decay_next"])
 
 
-# Arguments that do not change the result: a resume may differ in them.
-VOLATILE_ARGUMENTS = ("overwrite", "resume", "commit_every", "commit_seconds")
+# Arguments that do not change the result: a resume may differ in them, and the output file does
+# not store them (the progress file sits beside its output, so `out` is implied).
+VOLATILE_ARGUMENTS = ("out", "overwrite", "resume", "commit_every", "commit_seconds")
 
 
 def _identity(args: ReplayArguments) -> dict:
-    return {k: v for k, v in args.to_dict().items() if k not in VOLATILE_ARGUMENTS}
+    """The arguments that determine the result, as JSON would give them back."""
+    return json.loads(json.dumps({k: v for k, v in args.to_dict().items()
+                                  if k not in VOLATILE_ARGUMENTS}))
 
 
 class StopRequest:

@@ -29,8 +29,10 @@ class Run:
     manifest: dict
 
     @cached_property
-    def config(self) -> RunConfig:
-        return config_from_dict(self.manifest["config"])
+    def config(self) -> RunConfig | None:
+        """The `plgk train` configuration; None for a run recorded from the user's own loop."""
+        config = self.manifest["config"]
+        return None if config is None else config_from_dict(config)
 
     @property
     def run_id(self) -> str:

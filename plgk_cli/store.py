@@ -158,6 +158,11 @@ class InfluenceFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
+            progress = self.path.with_name(self.path.name + ".progress")
+            if progress.is_file():
+                raise StoreError(f"{self.path}: not written yet; a replay is running or was "
+                                 f"interrupted (its progress is in {progress.name}): continue it "
+                                 "with `plgk replay ... --resume`")
             raise StoreError(f"{self.path}: file not found")
         try:
             self._f = h5py.File(self.path, "r")

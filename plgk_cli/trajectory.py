@@ -20,7 +20,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
-from plgk_cli.errors import TrajectoryError
+from plgk_cli.errors import OutputError, TrajectoryError
 
 FORMAT = "plgk-trajectory"
 FORMAT_VERSION = 1
@@ -49,6 +49,15 @@ class Checkpoint:
     lr: float | None
     clip_coef: float | None
     loss: float | None
+
+
+def check_new_run_dir(run_dir: Path) -> None:
+    """Refuse a run directory that exists and is not empty: a run is never overwritten or extended."""
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise OutputError(f"{run_dir}: exists and is not a directory; choose a new --out")
+    if run_dir.is_dir() and any(run_dir.iterdir()):
+        raise OutputError(f"{run_dir}: exists and is not empty; choose a new --out or remove it")
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

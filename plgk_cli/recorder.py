@@ -1,0 +1,385 @@
+"""Record a training loop of your own as a trajectory that `plgk replay` audits.
+
+`plgk train` records through this class too, so the format has one writer: trajectory.py owns the
+file and tensor names, this module decides what goes into them.
+
+    data = load_dataset("digits")
+    torch.manual_seed(0)
+    model = mymodels.small_cnn(in_shape=data.in_shape, num_classes=data.num_classes)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3, foreach=False)
+    with Recorder("runs/mine", model, optimizer, model_name="mymodels:small_cnn", dataset=data,
+                  batch_size=64, epochs=5) as recorder:
+        for epoch in range(5):
+            for batch in torch.randperm(len(data.y_train)).split(64):
+                optimizer.zero_grad()
+                logits = model(data.x_train[batch])
+                loss = F.cross_entropy(logits, data.y_train[batch])
+                loss.backward()
+                recorder.clip_grad_norm(1.0)       # optional; instead of clip_grad_norm_
+                optimizer.step()
+                recorder.step(batch, loss, logits)  # logits optional (train accuracy)
+
+What replay assumes, and what is checked here:
+- the model is what ``model_name(in_shape=..., num_classes=..., **model_kwargs)`` builds, per-sample
+  separable (checked: same parameter names and shapes, no BatchNorm or dropout);
+- the optimizer is torch's SGD, Adam, AdamW, RMSprop or Adagrad with one parameter group over
+  exactly the model's trainable parameters, single-tensor arithmetic (checked); only its lr may
+  change during the run, e.g. by a scheduler (checked before every step);
+- every optimizer.step() is followed by one recorder.step() (checked);
+- the loss is the mean cross-entropy over the training rows ``batch`` and nothing else (not
+  checkable here: a different loss, or gradients not zeroed, shows up as a large "worst update
+  error" in `plgk replay`, which re-derives every recorded update).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import math
+import uuid
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from plgk_cli import __version__, trajectory
+from plgk_cli.data import Dataset, load_dataset
+from plgk_cli.errors import ConfigError, DataError, RecorderError
+from plgk_cli.gradients import ParameterLayout
+from plgk_cli.models import build_model
+from plgk_cli.optimizers import Hyper
+
+CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
+DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
+# Exact classes: a subclass may change the update that replay models.
+OPTIMIZER_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw",
+                   torch.optim.RMSprop: "rmsprop", torch.optim.Adagrad: "adagrad"}
+# Options that switch torch to an update rule or an arithmetic the decomposition does not follow.
+UNSUPPORTED_FLAGS = ("maximize", "fused", "capturable", "differentiable")
+EVAL_CHUNK = 4096  # test examples per forward pass for the final test accuracy
+
+
+def clip_gradients(params, max_norm: float) -> float:
+    """Global grad-norm clipping as torch.nn.utils.clip_grad_norm_; returns the coefficient used."""
+    grads = [p.grad for p in params if p.grad is not None]
+    total = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
+    coef = torch.clamp(max_norm / (total + CLIP_EPS), max=1.0)
+    for g in grads:
+        g.mul_(coef)
+    return float(coef)
+
+
+def optimizer_state(optimizer: torch.optim.Optimizer, named_params: dict) -> tuple[dict, int]:
+    """Per-parameter state tensors (by parameter name) and the optimizer's step counter."""
+    state, step = {}, 0
+    for name, p in named_params.items():
+        s = optimizer.state.get(p, {})
+        state[name] = {k: v for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape}
+        if "step" in s:
+            step = int(s["step"])
+    return state, step
+
+
+def hyper_from_optimizer(optimizer: torch.optim.Optimizer, named_params: dict) -> Hyper:
+    """The hyper-parameters replay models, read from the optimizer's only parameter group.
+    Refuses (ConfigError) an optimizer whose update the decomposition would not reproduce."""
+    cls = type(optimizer)
+    name = OPTIMIZER_NAMES.get(cls)
+    if name is None:
+        raise ConfigError(f"optimizer: {cls.__module__}.{cls.__qualname__} is not supported; use "
+                          "torch.optim.SGD, Adam, AdamW, RMSprop or Adagrad, whose updates replay "
+                          "models exactly")
+    if len(optimizer.param_groups) != 1:
+        raise ConfigError(f"optimizer: has {len(optimizer.param_groups)} parameter groups; plgk "
+                          "records one: build it from model.parameters() with one set of options")
+    group = optimizer.param_groups[0]
+    ids = [id(p) for p in group["params"]]
+    if len(ids) != len(named_params) or set(ids) != {id(p) for p in named_params.values()}:
+        raise ConfigError("optimizer: its parameters are not exactly the model's trainable "
+                          "parameters; build it from model.parameters()")
+    for flag in UNSUPPORTED_FLAGS:
+        if group.get(flag):
+            raise ConfigError(f"optimizer: {flag}=True is not supported (replay models the plain "
+                              f"single-tensor update); build it with {flag}=False")
+    foreach = group.get("foreach")
+    on_cpu = all(p.device.type == "cpu" for p in named_params.values())
+    if foreach:
+        raise ConfigError("optimizer: foreach=True is not supported; build it with foreach=False "
+                          "(replay follows the arithmetic of torch's single-tensor update)")
+    if foreach is None and not on_cpu:
+        raise ConfigError("optimizer: foreach=None lets torch pick its multi-tensor update off the "
+                          "CPU; build it with foreach=False (replay follows the single-tensor one)")
+    if name == "adagrad" and (group.get("lr_decay") or group.get("initial_accumulator_value")):
+        raise ConfigError("optimizer: Adagrad's lr_decay and initial_accumulator_value must be 0 "
+                          "(replay models neither)")
+    if name == "adam" and group.get("decoupled_weight_decay"):
+        name = "adamw"  # Adam(decoupled_weight_decay=True) is AdamW
+    # Options a family lacks keep Hyper's defaults, which are the ones `plgk train` records too.
+    defaults = Hyper(name)
+    return Hyper(
+        name=name, momentum=float(group.get("momentum", defaults.momentum)),
+        dampening=float(group.get("dampening", defaults.dampening)),
+        nesterov=bool(group.get("nesterov", defaults.nesterov)),
+        betas=tuple(float(b) for b in group.get("betas", defaults.betas)),
+        eps=float(group.get("eps", defaults.eps)), alpha=float(group.get("alpha", defaults.alpha)),
+        weight_decay=float(group.get("weight_decay", defaults.weight_decay)),
+        amsgrad=bool(group.get("amsgrad", defaults.amsgrad)),
+        centered=bool(group.get("centered", defaults.centered)))
+
+
+class Recorder:
+    """Writes the run directory of one training run: the manifest and checkpoint 0 now, one
+    checkpoint per ``step()``, the completed manifest at ``finish()`` (or the end of a ``with``
+    block; an exception leaves ``complete: false``, and replay audits the steps recorded so far).
+
+    ``dataset`` is a spec that load_dataset reads (``npz:PATH``, ``py:package.module:function``,
+    ``digits``, ...) or the Dataset it returned, unchanged: replay reloads the data from its spec
+    and refuses them if their fingerprint differs. ``batch_size`` and ``epochs`` plan the run
+    (``steps_per_epoch`` defaults to ceil(num_train / batch_size); pass it when the loop drops
+    the last partial batch); ``finish()`` records the number of updates actually made.
+    ``config`` and ``schedule`` are what `plgk train` knows about its run (null otherwise).
+    """
+
+    def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 *, model_name: str, dataset: str | Dataset, batch_size: int, epochs: int,
+                 model_kwargs: dict | None = None, data_seed: int = 0,
+                 steps_per_epoch: int | None = None, config: dict | None = None,
+                 schedule: dict | None = None):
+        out_dir = Path(out_dir)
+        trajectory.check_new_run_dir(out_dir)
+        for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"Recorder: {arg} must be an integer >= 1, got {value!r}")
+        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        dtypes = {p.dtype for p in named.values()}
+        if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
+            raise ConfigError(f"model: trainable parameters of dtype {sorted(map(str, dtypes))}; plgk "
+                              "records models whose parameters are all float32 or all float64")
+        devices = {p.device for p in named.values()}
+        if len(devices) != 1:
+            raise ConfigError(f"model: parameters on several devices {sorted(map(str, devices))}; put "
+                              "the model on one device")
+        dtype, device = next(iter(dtypes)), next(iter(devices))
+        hyper = hyper_from_optimizer(optimizer, named)
+        if any(int(s.get("step", 0)) > 0 for s in optimizer.state.values()):
+            raise RecorderError("optimizer: has already taken steps; create the Recorder before the "
+                                "first optimizer.step(), so that the trajectory starts at θ_0")
+
+        data = load_dataset(dataset, data_seed, dtype) if isinstance(dataset, str) else dataset
+        if not isinstance(data, Dataset):
+            raise ConfigError(f"Recorder: dataset must be a spec such as 'npz:PATH' or a Dataset from "
+                              f"plgk_cli.data.load_dataset, got {type(dataset).__name__}")
+        if data.x_train.dtype != dtype:
+            raise DataError(f"dataset {data.spec}: x_train is {data.x_train.dtype} but the model is "
+                            f"{dtype}; load it with load_dataset(spec, seed, {dtype})")
+
+        model_kwargs = dict(model_kwargs or {})
+        try:
+            json.dumps(model_kwargs)
+        except (TypeError, ValueError):
+            raise ConfigError(f"model_kwargs: {model_kwargs!r} must be JSON values (numbers, strings, "
+                              "lists, dicts): the manifest stores them for replay") from None
+        layout = ParameterLayout.of(model)
+        # Replay rebuilds the model from its name: check now that it builds these parameters.
+        # fork_rng: building draws initial weights, which must not shift the user's random stream.
+        with torch.random.fork_rng(devices=[]):
+            rebuilt = ParameterLayout.of(build_model(model_name, model_kwargs, data.in_shape,
+                                                     data.num_classes))
+        if (rebuilt.names, rebuilt.shapes) != (layout.names, layout.shapes):
+            raise ConfigError(f"model: {model_name}(**{model_kwargs}) builds parameters "
+                              f"{_describe(rebuilt)}, the model being trained has {_describe(layout)}; "
+                              "replay rebuilds the model from model_name, so they must match")
+
+        m = len(data.y_train)
+        batch_size = min(batch_size, m)
+        steps_per_epoch = steps_per_epoch or math.ceil(m / batch_size)
+        group = optimizer.param_groups[0]
+        self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
+            out_dir, model, optimizer, data, hyper)
+        self.steps_per_epoch = steps_per_epoch
+        self.run_id = uuid.uuid4().hex
+        self.step_count = 0  # updates recorded so far: the last checkpoint is step_count
+        self.manifest = {
+            "format": trajectory.FORMAT, "format_version": trajectory.FORMAT_VERSION,
+            "run_id": self.run_id, "plgk_version": __version__,
+            "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": config,
+            "dataset": {"spec": data.spec, "seed": data_seed, "fingerprint": data.fingerprint(),
+                        "num_train": m, "num_test": len(data.y_test), "num_classes": data.num_classes,
+                        "in_shape": list(data.in_shape)},
+            "model": {"name": model_name, "kwargs": model_kwargs},
+            "loss": "cross_entropy",
+            # a scheduler keeps the base rate as initial_lr; clip_grad_norm is filled in when used
+            "optimizer": dataclasses.asdict(hyper) | {"lr": float(group.get("initial_lr", group["lr"])),
+                                                      "clip_grad_norm": None},
+            "schedule": schedule,
+            "parameters": [{"name": n, "shape": list(s), "dtype": DTYPE_NAMES[dtype]}
+                           for n, s in zip(layout.names, layout.shapes)],
+            "dtype": DTYPE_NAMES[dtype], "device": str(device),
+            "batch_size": batch_size, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
+            "total_steps": steps_per_epoch * epochs, "checkpoint_every": 1, "complete": False,
+        }
+        self._named = named
+        self._device = device
+        self._max_norms: list[float] = []
+        self._clip_coef = 1.0  # product of this update's clip coefficients
+        self._lr_used: float | None = None
+        self._unrecorded = False  # an optimizer.step() ran that no checkpoint holds yet
+        self._finished = False
+        self._epoch, self._loss_sum, self._seen, self._correct = 0, 0.0, 0, 0
+
+        out_dir.mkdir(parents=True, exist_ok=True)
+        trajectory.write_manifest(out_dir, self.manifest)
+        # Looked up on the module at each call (not imported by name) so that scripts/bench.py can
+        # time or skip the writes by patching trajectory.write_checkpoint.
+        trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0)
+        self._hooks = [optimizer.register_step_pre_hook(self._before_step),
+                       optimizer.register_step_post_hook(self._after_step)]
+
+    # ------------------------------------------------------------------ the loop's calls
+
+    def clip_grad_norm(self, max_norm: float) -> float:
+        """Clip the gradients' global 2-norm to ``max_norm`` as torch.nn.utils.clip_grad_norm_
+        does and remember the coefficient for the update being made. Call it between
+        loss.backward() and optimizer.step(). Returns the coefficient (1.0: no clipping)."""
+        if self._unrecorded:
+            raise RecorderError("clip_grad_norm() after optimizer.step(): call recorder.step() "
+                                "first; clip between loss.backward() and optimizer.step()")
+        if isinstance(max_norm, bool) or not isinstance(max_norm, (int, float)) or not (
+                math.isfinite(max_norm) and max_norm > 0):
+            raise ConfigError(f"clip_grad_norm: max_norm must be a finite number > 0, got {max_norm!r}")
+        if all(p.grad is None for p in self._named.values()):
+            raise RecorderError("clip_grad_norm(): the model has no gradients; call it after "
+                                "loss.backward()")
+        coef = clip_gradients(self._named.values(), float(max_norm))
+        self._clip_coef *= coef  # clipping twice scales by both coefficients
+        if float(max_norm) not in self._max_norms:
+            self._max_norms.append(float(max_norm))
+            norms = self._max_norms
+            self.manifest["optimizer"]["clip_grad_norm"] = norms[0] if len(norms) == 1 else list(norms)
+            trajectory.write_manifest(self.out_dir, self.manifest)
+        return coef
+
+    def step(self, batch, loss, logits: torch.Tensor | None = None) -> int:
+        """Record the update optimizer.step() just made: ``batch`` the indices into the training
+        split of its minibatch, in the order used (tensor, array or list of ints), ``loss`` its
+        mean loss at the parameters before the update (tensor or float), ``logits`` optionally
+        the model's outputs on the batch, for the train accuracy in the manifest.
+        Returns t, the number of the checkpoint written (θ_t after t updates)."""
+        if self._finished:
+            raise RecorderError("step() after finish(): the run is closed; start a new Recorder")
+        if not self._unrecorded:
+            raise RecorderError("step(): no optimizer.step() ran since the last recorded update; "
+                                "call recorder.step() right after optimizer.step()")
+        indices = self._batch_indices(batch)
+        loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
+        t = self.step_count + 1
+        epoch = (t - 1) // self.steps_per_epoch
+        state, optim_step = optimizer_state(self.optimizer, self._named)
+        trajectory.write_checkpoint(self.out_dir, self.run_id, t, self._named, state, optim_step or t,
+                                    batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
+                                    loss=loss_value, extra_metadata={"epoch": str(epoch)})
+        self.step_count, self._unrecorded, self._clip_coef = t, False, 1.0
+        if epoch != self._epoch:
+            self._epoch, self._loss_sum, self._seen, self._correct = epoch, 0.0, 0, 0
+        self._loss_sum += loss_value * len(indices)
+        self._seen += len(indices)
+        if logits is None or self._correct is None:
+            self._correct = None  # the accuracy of this epoch is unknown
+        else:
+            predicted = logits.detach().argmax(1).cpu()
+            self._correct += int((predicted == self.dataset.y_train[indices]).sum())
+        return t
+
+    def finish(self) -> dict:
+        """Mark the run complete: the number of updates made, the final metrics (train loss and
+        accuracy over the last epoch's minibatches, each before its update; test accuracy at θ_T).
+        Returns the manifest."""
+        if self._finished:
+            return self.manifest
+        if self._unrecorded:
+            raise RecorderError("finish(): the last optimizer.step() was not recorded; call "
+                                "recorder.step() after it")
+        if self.step_count == 0:
+            raise RecorderError("finish(): no update was recorded; call recorder.step() after each "
+                                "optimizer.step()")
+        self._remove_hooks()
+        last_epoch = self.epoch_metrics()
+        final = {"train_loss": last_epoch["train_loss"], "train_accuracy": last_epoch["train_accuracy"],
+                 "test_accuracy": self._test_accuracy()}
+        self.manifest.update(total_steps=self.step_count,
+                             epochs=math.ceil(self.step_count / self.steps_per_epoch),
+                             complete=True, final=final)
+        trajectory.write_manifest(self.out_dir, self.manifest)
+        self._finished = True
+        return self.manifest
+
+    def epoch_metrics(self) -> dict:
+        """The current epoch so far: 0-based ``epoch``, mean ``train_loss`` and ``train_accuracy``
+        over its recorded minibatches (accuracy None unless every step() had logits)."""
+        seen = max(self._seen, 1)
+        return {"epoch": self._epoch, "train_loss": self._loss_sum / seen,
+                "train_accuracy": None if self._correct is None else self._correct / seen}
+
+    def __enter__(self) -> "Recorder":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        if exc_type is None:
+            self.finish()
+        else:  # interrupted: the manifest stays complete = false, the steps so far stay valid
+            self._remove_hooks()
+        return False
+
+    # ------------------------------------------------------------------ internals
+
+    def _before_step(self, optimizer, args, kwargs) -> None:
+        """Runs inside optimizer.step(), before the update: refuse an update the record could not
+        describe, and take the lr it is about to use (a scheduler changes it after the step)."""
+        if self._unrecorded:
+            raise RecorderError("optimizer.step() twice without recorder.step() in between; call "
+                                "recorder.step() after every optimizer.step()")
+        hyper = hyper_from_optimizer(optimizer, self._named)
+        if hyper != self.hyper:
+            changed = ", ".join(f"{f.name} {getattr(self.hyper, f.name)!r} -> {getattr(hyper, f.name)!r}"
+                                for f in dataclasses.fields(Hyper)
+                                if getattr(hyper, f.name) != getattr(self.hyper, f.name))
+            raise RecorderError(f"optimizer: {changed} changed during the run; replay models fixed "
+                                "hyper-parameters (only lr may change)")
+        self._lr_used = float(optimizer.param_groups[0]["lr"])
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        self._unrecorded = True
+
+    def _remove_hooks(self) -> None:
+        for hook in self._hooks:
+            hook.remove()
+        self._hooks = []
+
+    def _batch_indices(self, batch) -> torch.Tensor:
+        m = len(self.dataset.y_train)
+        indices = batch.detach().cpu() if isinstance(batch, torch.Tensor) else torch.as_tensor(np.asarray(batch))
+        if indices.dim() != 1 or indices.numel() == 0 or indices.dtype == torch.bool or \
+                indices.is_floating_point() or indices.is_complex():
+            raise RecorderError(f"step(): batch must be a non-empty 1-D sequence of integer indices "
+                                f"into the training split; got {indices.dtype} {tuple(indices.shape)}")
+        if int(indices.min()) < 0 or int(indices.max()) >= m:
+            raise RecorderError(f"step(): batch holds indices outside the training split "
+                                f"(0..{m - 1}): min {int(indices.min())}, max {int(indices.max())}")
+        return indices.to(torch.int64)
+
+    def _test_accuracy(self) -> float:
+        x, y = self.dataset.x_test, self.dataset.y_test
+        if not len(y):
+            return float("nan")
+        correct = 0
+        with torch.no_grad():
+            for start in range(0, len(y), EVAL_CHUNK):
+                logits = self.model(x[start:start + EVAL_CHUNK].to(self._device))
+                correct += int((logits.argmax(1).cpu() == y[start:start + EVAL_CHUNK]).sum())
+        return correct / len(y)
+
+
+def _describe(layout: ParameterLayout) -> str:
+    return "[" + ", ".join(f"{n} {list(s)}" for n, s in zip(layout.names, layout.shapes)) + "]"

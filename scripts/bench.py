@@ -1,0 +1,671 @@
+"""Benchmark: record a trajectory, replay it, and print one table of time, memory and fidelity.
+
+    python scripts/bench.py                                  # the default set (fits ~10 min on 2 cores)
+    python scripts/bench.py --workload digits                # one workload (repeatable)
+    python scripts/bench.py --workload mnist-synthetic --steps-scale 0.01
+    python scripts/bench.py --workload captum-sgd            # plgk euler vs captum TracInCP
+    python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
+    python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
+
+Workloads:
+  digits           configs/demo.toml (CNN, Adam, 5 epochs), audit test[:64], rule trapezoid.
+  mnist-synthetic  LeNet-5 on a generated 28x28, 10-class set (class templates + shifts + noise),
+                   M = 51,200, batch 256, Adam lr 1e-3, 256 audit points; the paper's A.5 task has
+                   10,000 steps (50 epochs of 200), --steps-scale runs a fraction of them.
+  captum-sgd       full-batch plain SGD (float64) on digits, a few steps: every example is in every
+                   batch, so plgk's euler audit is TracIn; compared with captum's TracInCP on the
+                   same checkpoints (needs `pip install .[bench]`).
+  memory           replay peak RSS for audit sizes N x batch sizes on digits (+ one longer run),
+                   to show growth linear in N and batch, not in M x P or T.
+
+How it measures. Every phase (train, train without recording, replay, captum) runs in its own
+child process (`python -c`); times are taken inside the child around the phase itself, so they
+EXCLUDE interpreter start and imports and INCLUDE all of the phase's I/O (dataset load and
+fingerprint, checkpoint writes, checkpoint reads, the HDF5 output). Peak RSS is the child's own
+ru_maxrss read with os.wait4 (so it includes the ~0.4 GiB of the Python+torch process itself; the
+`idle` line of the JSON gives that baseline). Record overhead = time spent inside
+trajectory.write_checkpoint (timed by a wrapper patched in the child) over the rest of training;
+a second training run with write_checkpoint replaced by a no-op gives the un-recorded baseline.
+Results go to --json-out (default bench-results/bench.json) and the terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+SCRIPTS = Path(__file__).resolve().parent
+if str(ROOT) not in sys.path:  # run from a checkout without installing
+    sys.path.insert(0, str(ROOT))
+
+# Paper, Appendix A.5 (MNIST / LeNet-5, 50 epochs x 200 batches of 256, 256 audit points, Adam).
+PAPER_A5 = {"steps": 10_000, "train_s": 226.5, "audit_s": 4040.0, "ratio": 4040.0 / 226.5,
+            "train_mem_gib": 0.435, "audit_mem_gib": 2.915, "mle": 0.010386, "corr": 0.999998}
+MNIST_STEPS_PER_EPOCH = 200
+MNIST_BATCH = 256
+# Measured on the 2-core CPU machine: ~0.5 s per replayed step, so 100 steps keep the whole default
+# bench near 10 minutes. --steps-scale 0.02 (one full epoch, 200 steps) takes about twice as long.
+DEFAULT_STEPS_SCALE = 0.01
+DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
+ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory")
+TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
+               "peak RSS includes the Python+torch process itself")
+
+
+# --------------------------------------------------------------------------------------------
+# Workloads
+
+
+@dataclass
+class Workload:
+    """One train + replay measurement: a run config (TOML-shaped dict) and the replay arguments."""
+
+    name: str
+    config: dict
+    audit_set: str
+    rule: str = "trapezoid"
+    label: str = ""  # extra text for the table's workload column
+    notes: list = field(default_factory=list)
+    replay_options: dict = field(default_factory=dict)  # other ReplayArguments fields
+
+
+def _toml_config(path: Path) -> dict:
+    import tomllib
+
+    return tomllib.loads(Path(path).read_text())
+
+
+def _with_device(config: dict, device: str) -> dict:
+    config = json.loads(json.dumps(config))
+    config.setdefault("train", {})["device"] = device
+    return config
+
+
+def digits_workload() -> Workload:
+    return Workload("digits", _toml_config(ROOT / "configs" / "demo.toml"), "test[:64]", "trapezoid",
+                    notes=["configs/demo.toml: CNN (P=3,658), Adam lr 1e-3, batch 64, 5 epochs"])
+
+
+def make_synthetic_mnist(path: Path, n_train: int, n_test: int, seed: int = 0) -> Path:
+    """A learnable 28x28 10-class set: per-class smooth stroke templates, random shifts of up to
+    3 pixels, random contrast and Gaussian pixel noise; uint8 pixels like MNIST's IDX files."""
+    rng = np.random.default_rng(seed)
+    size, classes = 28, 10
+    freq = np.fft.fftfreq(size)
+    lowpass = np.exp(-(freq[:, None] ** 2 + freq[None, :] ** 2) / (2 * 0.06 ** 2))
+    templates = []
+    for _ in range(classes):
+        field_ = np.real(np.fft.ifft2(np.fft.fft2(rng.normal(size=(size, size))) * lowpass))
+        mask = np.zeros((size, size))
+        mask[4:24, 4:24] = 1.0  # keep strokes in the middle like MNIST's 20x20 box
+        field_ = field_ * mask
+        templates.append((field_ > np.quantile(field_[4:24, 4:24], 0.8)).astype(np.float64))
+    templates = np.stack(templates)
+
+    def sample(n: int):
+        y = rng.integers(0, classes, n)
+        x = templates[y] * rng.uniform(0.6, 1.0, size=(n, 1, 1))
+        shifts = rng.integers(-3, 4, size=(n, 2))
+        for dy in range(-3, 4):
+            for dx in range(-3, 4):
+                rows = np.flatnonzero((shifts[:, 0] == dy) & (shifts[:, 1] == dx))
+                if len(rows):
+                    x[rows] = np.roll(x[rows], (dy, dx), axis=(1, 2))
+        x = np.clip(x + rng.normal(0.0, 0.3, size=x.shape), 0.0, 1.0)
+        return (x * 255).round().astype(np.uint8), y.astype(np.int64)
+
+    x_train, y_train = sample(n_train)
+    x_test, y_test = sample(n_test)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def mnist_plan(steps_scale: float) -> tuple[int, int, int, list]:
+    """(steps, epochs, M, notes) for a fraction of the paper's 10,000 steps."""
+    steps = max(1, round(PAPER_A5["steps"] * steps_scale))
+    notes = [f"--steps-scale {steps_scale:g}: {steps} of the paper's {PAPER_A5['steps']:,} steps"]
+    if steps >= MNIST_STEPS_PER_EPOCH:
+        epochs = max(1, round(steps / MNIST_STEPS_PER_EPOCH))
+        steps = epochs * MNIST_STEPS_PER_EPOCH
+        m = MNIST_STEPS_PER_EPOCH * MNIST_BATCH
+    else:  # train runs whole epochs: a shorter run is one epoch of a smaller training split
+        epochs, m = 1, steps * MNIST_BATCH
+        notes.append(f"fewer steps than one epoch: the training split is cut to M = {m:,} "
+                     f"({steps} batches of {MNIST_BATCH}); per-step costs do not depend on M")
+    return steps, epochs, m, notes
+
+
+def mnist_workload(data_dir: Path, steps_scale: float = DEFAULT_STEPS_SCALE,
+                   audit_points: int = 256) -> Workload:
+    steps, epochs, m, notes = mnist_plan(steps_scale)
+    path = data_dir / f"mnist-synthetic-{m}.npz"
+    if not path.is_file():
+        make_synthetic_mnist(path, m, max(1024, audit_points))
+    config = {"data": {"dataset": f"npz:{path}", "seed": 0}, "model": {"name": "lenet5"},
+              "optim": {"name": "adam", "lr": 1e-3},
+              "train": {"epochs": epochs, "batch_size": MNIST_BATCH, "seed": 0}}
+    notes = ["LeNet-5 (P=61,706), Adam lr 1e-3 (the paper used 1.5e-5: same cost per step)"] + notes
+    return Workload("mnist-synthetic", config, f"test[:{audit_points}]", "trapezoid", notes=notes)
+
+
+def captum_workload(steps: int = 10, lr: float = 0.5) -> Workload:
+    from plgk_cli.data import load_dataset
+
+    m = len(load_dataset("digits", 0).y_train)
+    config = {"data": {"dataset": "digits", "seed": 0}, "model": {"name": "cnn"},
+              "optim": {"name": "sgd", "lr": lr},
+              "train": {"epochs": steps, "batch_size": m, "seed": 0, "dtype": "float64"}}
+    return Workload("captum-sgd", config, "test[:64]", "euler",
+                    notes=[f"full-batch SGD lr {lr} (batch = M = {m}), {steps} steps, float64, "
+                           "euler rule = TracIn"])
+
+
+MEMORY_MODEL = {"name": "cnn", "kwargs": {"channels": 16, "hidden": 128}}  # P = 22,602
+
+
+def memory_workloads(audit_sizes=(16, 64, 256), batch_sizes=(32, 64, 128),
+                     long_epochs: int = 3) -> list[Workload]:
+    out = []
+    for batch in batch_sizes:
+        config = {"data": {"dataset": "digits", "seed": 0}, "model": MEMORY_MODEL,
+                  "optim": {"name": "adam", "lr": 1e-3},
+                  "train": {"epochs": 1, "batch_size": batch, "seed": 0}}
+        for n in audit_sizes:
+            out.append(Workload("memory", config, f"test[:{n}]", "trapezoid", label=f"N={n} B={batch}"))
+    n, batch = audit_sizes[len(audit_sizes) // 2], batch_sizes[len(batch_sizes) // 2]
+    config = {"data": {"dataset": "digits", "seed": 0}, "model": MEMORY_MODEL,
+              "optim": {"name": "adam", "lr": 1e-3},
+              "train": {"epochs": long_epochs, "batch_size": batch, "seed": 0}}
+    out.append(Workload("memory", config, f"test[:{n}]", "trapezoid",
+                        label=f"N={n} B={batch} {long_epochs}ep"))
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Child processes: each phase runs alone so that its peak RSS is its own.
+
+
+def run_child(task: dict, workdir: Path, log_name: str = "child") -> dict:
+    """Run `child_main(task)` in a fresh interpreter; returns its result plus peak RSS (MiB)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    key = uuid.uuid4().hex[:8]
+    task_path, result_path = workdir / f"task-{key}.json", workdir / f"result-{key}.json"
+    log_path = workdir / f"{log_name}-{key}.log"
+    task_path.write_text(json.dumps(dict(task, result=str(result_path))))
+    code = (f"import sys; sys.path.insert(0, {str(SCRIPTS)!r}); import bench; "
+            f"bench.child_main({str(task_path)!r})")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen([sys.executable, "-c", code], stdout=log, stderr=subprocess.STDOUT,
+                                cwd=str(ROOT))
+        _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)  # reaped here; keep Popen consistent
+    process_s = time.perf_counter() - start
+    if proc.returncode != 0 or not result_path.is_file():
+        tail = log_path.read_text()[-3000:]
+        raise RuntimeError(f"{task['kind']} child failed (exit {proc.returncode}); log {log_path}:\n{tail}")
+    result = json.loads(result_path.read_text())
+    # Linux reports ru_maxrss in KiB (macOS in bytes).
+    scale = 1 / 1024 if sys.platform != "darwin" else 1 / 2 ** 20
+    result["peak_rss_mib"] = usage.ru_maxrss * scale
+    result["process_s"] = process_s
+    return result
+
+
+def _preimport() -> None:
+    """Import what the phases import lazily (h5py, scikit-learn's datasets, safetensors), so that
+    the timed section measures the phase's work and I/O, not module loading."""
+    import h5py  # noqa: F401
+    import safetensors.torch  # noqa: F401
+    import torch  # noqa: F401
+
+    import plgk_cli.replay  # noqa: F401
+    import plgk_cli.store  # noqa: F401
+    import plgk_cli.train  # noqa: F401
+    try:
+        import sklearn.datasets  # noqa: F401
+    except ImportError:
+        pass
+
+
+def child_main(task_path: str) -> None:
+    task = json.loads(Path(task_path).read_text())
+    kind = task["kind"]
+    _preimport()
+    result = {"idle": _child_idle, "train": _child_train, "replay": _child_replay,
+              "captum": _child_captum}[kind](task)
+    Path(task["result"]).write_text(json.dumps(result))
+
+
+def _cuda_reset(device: str):
+    import torch
+
+    if device.startswith("cuda") and torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+        return True
+    return False
+
+
+def _cuda_peak(on_cuda: bool):
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2 ** 20 if on_cuda else None
+
+
+def _child_idle(task: dict) -> dict:
+    return {}  # child_main already imported what every phase imports
+
+
+def _child_train(task: dict) -> dict:
+    import torch
+
+    import plgk_cli.train as train_module
+    import plgk_cli.trajectory as trajectory
+    from plgk_cli.config import parse_config
+
+    config = parse_config(task["config"], source="bench")
+    on_cuda = _cuda_reset(train_module.resolve_device(config.train.device).type)
+    original = trajectory.write_checkpoint
+    timing = {"write_s": 0.0, "writes": 0}
+
+    def timed_write(*args, **kwargs):
+        if on_cuda:  # pending kernels belong to the training step, not to the write
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            return original(*args, **kwargs) if task["record"] else None
+        finally:
+            timing["write_s"] += time.perf_counter() - start
+            timing["writes"] += 1
+
+    # train.py binds the name at import; patch both so that any caller is timed.
+    trajectory.write_checkpoint = train_module.write_checkpoint = timed_write
+    start = time.perf_counter()
+    manifest = train_module.train(config, task["out"], progress=False)
+    train_s = time.perf_counter() - start
+    return {"train_s": train_s, **timing, "steps": manifest["total_steps"],
+            "num_train": manifest["dataset"]["num_train"],
+            "parameters": sum(int(np.prod(p["shape"])) for p in manifest["parameters"]),
+            "final": manifest.get("final", {}), "cuda_peak_mib": _cuda_peak(on_cuda),
+            "torch_threads": torch.get_num_threads()}
+
+
+def _child_replay(task: dict) -> dict:
+    from plgk_cli.arguments import ReplayArguments
+    from plgk_cli.replay import replay
+    from plgk_cli.train import resolve_device
+
+    args = ReplayArguments(**task["arguments"])
+    on_cuda = _cuda_reset(resolve_device(args.device, "--device").type)
+    profiler = None
+    if task.get("profile"):
+        import cProfile
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+    start = time.perf_counter()
+    summary = replay(args, progress=False)
+    replay_s = time.perf_counter() - start
+    out = {"replay_s": replay_s, "steps": summary.steps, "metrics": summary.metrics,
+           "max_update_error": summary.max_update_error, "cuda_peak_mib": _cuda_peak(on_cuda)}
+    if profiler is not None:
+        import io
+        import pstats
+
+        profiler.disable()
+        profiler.dump_stats(task["profile"])
+        text = io.StringIO()
+        pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
+        out["profile_top"] = text.getvalue()
+    return out
+
+
+def _child_captum(task: dict) -> dict:
+    """captum's TracInCP on the run's checkpoints θ_0..θ_{T-1}; saves its (N, M) scores."""
+    import torch
+    from captum.influence import TracInCP
+    from torch.utils.data import TensorDataset
+
+    from plgk_cli.arguments import resolve_audit_set
+    from plgk_cli.run import load_run
+
+    start = time.perf_counter()
+    run = load_run(task["run"])
+    data = run.dataset
+    model = run.build_model().to(dtype=run.dtype)
+    steps = run.steps[:-1]  # θ_t for each update t -> t+1
+    paths = [str(run.path / f"step_{t:08d}.safetensors") for t in steps]
+    by_path = dict(zip(paths, steps))
+
+    def load_checkpoint(model_, path):
+        t = by_path[path]
+        model_.load_state_dict(run.checkpoint(t).params, strict=True)
+        return run.checkpoint(t + 1).lr  # the learning rate of the update θ_t -> θ_{t+1}
+
+    audit = resolve_audit_set(task["audit_set"], data)
+    # A summed loss + captum's per-sample trick: the per-example gradient of the (unreduced) loss.
+    tracin = TracInCP(model, TensorDataset(data.x_train, data.y_train), paths,
+                      checkpoints_load_func=load_checkpoint,
+                      loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
+                      batch_size=task.get("batch_size", 512), sample_wise_grads_per_batch=True)
+    scores = tracin.influence((audit.x, audit.y))  # (N audit, M train), positive = proponent
+    captum_s = time.perf_counter() - start
+    np.save(task["scores"], scores.detach().cpu().numpy().astype(np.float64))
+    return {"captum_s": captum_s, "checkpoints": len(paths)}
+
+
+# --------------------------------------------------------------------------------------------
+# Measurements
+
+
+def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: bool = True,
+                 profile: bool = False, keep_scores: bool = False) -> dict:
+    """Train (recorded, and optionally un-recorded), then replay; one result row."""
+    tag = f"{w.name}-{uuid.uuid4().hex[:6]}"
+    load_before = os.getloadavg()[0]
+    run_dir, out = workdir / "runs" / tag, workdir / "runs" / f"{tag}.h5"
+    config = _with_device(w.config, device)
+    train = run_child({"kind": "train", "config": config, "out": str(run_dir), "record": True},
+                      workdir / "logs", "train")
+    row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set,
+           "device": device, "steps": train["steps"], "num_train": train["num_train"],
+           "num_audit": None, "parameters": train["parameters"], "batch_size":
+           config["train"].get("batch_size"), "train_s": train["train_s"],
+           "write_s": train["write_s"], "checkpoint_writes": train["writes"],
+           "record_overhead": train["write_s"] / max(train["train_s"] - train["write_s"], 1e-12),
+           "train_peak_rss_mib": train["peak_rss_mib"], "train_cuda_peak_mib": train["cuda_peak_mib"],
+           "train_process_s": train["process_s"], "train_final": train["final"],
+           "torch_threads": train["torch_threads"], "notes": list(w.notes),
+           "run_dir_mib": sum(p.stat().st_size for p in run_dir.iterdir()) / 2 ** 20}
+    if baseline:
+        plain = run_child({"kind": "train", "config": config, "out": str(workdir / "runs" / f"{tag}-norec"),
+                           "record": False}, workdir / "logs", "train-norec")
+        row["train_unrecorded_s"] = plain["train_s"]
+        row["train_unrecorded_peak_rss_mib"] = plain["peak_rss_mib"]
+    arguments = {"ckpts": str(run_dir), "audit_set": w.audit_set, "out": str(out), "rule": w.rule,
+                 "device": device, "overwrite": True, **w.replay_options}
+    task = {"kind": "replay", "arguments": arguments}
+    if profile:
+        task["profile"] = str(workdir / f"{tag}-replay.prof")
+    rep = run_child(task, workdir / "logs", "replay")
+    metrics = rep["metrics"]["loss"]
+    from plgk_cli.store import InfluenceFile
+
+    with InfluenceFile(out) as f:
+        row["num_audit"] = len(f.audit_label)
+        if keep_scores:
+            row["_influence"] = f.influence("loss").astype(np.float64)
+    row.update(replay_s=rep["replay_s"], replay_ratio=rep["replay_s"] / train["train_s"],
+               replay_ms_per_step=1000 * rep["replay_s"] / rep["steps"],
+               train_ms_per_step=1000 * train["train_s"] / train["steps"],
+               replay_peak_rss_mib=rep["peak_rss_mib"], replay_cuda_peak_mib=rep["cuda_peak_mib"],
+               replay_process_s=rep["process_s"], mre=metrics["mre"], rmre=metrics["rmre"],
+               lc=metrics["lc"], max_update_error=rep["max_update_error"],
+               run_dir=str(run_dir), influences=str(out),
+               load_average=[load_before, os.getloadavg()[0]])
+    if profile:
+        row["profile"] = task["profile"]
+        row["profile_top"] = rep["profile_top"]
+    return row
+
+
+def captum_comparison(row: dict, workdir: Path, batch_size: int = 512) -> dict:
+    """captum TracInCP on the row's run; relative error against plgk's euler influences."""
+    scores_path = workdir / f"captum-{uuid.uuid4().hex[:6]}.npy"
+    cap = run_child({"kind": "captum", "run": row["run_dir"], "audit_set": row["audit_set"],
+                     "scores": str(scores_path), "batch_size": batch_size}, workdir / "logs", "captum")
+    scores = np.load(scores_path)  # (N, M), positive = proponent, Σ_t lr_t g_n·g_m
+    ours = row["_influence"]  # (M, N), negative = pushed the loss down
+    m = ours.shape[0]
+    expected = -scores.T / m  # full batch: K = -lr_t / |B| = -lr_t / M
+    rel = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+    return {"captum_s": cap["captum_s"], "captum_peak_rss_mib": cap["peak_rss_mib"],
+            "captum_checkpoints": cap["checkpoints"], "relative_error": rel,
+            "speed_ratio": cap["captum_s"] / row["replay_s"],
+            "convention": "plgk influence[m, n] = -captum_scores[n, m] / M"}
+
+
+def idle_rss(workdir: Path) -> float:
+    return run_child({"kind": "idle"}, workdir / "logs", "idle")["peak_rss_mib"]
+
+
+def memory_fit(rows: list) -> dict:
+    """Least-squares replay peak RSS ~ a + b·N + c·B over the N x B grid (1-epoch rows)."""
+    grid = [r for r in rows if r["workload"] == "memory" and "ep" not in r["label"]]
+    if len(grid) < 3:
+        return {}
+    a = np.array([[1.0, r["num_audit"], r["batch_size"]] for r in grid])
+    rss = np.array([r["replay_peak_rss_mib"] for r in grid])
+    coef, *_ = np.linalg.lstsq(a, rss, rcond=None)
+    fitted = a @ coef
+    ss_res, ss_tot = float(((rss - fitted) ** 2).sum()), float(((rss - rss.mean()) ** 2).sum())
+    p = grid[0]["parameters"]
+    return {"intercept_mib": coef[0], "mib_per_audit_point": coef[1], "mib_per_batch_example": coef[2],
+            "r2": 1 - ss_res / ss_tot if ss_tot > 0 else float("nan"),
+            "float64_copies_of_P_per_audit_point": coef[1] * 2 ** 20 / (8 * p),
+            "m_times_p_float64_mib": grid[0]["num_train"] * p * 8 / 2 ** 20, "parameters": p}
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+COLUMNS = [  # (header, key, format)
+    ("workload", "name", "{}"), ("rule", "rule", "{}"), ("T", "steps", "{}"), ("M", "num_train", "{}"),
+    ("N", "num_audit", "{}"), ("P", "parameters", "{}"), ("train s", "train_s", "{:.2f}"),
+    ("rec.ovh", "record_overhead", "{:.1%}"), ("replay s", "replay_s", "{:.2f}"),
+    ("rep/trn", "replay_ratio", "{:.2f}x"), ("ms/step", "replay_ms_per_step", "{:.1f}"),
+    ("RSS trn", "train_peak_rss_mib", "{:.0f}M"), ("RSS rep", "replay_peak_rss_mib", "{:.0f}M"),
+    ("GPU MiB", "gpu", "{}"), ("MRE", "mre", "{:.2e}"), ("LC", "lc", "{:.6f}"),
+]
+
+
+def format_table(rows: list) -> str:
+    cells = []
+    for r in rows:
+        view = dict(r, name=f"{r['workload']} {r.get('label') or ''}".strip())
+        gpu = [v for v in (r.get("train_cuda_peak_mib"), r.get("replay_cuda_peak_mib")) if v is not None]
+        view["gpu"] = "/".join(f"{v:.0f}" for v in gpu) if gpu else "-"
+        cells.append([fmt.format(view[key]) if view.get(key) is not None else "-"
+                      for _, key, fmt in COLUMNS])
+    headers = [h for h, _, _ in COLUMNS]
+    widths = [max(len(h), *(len(c[i]) for c in cells)) if cells else len(h)
+              for i, h in enumerate(headers)]
+    line = lambda items: "  ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
+                                   for i, (s, w) in enumerate(zip(items, widths)))
+    return "\n".join([line(headers)] + [line(c) for c in cells])
+
+
+def format_notes(rows: list, comparisons: dict) -> str:
+    out = [f"[{TIMING_NOTE}; RSS trn/rep = peak RSS of the train/replay process; "
+           "rec.ovh = checkpoint-write time / rest of training]"]
+    for r in rows:
+        if r["workload"] == "memory":
+            continue
+        base = r.get("train_unrecorded_s")
+        line = f"{r['workload']}: " + "; ".join(r["notes"])
+        line += f"; train {r['train_ms_per_step']:.1f} ms/step, checkpoints {r['run_dir_mib']:.1f} MiB"
+        if base is not None:
+            line += f"; train without recording {base:.2f} s"
+        line += f"; max update error {r['max_update_error']:.1e}"
+        if r.get("load_average"):
+            line += f"; 1-min load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}"
+        out.append(line)
+    cap = comparisons.get("captum")
+    if cap:
+        if "error" in cap:
+            out.append(f"captum-sgd: captum TracInCP not run ({cap['error']})")
+        else:
+            out.append(f"captum-sgd: captum TracInCP {cap['captum_s']:.2f} s (peak RSS "
+                       f"{cap['captum_peak_rss_mib']:.0f}M) vs plgk euler replay {cap['plgk_replay_s']:.2f} s "
+                       f"-> captum/plgk time {cap['speed_ratio']:.2f}x; relative error of the influence "
+                       f"matrices {cap['relative_error']:.2e} ({cap['convention']})")
+    paper = comparisons.get("paper_a5")
+    if paper:
+        out.append(f"mnist-synthetic vs paper A.5 (MNIST/LeNet-5, {PAPER_A5['steps']:,} steps, their hardware): "
+                   f"paper train {PAPER_A5['train_s']} s, audit {PAPER_A5['audit_s']:.0f} s, ratio "
+                   f"{PAPER_A5['ratio']:.1f}x, {1000 * PAPER_A5['train_s'] / PAPER_A5['steps']:.1f} / "
+                   f"{1000 * PAPER_A5['audit_s'] / PAPER_A5['steps']:.0f} ms/step | ours ({paper['steps']} steps, "
+                   f"{paper['where']}): ratio {paper['ratio']:.1f}x, {paper['train_ms_per_step']:.1f} / "
+                   f"{paper['replay_ms_per_step']:.0f} ms/step; extrapolated to {PAPER_A5['steps']:,} steps: "
+                   f"train {paper['train_s_extrapolated']:.0f} s, replay {paper['replay_s_extrapolated']:.0f} s")
+    mem = comparisons.get("memory")
+    if mem:
+        out.append(f"memory: replay peak RSS ~ {mem['intercept_mib']:.0f} MiB + {mem['mib_per_audit_point']:.3f} "
+                   f"MiB x N + {mem['mib_per_batch_example']:.3f} MiB x batch (R^2 {mem['r2']:.3f}); per audit "
+                   f"point = {mem['float64_copies_of_P_per_audit_point']:.1f} float64 vectors of P="
+                   f"{mem['parameters']:,}; M x P in float64 would be {mem['m_times_p_float64_mib']:.0f} MiB")
+        longer = comparisons.get("memory_steps")
+        if longer:
+            out.append(f"memory: same N and batch, {longer['steps_short']} vs {longer['steps_long']} steps: "
+                       f"{longer['rss_short']:.0f} vs {longer['rss_long']:.0f} MiB (T does not enter)")
+    if comparisons.get("idle_rss_mib"):
+        out.append(f"an idle Python+torch+plgk process peaks at {comparisons['idle_rss_mib']:.0f} MiB RSS")
+    return "\n".join(out)
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items() if not k.startswith("_")}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
+def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scale: float =
+              DEFAULT_STEPS_SCALE, baseline: bool = True, profile: bool = False,
+              captum_steps: int = 10, echo=print) -> dict:
+    rows, comparisons = [], {"idle_rss_mib": idle_rss(workdir)}
+    for name in workloads:
+        if name == "digits":
+            todo = [digits_workload()]
+        elif name == "mnist-synthetic":
+            todo = [mnist_workload(workdir / "data", steps_scale)]
+        elif name == "captum-sgd":
+            todo = [captum_workload(captum_steps)]
+        elif name == "memory":
+            todo = memory_workloads()
+        else:
+            raise SystemExit(f"unknown workload {name!r}; expected one of {', '.join(ALL_WORKLOADS)}")
+        for w in todo:
+            echo(f"... {w.name} {w.label}".rstrip(), flush=True)
+            row = run_workload(w, workdir, device=device, baseline=baseline and name != "memory",
+                               profile=profile, keep_scores=name == "captum-sgd")
+            rows.append(row)
+            if name == "captum-sgd":
+                comparisons["captum"] = _captum_or_reason(row, workdir)
+            if name == "mnist-synthetic":
+                comparisons["paper_a5"] = {
+                    "steps": row["steps"], "ratio": row["replay_ratio"],
+                    "where": f"{device}, {row['torch_threads']} torch threads",
+                    "train_ms_per_step": row["train_ms_per_step"],
+                    "replay_ms_per_step": row["replay_ms_per_step"],
+                    "train_s_extrapolated": row["train_ms_per_step"] * PAPER_A5["steps"] / 1000,
+                    "replay_s_extrapolated": row["replay_ms_per_step"] * PAPER_A5["steps"] / 1000,
+                    "paper": PAPER_A5}
+        if name == "memory":
+            comparisons["memory"] = memory_fit(rows)
+            mem = [r for r in rows if r["workload"] == "memory"]
+            longer = [r for r in mem if "ep" in r["label"]]
+            if longer:
+                same = [r for r in mem if r["num_audit"] == longer[0]["num_audit"]
+                        and r["batch_size"] == longer[0]["batch_size"] and r is not longer[0]]
+                if same:
+                    comparisons["memory_steps"] = {
+                        "steps_short": same[0]["steps"], "steps_long": longer[0]["steps"],
+                        "rss_short": same[0]["replay_peak_rss_mib"], "rss_long": longer[0]["replay_peak_rss_mib"]}
+    return {"rows": rows, "comparisons": comparisons}
+
+
+def _captum_or_reason(row: dict, workdir: Path) -> dict:
+    try:
+        import importlib.util
+
+        if importlib.util.find_spec("captum") is None:
+            return {"error": "captum is not installed: pip install '.[bench]'"}
+        out = captum_comparison(row, workdir)
+        out["plgk_replay_s"] = row["replay_s"]
+        return out
+    except RuntimeError as exc:
+        return {"error": str(exc).splitlines()[0]}
+
+
+def environment(device: str) -> dict:
+    import torch
+
+    env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
+           "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(
+               os, "sched_getaffinity") else None, "device": device, "timing": TIMING_NOTE}
+    if device.startswith("cuda") and torch.cuda.is_available():
+        env["gpu"] = torch.cuda.get_device_name()
+    try:
+        env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in
+                                Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return env
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workload", action="append", choices=ALL_WORKLOADS + ("all",),
+                        help=f"repeatable; default: {' '.join(DEFAULT_WORKLOADS)}; all = every workload")
+    parser.add_argument("--steps-scale", type=float, default=DEFAULT_STEPS_SCALE,
+                        help="mnist-synthetic: fraction of the paper's 10,000 steps "
+                             f"(default {DEFAULT_STEPS_SCALE:g} = {round(DEFAULT_STEPS_SCALE * 10000)} steps; "
+                             "0.02 = one epoch of 200)")
+    parser.add_argument("--captum-steps", type=int, default=10, help="captum-sgd: full-batch SGD steps")
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="skip the second, un-recorded training run")
+    parser.add_argument("--profile", action="store_true", help="cProfile the replay phase (top 25 printed)")
+    parser.add_argument("--json-out", default=str(ROOT / "bench-results" / "bench.json"))
+    parser.add_argument("--workdir", default=None, help="keep runs and logs here (default: a temp dir)")
+    args = parser.parse_args(argv)
+    if not 0 < args.steps_scale <= 1:
+        parser.error("--steps-scale must be in (0, 1]")
+    workloads = args.workload or list(DEFAULT_WORKLOADS)
+    if "all" in workloads:
+        workloads = list(ALL_WORKLOADS)
+    workloads = list(dict.fromkeys(workloads))
+    command = " ".join([Path(sys.executable).name, "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
+    started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    with tempfile.TemporaryDirectory(prefix="plgk-bench-") as tmp:
+        workdir = Path(args.workdir) if args.workdir else Path(tmp)
+        result = run_bench(workloads, workdir, device=args.device, steps_scale=args.steps_scale,
+                           baseline=not args.no_baseline, profile=args.profile,
+                           captum_steps=args.captum_steps)
+        rows = result["rows"]
+        print()
+        print(format_table(rows))
+        print(format_notes(rows, result["comparisons"]))
+        if args.profile:
+            for r in rows:
+                print(f"\n--- replay profile: {r['workload']} {r.get('label') or ''} (top 25 by own time) ---")
+                print(r["profile_top"])
+    doc = {"command": command, "started": started, "environment": environment(args.device),
+           "workloads": workloads, "rows": rows, "comparisons": result["comparisons"], "paper_a5": PAPER_A5}
+    out = Path(args.json_out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(_jsonable(doc), indent=2))
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    main()
