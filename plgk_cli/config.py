@@ -225,8 +225,28 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
                 raise _fail(source, name, key, f"unknown key; known keys: {', '.join(known)}")
         sections[name] = cls(**_validate_section(source, name, body))
     config = RunConfig(**sections)
+    _check_optimizer_keys(config.optim.name, raw.get("optim", {}), source)
     _check_combinations(config, source)
     return config
+
+
+# The [optim] keys each optimizer reads (torch's names); any other key given is a mistake.
+OPTIMIZER_KEYS = {
+    "sgd": {"momentum", "nesterov", "dampening"},
+    "adam": {"betas", "eps", "amsgrad"},
+    "adamw": {"betas", "eps", "amsgrad"},
+    "rmsprop": {"alpha", "eps", "momentum", "centered"},
+    "adagrad": {"eps"},
+}
+COMMON_OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "clip_grad_norm"}
+
+
+def _check_optimizer_keys(name: str, given: dict, source: str) -> None:
+    for key in given:
+        if key not in COMMON_OPTIMIZER_KEYS | OPTIMIZER_KEYS[name]:
+            users = [o for o, keys in OPTIMIZER_KEYS.items() if key in keys]
+            raise _fail(source, "optim", key, f"not used by {name} (only by {', '.join(users)}); "
+                                              "remove it")
 
 
 def _check_combinations(config: RunConfig, source: str) -> None:
@@ -234,13 +254,6 @@ def _check_combinations(config: RunConfig, source: str) -> None:
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0 or o.dampening != 0):
         raise _fail(source, "optim", "nesterov",
                     "needs name = \"sgd\", momentum > 0 and dampening = 0 (as torch.optim.SGD)")
-    if o.momentum and o.name not in ("sgd", "rmsprop"):
-        raise _fail(source, "optim", "momentum",
-                    f"only sgd and rmsprop take momentum; {o.name} uses betas")
-    if o.amsgrad and o.name not in ("adam", "adamw"):
-        raise _fail(source, "optim", "amsgrad", "only adam and adamw take amsgrad")
-    if o.centered and o.name != "rmsprop":
-        raise _fail(source, "optim", "centered", "only rmsprop takes centered")
 
 
 def load_config(path: str | Path) -> RunConfig:
