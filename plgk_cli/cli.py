@@ -99,6 +99,8 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
                            device=device, chunk_size=chunk_size, overwrite=overwrite, resume=resume,
                            commit_every=commit_every, commit_seconds=commit_seconds)
     result = run_replay(args, progress=not quiet)
+    if result.rank != 0:
+        return
     for target, m in result.metrics.items():
         caveat = "  (partial audit: MRE is not a completeness measure)" if train_subset else ""
         click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}{caveat}")

@@ -21,6 +21,12 @@ writes what they return.
 - :class:`NetGrossInfluence` and helpers — net S_n(t) and gross G_n(t) influence (section 6.3).
 - :func:`ips_l2_norm`, :func:`ips_class_margin`, :func:`auroc`, :func:`average_precision`,
   :func:`spearman` — the difficulty scores of section 6.2 / Table 1 and their evaluation.
+
+Use per kernel checkpoint t (weight w_t, optional diagonal preconditioner A_t as a P-vector):
+``plgk.begin_checkpoint(g_audit, A_t, w_t)``; for each chunk of training rows
+``plgk.add_train_chunk(rows, g)`` (and ``sketch.add_chunk(k, rows, g)``, ``svd.feed(rows, g)`` at
+t*, ``MeanRowCosine.add`` ...); ``plgk.end_checkpoint()``. Per replayed step: ``oja.observe(g_batch)``,
+and ``oja.end_epoch()`` at each epoch boundary.
 """
 
 from __future__ import annotations
@@ -70,7 +76,7 @@ def _matrix(g: torch.Tensor, name: str, columns: int | None = None) -> torch.Ten
 def _weight(weight: float) -> float:
     w = float(weight)
     if not math.isfinite(w) or w < 0:
-        raise ValueError(f"weight: need a finite weight >= 0 (a negative weight breaks the PSD kernel), got {w}")
+        raise ValueError(f"weight: need a finite weight >= 0 (a negative one breaks the PSD kernel), got {w}")
     return w
 
 
@@ -114,7 +120,8 @@ def ips_from_gram(gram: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def cosine_normalise(gram: torch.Tensor, row_sq_norms: torch.Tensor, col_sq_norms: torch.Tensor) -> torch.Tensor:
+def cosine_normalise(gram: torch.Tensor, row_sq_norms: torch.Tensor,
+                     col_sq_norms: torch.Tensor) -> torch.Tensor:
     """gram[i, j] / (‖Φ_i‖ ‖Φ_j‖) from squared path-feature norms, clamped to [-1, 1] (Cauchy–Schwarz);
     NaN where either norm is zero."""
     r, c = row_sq_norms.to(F64), col_sq_norms.to(F64)
@@ -124,7 +131,7 @@ def cosine_normalise(gram: torch.Tensor, row_sq_norms: torch.Tensor, col_sq_norm
 
 
 def chord_distance(ips: torch.Tensor) -> torch.Tensor:
-    """d_chord = sqrt(2 − 2 IPS) (paper Cor. 4.1.1, eq. 16): the Euclidean distance of the unit path features."""
+    """d_chord = sqrt(2 − 2 IPS) (paper Cor. 4.1.1, eq. 16): Euclidean distance of the unit path features."""
     return (2.0 - 2.0 * ips).clamp_min(0.0).sqrt()
 
 
@@ -302,7 +309,8 @@ class PLGKAccumulator:
                 continue
             saved = tensors[f"{prefix}/{n}"]
             if saved.shape != mine.shape:
-                raise ValueError(f"progress: {prefix}/{n} has shape {tuple(saved.shape)}, expected {tuple(mine.shape)}")
+                raise ValueError(f"progress: {prefix}/{n} has shape {tuple(saved.shape)}, "
+                                 f"expected {tuple(mine.shape)}")
             setattr(self, n, saved.to(device=self.device, dtype=F64))
         self.checkpoints = int(tensors[f"{prefix}/checkpoints"])
 
@@ -384,7 +392,7 @@ class SVDModes:
     v: torch.Tensor | None  # (P, K) right singular vectors (parameter-space modes); None if not kept
     total_energy: float  # ‖Φ‖_F² = Σ_m ‖g_m‖², exact, from the same pass
     row_sq_norms: torch.Tensor  # (M,) ‖g_m‖²
-    sum_gradient: torch.Tensor | None  # (P,) Φᵀ1 = Σ_m g_m; None if V is not kept
+    sum_gradient: torch.Tensor  # (P,) Φᵀ1 = Σ_m g_m (the summed training gradient at t*)
     coefficients: torch.Tensor | None = None  # (N, K) c_{k,n} = v_k·g_n for audit gradients
     net_exact: torch.Tensor | None = None  # (N,) (Φᵀ1)·g_n = Σ_m g_m·g_n, what the modes decompose
 
@@ -538,7 +546,7 @@ class StreamedSVD:
             net = ga @ self.sum_gradient
         return SVDModes(s=s, u=u, v=v if keep_v else None, total_energy=float(self.total_energy),
                         row_sq_norms=self.row_sq_norms,
-                        sum_gradient=self.sum_gradient if keep_v else None,
+                        sum_gradient=self.sum_gradient,
                         coefficients=coefficients, net_exact=net)
 
 
@@ -599,7 +607,8 @@ class OjaModes:
         self.device = _device(device)
         self.num_params, self.rank, self.lr = num_params, rank, float(lr)
         gen = torch.Generator(device=self.device).manual_seed(seed)
-        self.estimate = _orthonormal(torch.randn(num_params, rank, generator=gen, device=self.device, dtype=F64))
+        start = torch.randn(num_params, rank, generator=gen, device=self.device, dtype=F64)
+        self.estimate = _orthonormal(start)
         self.projector: torch.Tensor | None = None
         self._kept = 0.0
         self._total = 0.0
@@ -745,7 +754,7 @@ def prefix_participation_ratios(gram: torch.Tensor) -> torch.Tensor:
     A.7's 'participation ratio over time' (Figure 24), which the paper does not define further."""
     k = gram.to(F64)
     return torch.tensor([participation_ratio(torch.linalg.eigvalsh(k[:t + 1, :t + 1]))
-                         for t in range(k.shape[0])], dtype=F64)
+                         for t in range(k.shape[0])], dtype=F64, device=k.device)
 
 
 # ----------------------------------------------------------------------------- kernel regime (6.3)
@@ -848,7 +857,8 @@ def ips_l2_norm(ips_audit_train: torch.Tensor) -> torch.Tensor:
     return torch.nan_to_num(x, nan=0.0).pow(2).sum(1).sqrt()
 
 
-def class_mean_ips(ips_audit_train: torch.Tensor, train_labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+def class_mean_ips(ips_audit_train: torch.Tensor, train_labels: torch.Tensor,
+                   num_classes: int) -> torch.Tensor:
     """Mean IPS of each audit point to the training examples of each class (N, C); NaN for a class
     without (defined) training examples."""
     x = ips_audit_train.to(F64)

@@ -24,8 +24,10 @@ FORMAT = "plgk-replay-progress"
 VERSION = "1"
 
 
-def progress_path(out: Path) -> Path:
-    return Path(out).with_name(Path(out).name + ".progress")
+def progress_path(out: Path, rank: int | None = None) -> Path:
+    """OUT.progress, or OUT.progress.rankR for each rank of a torchrun replay."""
+    suffix = ".progress" if rank is None else f".progress.rank{rank}"
+    return Path(out).with_name(Path(out).name + suffix)
 
 
 def _checksum(tensors: dict) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import dataclasses
 import json
 import signal
 import threading
@@ -26,6 +27,9 @@ from tqdm import tqdm
 from plgk_cli.arguments import ReplayArguments, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
+from plgk_cli.distributed import current_shard, gather_to_root
+from plgk_cli.distributed import finish as finish_distributed
+from plgk_cli.distributed import init as init_distributed
 from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
 from plgk_cli.gradients import GradientComputer, ParameterLayout
 from plgk_cli.progress import commit as commit_progress
@@ -41,9 +45,10 @@ ROUNDINGS_PER_UPDATE = 2
 @dataclass(frozen=True)
 class ReplaySummary:
     path: Path
-    metrics: dict  # target -> {"mre", "lc", "rmre", "attribution_gap"}
+    metrics: dict  # target -> {"mre", "lc", "rmre", "attribution_gap"}; empty on ranks > 0
     max_update_error: float
     steps: int
+    rank: int = 0  # under torchrun: only rank 0 wrote the output
 
 
 def flat_state(layout: ParameterLayout, state: dict, path: str, device) -> dict:
@@ -116,6 +121,12 @@ class ReplayPlan:
     def n_audit(self) -> int:
         return len(self.y_audit)
 
+    def for_audit_points(self, points: slice) -> "ReplayPlan":
+        """The same plan restricted to a contiguous range of audit points (a torchrun shard)."""
+        q = self.columns // self.n_audit
+        return dataclasses.replace(self, x_audit=self.x_audit[points], y_audit=self.y_audit[points],
+                                   columns=(points.stop - points.start) * q)
+
     def theta(self, step_checkpoint) -> torch.Tensor:
         return self.layout.flatten(step_checkpoint.params, device=self.device)
 
@@ -165,7 +176,7 @@ class WalkState:
     segment starting there (``h_start``); values of q at every boundary set up are in ``values``.
     """
 
-    def __init__(self, plan: ReplayPlan):
+    def __init__(self, plan: ReplayPlan, evaluate_end: bool = True):
         f64 = dict(dtype=torch.float64, device=plan.device)
         num_rows = len(plan.group) if plan.group is not None else len(plan.train_index)
         epochs = plan.run.epoch_of(plan.total - 1) + 1
@@ -176,9 +187,20 @@ class WalkState:
         self.values = torch.zeros(len(plan.boundaries), plan.columns, **f64)
         self.next_step = plan.total - 1
         self.h_start = plan.total
-        values, self.a_boundary = plan.audit_side(plan.theta(plan.run.checkpoint(plan.total)))
-        self.values[-1] = values
+        self.a_boundary = torch.zeros(plan.layout.size, plan.columns, **f64)
         self.h = torch.zeros_like(self.a_boundary)
+        if evaluate_end:
+            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.run.checkpoint(plan.total)))
+
+    @classmethod
+    def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
+        """The finished walk of the whole audit set from the ranks' finished walks (columns are
+        the last axis of every walked tensor and ranks hold contiguous audit points, in order)."""
+        state = cls(plan, evaluate_end=False)
+        tensors = {key: torch.cat([t[key] for t in shards], dim=-1) for key in shards[0]}
+        tensors["audit/update_error"] = torch.stack([t["audit/update_error"] for t in shards]).amax(0)
+        state.restore(tensors, {"next_step": -1, "h_start": 0, "decay_next": 0.0})
+        return state
 
     def tensors(self) -> dict:
         return {"walk/w": self.w, "walk/h": self.h, "walk/a_boundary": self.a_boundary,
@@ -237,13 +259,23 @@ class StopRequest:
 
 
 def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
+    """Replay the run named by ``args`` and write the audit; under torchrun every rank calls this
+    and audits its shard of the audit set, rank 0 writes the one output (distributed.py)."""
+    shard = current_shard()
+    init_distributed(shard)
     out = Path(args.out)
-    progress_file = progress_path(out)
+    progress_file = progress_path(out, shard.rank if shard.distributed else None)
     _check_output(args, out, progress_file)
     plan = plan_replay(args)
     check_free_space(out, _estimated_bytes(plan))
+    rank_plan = plan
+    if shard.distributed:
+        if plan.n_audit < shard.world:
+            raise AuditSpecError(f"--audit-set: {plan.n_audit} audit points for {shard.world} ranks; "
+                                 "use fewer processes or more audit points")
+        rank_plan = plan.for_audit_points(shard.audit_slice(plan.n_audit))
 
-    state = WalkState(plan)
+    state = WalkState(rank_plan)
     if args.resume and progress_file.exists():
         tensors, saved = load_progress(progress_file)
         if saved.get("arguments") != _identity(args) or saved.get("run_id") != plan.run.run_id:
@@ -260,23 +292,31 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
                                                          "walk": state.scalars()})
 
     bar = tqdm(total=plan.total, initial=plan.total - 1 - state.next_step, desc="replay",
-               unit="step", disable=not progress, dynamic_ncols=True)
+               unit="step", disable=not progress or shard.rank != 0, dynamic_ncols=True)
     with StopRequest() as stop:
-        _walk(plan, state, bar, stop, save)
+        _walk(rank_plan, state, bar, stop, save)
     bar.close()
 
-    results = _target_results(state, plan)
-    write_influences(
-        out, arguments=_identity(args), manifest=plan.run.manifest, rule=args.rule,
-        targets=list(args.targets), train_index=plan.train_index.numpy(),
-        train_label=plan.train_label.numpy(), group=None if plan.group is None else plan.group.numpy(),
-        audit_index=None if plan.audit_set.index is None else plan.audit_set.index.numpy(),
-        audit_split=plan.audit_set.split, audit_source=plan.audit_set.source,
-        audit_label=plan.audit_set.y.numpy(), results=results,
-        update_error=state.acc.update_error.cpu().numpy(),
-        layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
-        overwrite=True)
+    if shard.distributed:
+        gathered = gather_to_root(shard, {k: v.cpu() for k, v in state.tensors().items()})
+        if shard.rank == 0:
+            state = WalkState.stitched(plan, gathered)
+    if shard.rank == 0:
+        results = _target_results(state, plan)
+        write_influences(
+            out, arguments=_identity(args), manifest=plan.run.manifest, rule=args.rule,
+            targets=list(args.targets), train_index=plan.train_index.numpy(),
+            train_label=plan.train_label.numpy(), group=None if plan.group is None else plan.group.numpy(),
+            audit_index=None if plan.audit_set.index is None else plan.audit_set.index.numpy(),
+            audit_split=plan.audit_set.split, audit_source=plan.audit_set.source,
+            audit_label=plan.audit_set.y.numpy(), results=results,
+            update_error=state.acc.update_error.cpu().numpy(),
+            layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
+            overwrite=True)
+    finish_distributed(shard)  # rank 0 has written the output before any rank returns
     progress_file.unlink(missing_ok=True)
+    if shard.rank != 0:
+        return ReplaySummary(out, {}, float(state.acc.update_error.max()), plan.total, shard.rank)
     metrics = {r.name: {"mre": r.mre, "lc": r.lc, "rmre": r.rmre, "attribution_gap": r.attribution_gap}
                for r in results}
     return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total)

@@ -295,10 +295,10 @@ def _child_train(task: dict) -> dict:
 
     # train.py binds the name at import; patch both so that any caller is timed.
     trajectory.write_checkpoint = train_module.write_checkpoint = timed_write
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     manifest = train_module.train(config, task["out"], progress=False)
-    train_s = time.perf_counter() - start
-    return {"train_s": train_s, **timing, "steps": manifest["total_steps"],
+    train_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    return {"train_s": train_s, "cpu_s": cpu_s, **timing, "steps": manifest["total_steps"],
             "num_train": manifest["dataset"]["num_train"],
             "parameters": sum(int(np.prod(p["shape"])) for p in manifest["parameters"]),
             "final": manifest.get("final", {}), "cuda_peak_mib": _cuda_peak(on_cuda),
@@ -318,10 +318,10 @@ def _child_replay(task: dict) -> dict:
 
         profiler = cProfile.Profile()
         profiler.enable()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     summary = replay(args, progress=False)
-    replay_s = time.perf_counter() - start
-    out = {"replay_s": replay_s, "steps": summary.steps, "metrics": summary.metrics,
+    replay_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    out = {"replay_s": replay_s, "cpu_s": cpu_s, "steps": summary.steps, "metrics": summary.metrics,
            "max_update_error": summary.max_update_error, "cuda_peak_mib": _cuda_peak(on_cuda)}
     if profiler is not None:
         import io
@@ -344,7 +344,7 @@ def _child_captum(task: dict) -> dict:
     from plgk_cli.arguments import resolve_audit_set
     from plgk_cli.run import load_run
 
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     run = load_run(task["run"])
     data = run.dataset
     model = run.build_model().to(dtype=run.dtype)
@@ -364,9 +364,9 @@ def _child_captum(task: dict) -> dict:
                       loss_fn=torch.nn.CrossEntropyLoss(reduction="sum"),
                       batch_size=task.get("batch_size", 512), sample_wise_grads_per_batch=True)
     scores = tracin.influence((audit.x, audit.y))  # (N audit, M train), positive = proponent
-    captum_s = time.perf_counter() - start
+    captum_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu
     np.save(task["scores"], scores.detach().cpu().numpy().astype(np.float64))
-    return {"captum_s": captum_s, "checkpoints": len(paths)}
+    return {"captum_s": captum_s, "cpu_s": cpu_s, "checkpoints": len(paths)}
 
 
 # --------------------------------------------------------------------------------------------
@@ -386,6 +386,7 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
            "device": device, "steps": train["steps"], "num_train": train["num_train"],
            "num_audit": None, "parameters": train["parameters"], "batch_size":
            config["train"].get("batch_size"), "train_s": train["train_s"],
+           "train_cpu_s": train["cpu_s"],
            "write_s": train["write_s"], "checkpoint_writes": train["writes"],
            "record_overhead": train["write_s"] / max(train["train_s"] - train["write_s"], 1e-12),
            "train_peak_rss_mib": train["peak_rss_mib"], "train_cuda_peak_mib": train["cuda_peak_mib"],
@@ -396,6 +397,7 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
         plain = run_child({"kind": "train", "config": config, "out": str(workdir / "runs" / f"{tag}-norec"),
                            "record": False}, workdir / "logs", "train-norec")
         row["train_unrecorded_s"] = plain["train_s"]
+        row["train_unrecorded_cpu_s"] = plain["cpu_s"]
         row["train_unrecorded_peak_rss_mib"] = plain["peak_rss_mib"]
     arguments = {"ckpts": str(run_dir), "audit_set": w.audit_set, "out": str(out), "rule": w.rule,
                  "device": device, "overwrite": True, **w.replay_options}
@@ -411,6 +413,7 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
         if keep_scores:
             row["_influence"] = f.influence("loss").astype(np.float64)
     row.update(replay_s=rep["replay_s"], replay_ratio=rep["replay_s"] / train["train_s"],
+               replay_cpu_s=rep["cpu_s"], replay_cpu_ratio=rep["cpu_s"] / max(train["cpu_s"], 1e-12),
                replay_ms_per_step=1000 * rep["replay_s"] / rep["steps"],
                train_ms_per_step=1000 * train["train_s"] / train["steps"],
                replay_peak_rss_mib=rep["peak_rss_mib"], replay_cuda_peak_mib=rep["cuda_peak_mib"],
@@ -434,7 +437,7 @@ def captum_comparison(row: dict, workdir: Path, batch_size: int = 512) -> dict:
     m = ours.shape[0]
     expected = -scores.T / m  # full batch: K = -lr_t / |B| = -lr_t / M
     rel = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
-    return {"captum_s": cap["captum_s"], "captum_peak_rss_mib": cap["peak_rss_mib"],
+    return {"captum_s": cap["captum_s"], "captum_cpu_s": cap["cpu_s"], "captum_peak_rss_mib": cap["peak_rss_mib"],
             "captum_checkpoints": cap["checkpoints"], "relative_error": rel,
             "speed_ratio": cap["captum_s"] / row["replay_s"],
             "convention": "plgk influence[m, n] = -captum_scores[n, m] / M"}

@@ -343,3 +343,120 @@ def test_mnist_damaged_gzip_raises_data_error(tmp_path, damage):
     (root / (MNIST_FILES[0] + ".gz")).write_bytes(damage(gzip.compress(raw), raw))
     with pytest.raises(DataError):
         load_dataset(f"mnist:{root}")
+
+
+# --------------------------------------------------------------------------- svhn .mat
+
+# SVHN's cropped-digits files (http://ufldl.stanford.edu/housenumbers/, "format 2") hold X as
+# (32, 32, 3, N) uint8 (height, width, channel, image) and y as (N, 1) labels 1..10, where 10 is
+# the digit 0.
+
+
+def write_svhn(root: Path, n_train: int = 5, n_test: int = 3, seed: int = 0) -> dict:
+    from scipy.io import savemat
+
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    arrays = {}
+    for name, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, size=(32, 32, 3, n), dtype=np.uint8)
+        y = rng.integers(1, 11, size=(n, 1)).astype(np.uint8)
+        if name == "train":
+            y[:2, 0] = (10, 3)  # a zero and a three for sure
+        savemat(root / f"{name}_32x32.mat", {"X": x, "y": y})
+        arrays[name] = (x, y)
+    return arrays
+
+
+def test_svhn_loads_mat_files(tmp_path):
+    arrays = write_svhn(tmp_path / "svhn")
+    data = load_dataset(f"svhn:{tmp_path / 'svhn'}", dtype=torch.float64)
+    assert data.spec == f"svhn:{tmp_path / 'svhn'}"
+    assert data.x_train.shape == (5, 3, 32, 32) and data.x_test.shape == (3, 3, 32, 32)
+    for split, x, y in (("train", data.x_train, data.y_train), ("test", data.x_test, data.y_test)):
+        raw_x, raw_y = arrays[split]
+        for n in range(raw_x.shape[3]):  # image n, channel c, row i, column j = X[i, j, c, n] / 255
+            for c in range(3):
+                np.testing.assert_array_equal(x[n, c].numpy(), raw_x[:, :, c, n] / 255.0)
+        assert y.tolist() == [0 if v == 10 else int(v) for v in raw_y[:, 0]]
+    assert data.y_train[:2].tolist() == [0, 3]
+    assert data.num_classes == max(int(data.y_train.max()), int(data.y_test.max())) + 1
+
+
+def test_svhn_missing_file_says_where_to_put_it(tmp_path):
+    write_svhn(tmp_path / "svhn")
+    (tmp_path / "svhn" / "test_32x32.mat").unlink()
+    with pytest.raises(DataError) as info:
+        load_dataset(f"svhn:{tmp_path / 'svhn'}")
+    message = str(info.value)
+    assert "test_32x32.mat not found" in message and str(tmp_path / "svhn") in message
+    assert "http://ufldl.stanford.edu/housenumbers/" in message
+
+
+def test_svhn_damaged_or_foreign_file(tmp_path):
+    from scipy.io import savemat
+
+    write_svhn(tmp_path / "svhn")
+    path = tmp_path / "svhn" / "train_32x32.mat"
+    path.write_bytes(path.read_bytes()[:300])
+    with pytest.raises(DataError, match="cannot read"):
+        load_dataset(f"svhn:{tmp_path / 'svhn'}")
+    savemat(path, {"X": np.zeros((28, 28, 1, 2), np.uint8), "y": np.ones((2, 1), np.uint8)})
+    with pytest.raises(DataError, match=r"SVHN stores uint8 \(32, 32, 3, N\)"):
+        load_dataset(f"svhn:{tmp_path / 'svhn'}")
+    savemat(path, {"X": np.zeros((32, 32, 3, 2), np.uint8), "y": np.array([[0], [4]], np.uint8)})
+    with pytest.raises(DataError, match=r"labels in 1..10"):
+        load_dataset(f"svhn:{tmp_path / 'svhn'}")
+
+
+# --------------------------------------------------------------------------- py:module:function
+
+
+def py_tensors():
+    """A user's data function: float64 tensors of 3 features, labels 0..2."""
+    x = torch.arange(12, dtype=torch.float64).reshape(4, 3) * 10  # not pixels: used unscaled
+    return x, torch.tensor([0, 1, 2, 1]), x[:2] + 0.5, torch.tensor([2, 0])
+
+
+def py_integer_images():
+    return (np.full((3, 2, 2), 255, np.uint8), np.array([0, 1, 1]), np.zeros((1, 2, 2), np.uint8),
+            np.array([1]))
+
+
+def py_not_a_tuple():
+    return {"x_train": 1}
+
+
+def py_float_labels():
+    x = torch.zeros(2, 3)
+    return x, torch.tensor([0.0, 1.0]), x, torch.tensor([1.0, 0.0])
+
+
+def py_raises():
+    raise FileNotFoundError("/data/mine.csv")
+
+
+def test_py_function_arrays_are_used_as_returned():
+    data = load_dataset("py:test_data:py_tensors", dtype=torch.float64)
+    x_train, y_train, x_test, y_test = py_tensors()
+    assert torch.equal(data.x_train, x_train) and torch.equal(data.x_test, x_test)
+    assert data.y_train.dtype == torch.int64 and data.y_train.tolist() == [0, 1, 2, 1]
+    assert data.num_classes == 3 and data.in_shape == (3,)
+    # integer arrays are not taken for 8-bit pixels, and no channel axis is added
+    images = load_dataset("py:test_data:py_integer_images")
+    assert images.x_train.shape == (3, 2, 2) and float(images.x_train.max()) == 255.0
+    assert load_dataset("py:test_data:py_tensors").fingerprint() == \
+        load_dataset("py:test_data:py_tensors").fingerprint()
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("py:no_such_module_xyz:load", "cannot import"),
+    ("py:test_data:no_such_function", "cannot import"),
+    ("py:test_data", "expected py:package.module:function"),
+    ("py:test_data:py_not_a_tuple", r"returned dict; expected the tuple \(x_train, y_train, x_test, y_test\)"),
+    ("py:test_data:py_float_labels", "y_train must hold integer class labels"),
+    ("py:test_data:py_raises", "the function raised FileNotFoundError: /data/mine.csv"),
+])
+def test_py_function_errors(spec, message):
+    with pytest.raises(DataError, match=message):
+        load_dataset(spec)

@@ -1,0 +1,482 @@
+"""The Recorder around a plain PyTorch loop: the same trajectory and the same audit as `plgk train`
+on the same run, the hyper-parameters read back from torch optimizers, the lr and clip coefficient
+the updates actually used, and one clear error for every loop the record could not describe.
+
+The "user's" model and data below live in this module and are named by it
+(`test_recorder:user_mlp`, `py:test_recorder:user_data`), as a user's own code would be.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import train_tiny
+from torch import nn
+
+from plgk_cli.arguments import ReplayArguments
+from plgk_cli.config import parse_config
+from plgk_cli.data import load_dataset
+from plgk_cli.errors import ConfigError, DataError, OutputError, RecorderError
+from plgk_cli.optimizers import build_torch_optimizer
+from plgk_cli.recorder import Recorder, hyper_from_optimizer
+from plgk_cli.replay import replay
+from plgk_cli.run import load_run
+from plgk_cli.store import InfluenceFile
+from plgk_cli.train import hyper_from_config
+from plgk_cli.trajectory import check_steps, read_manifest
+
+# conftest.train_tiny: mlp hidden 6, 2 epochs of batch 8, seed 0, float64, cpu; the tiny npz has
+# 22 training rows of 6 features in 3 classes, so 3 updates per epoch (8 + 8 + 6).
+EPOCHS, BATCH_SIZE, HIDDEN, SEED = 2, 8, 6, 0
+STEPS = 6
+
+
+def user_mlp(in_shape, num_classes, hidden):
+    """The user's model: written out here, the same architecture as plgk's built-in mlp."""
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), hidden), nn.ReLU(),
+                         nn.Linear(hidden, num_classes))
+
+
+def user_data():
+    """The user's data as tensors (for py:test_recorder:user_data): 20 rows of 5 features, 3 classes."""
+    g = torch.Generator().manual_seed(3)
+    return (torch.randn(20, 5, generator=g, dtype=torch.float64), torch.arange(20) % 3,
+            torch.randn(7, 5, generator=g, dtype=torch.float64), torch.arange(7) % 3)
+
+
+def plain_loop(out, dataset: str, make_optimizer, *, clip=None, scheduler=None, epochs=EPOCHS,
+               stop_after=None, **recorder_kwargs):
+    """An ordinary training loop: seed, model, optimizer, shuffled minibatches, mean cross-entropy,
+    optional clipping and torch lr scheduler; the Recorder around it. Returns the run directory."""
+    data = load_dataset(dataset, 0, torch.float64)
+    torch.manual_seed(SEED)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).to(torch.float64)
+    optimizer = make_optimizer(model.parameters())
+    schedule = scheduler(optimizer) if scheduler else None
+    generator = torch.Generator().manual_seed(SEED)
+    with Recorder(out, model, optimizer, model_name="test_recorder:user_mlp",
+                  model_kwargs={"hidden": HIDDEN}, dataset=dataset, batch_size=BATCH_SIZE,
+                  epochs=epochs, **recorder_kwargs) as recorder:
+        for _ in range(epochs):
+            for batch in torch.randperm(len(data.y_train), generator=generator).split(BATCH_SIZE):
+                optimizer.zero_grad()
+                logits = model(data.x_train[batch])
+                loss = F.cross_entropy(logits, data.y_train[batch])
+                loss.backward()
+                if clip:
+                    recorder.clip_grad_norm(clip)
+                optimizer.step()
+                if schedule:
+                    schedule.step()  # before recorder.step(): the record must keep the lr used
+                recorder.step(batch, loss, logits)
+                if recorder.step_count == stop_after:
+                    return out
+    return out
+
+
+def audit(run_dir, out):
+    replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[0:4]", out=str(out), device="cpu"),
+           progress=False)
+    return InfluenceFile(out)
+
+
+# (plgk train [optim] and [schedule], the same optimizer built by hand, clip, torch scheduler)
+CASES = {
+    "adam": ({"name": "adam", "lr": 0.01}, None,
+             lambda p: torch.optim.Adam(p, lr=0.01, foreach=False), None, None),
+    # step schedule: lr 0.1, halved every 2 updates = StepLR(step_size=2, gamma=0.5) stepped per update
+    "sgd-nesterov-clip-steplr": (
+        {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True, "clip_grad_norm": 0.5},
+        {"name": "step", "step_size": 2, "gamma": 0.5},
+        lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9, nesterov=True, foreach=False), 0.5,
+        lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5)),
+    "rmsprop-centered-wd": (
+        {"name": "rmsprop", "lr": 0.01, "momentum": 0.5, "centered": True, "weight_decay": 0.01},
+        None, lambda p: torch.optim.RMSprop(p, lr=0.01, momentum=0.5, centered=True,
+                                            weight_decay=0.01, foreach=False), None, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_plain_loop_gives_the_audit_of_plgk_train(case, tmp_path, tiny_npz):
+    optim, schedule, make_optimizer, clip, scheduler = CASES[case]
+    trained = train_tiny(tmp_path / "train", tiny_npz, optim, schedule=schedule)
+    recorded = plain_loop(tmp_path / "own", f"npz:{tiny_npz}", make_optimizer, clip=clip,
+                          scheduler=scheduler)
+
+    a, b = load_run(trained), load_run(recorded)
+    for t in range(STEPS + 1):  # the same trajectory, bit for bit
+        ca, cb = a.checkpoint(t), b.checkpoint(t)
+        assert (ca.lr, ca.clip_coef, ca.loss, ca.optim_step) == (cb.lr, cb.clip_coef, cb.loss,
+                                                                 cb.optim_step), t
+        assert ca.batch is None or torch.equal(ca.batch, cb.batch)
+        for name in ca.params:
+            assert torch.equal(ca.params[name], cb.params[name]), (t, name)
+        assert {n: set(s) for n, s in ca.optim_state.items() if s} == \
+            {n: set(s) for n, s in cb.optim_state.items() if s}
+    if clip:  # max_norm 0.5 clips some updates and not others: both are compared
+        coefs = [a.checkpoint(t).clip_coef for t in range(1, STEPS + 1)]
+        assert min(coefs) < 0.9 and max(coefs) == 1.0, coefs
+    same = ("dataset", "loss", "optimizer", "parameters", "dtype", "device", "batch_size", "epochs",
+            "steps_per_epoch", "total_steps", "checkpoint_every", "complete", "final")
+    assert {k: a.manifest[k] for k in same} == {k: b.manifest[k] for k in same}
+    assert b.manifest["model"] == {"name": "test_recorder:user_mlp", "kwargs": {"hidden": HIDDEN}}
+    assert b.manifest["config"] is None and b.config is None
+
+    with audit(trained, tmp_path / "train.h5") as fa, audit(recorded, tmp_path / "own.h5") as fb:
+        influence = fa.influence("loss")
+        assert np.abs(influence).max() > 1e-4  # the audit found something to compare
+        assert np.array_equal(influence, fb.influence("loss"))
+        for name in ("residual", "initial", "final", "trace/true_change", "trace/reconstructed",
+                     "by_layer_epoch/signed"):
+            np.testing.assert_allclose(fa.array("loss", name), fb.array("loss", name), rtol=0,
+                                       atol=1e-12, err_msg=name)
+        assert fb.metrics("loss")["max_update_error"] < 1e-12  # replay re-derived every update
+
+
+def test_recorded_lr_is_the_one_the_update_used(tmp_path, tiny_npz):
+    """StepLR changes the lr after optimizer.step() and before recorder.step(); the record keeps
+    the rate of the update: 0.1, 0.1, 0.05, 0.05, 0.025, 0.025."""
+    _, _, make_optimizer, _, scheduler = CASES["sgd-nesterov-clip-steplr"]
+    run = load_run(plain_loop(tmp_path / "run", f"npz:{tiny_npz}", make_optimizer, scheduler=scheduler))
+    assert [run.checkpoint(t).lr for t in range(1, STEPS + 1)] == [0.1, 0.1, 0.05, 0.05, 0.025, 0.025]
+    assert run.manifest["optimizer"]["lr"] == 0.1  # the base rate, not the last one
+    assert run.manifest["optimizer"]["clip_grad_norm"] is None
+
+
+def test_clip_grad_norm_is_torchs(tmp_path, tiny_npz):
+    """recorder.clip_grad_norm clips the gradients exactly as torch.nn.utils.clip_grad_norm_ and
+    records c = min(1, max_norm / (‖g‖ + 1e-6))."""
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    torch.manual_seed(0)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    twin = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    twin.load_state_dict(model.state_dict())
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)
+    recorder = Recorder(tmp_path / "run", model, optimizer, model_name="test_recorder:user_mlp",
+                        model_kwargs={"hidden": HIDDEN}, dataset=data, batch_size=8, epochs=1)
+    batch = torch.tensor([3, 1, 4, 15, 9, 2, 6])
+    for m in (model, twin):
+        F.cross_entropy(m(data.x_train[batch]), data.y_train[batch]).backward()
+    norm = float(torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.05))
+    coef = recorder.clip_grad_norm(0.05)
+    assert coef == pytest.approx(min(1.0, 0.05 / (norm + 1e-6)), rel=1e-15) and coef < 0.5
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    optimizer.step()
+    recorder.step(batch, 0.0)
+    assert load_run(tmp_path / "run").checkpoint(1).clip_coef == coef
+    assert read_manifest(tmp_path / "run")["optimizer"]["clip_grad_norm"] == 0.05
+
+
+def test_py_dataset_and_early_stop(tmp_path):
+    """Data from the user's function; a loop that stops after 4 of 6 planned updates."""
+    make = lambda p: torch.optim.Adam(p, lr=0.05, foreach=False)  # noqa: E731
+    run_dir = plain_loop(tmp_path / "run", "py:test_recorder:user_data", make, stop_after=4)
+    manifest = read_manifest(run_dir)
+    # 20 rows: batches of 8, 8, 4 -> 3 updates per epoch; 4 updates = epochs 0 and 1
+    assert (manifest["total_steps"], manifest["epochs"], manifest["steps_per_epoch"]) == (4, 2, 3)
+    assert manifest["complete"] and manifest["dataset"]["spec"] == "py:test_recorder:user_data"
+    assert check_steps(run_dir, manifest) == [0, 1, 2, 3, 4]
+    assert manifest["final"]["train_loss"] == pytest.approx(load_run(run_dir).checkpoint(4).loss)
+    with audit(run_dir, tmp_path / "out.h5") as f:  # replay reloads the data from the function
+        true = f.array("loss", "final") - f.array("loss", "initial")
+        got = f.influence("loss").astype(np.float64).sum(0) + f.array("loss", "residual")
+        assert np.abs(true).mean() > 1e-3
+        assert np.abs(got - true).mean() < 1e-2 * np.abs(true).mean()
+
+
+def test_interrupted_loop_leaves_an_incomplete_run(tmp_path, tiny_npz):
+    make = lambda p: torch.optim.SGD(p, lr=0.1, foreach=False)  # noqa: E731
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    optimizer = make(model.parameters())
+    with pytest.raises(KeyboardInterrupt):
+        with Recorder(tmp_path / "run", model, optimizer, model_name="test_recorder:user_mlp",
+                      model_kwargs={"hidden": HIDDEN}, dataset=data, batch_size=8, epochs=2) as rec:
+            for batch in (torch.arange(8), torch.arange(8, 16)):
+                F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+                optimizer.step()
+                rec.step(batch, 0.0)
+            raise KeyboardInterrupt
+    manifest = read_manifest(tmp_path / "run")
+    assert manifest["complete"] is False and "final" not in manifest
+    assert check_steps(tmp_path / "run", manifest) == [0, 1, 2]
+    optimizer.step()  # the hooks are gone: stepping after the run is the user's business
+
+
+def test_recorder_keeps_the_global_random_stream(tmp_path, tiny_npz):
+    """Checking the model builder builds (and initialises) a model; the user's next random draw
+    must be what it would have been without the Recorder."""
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    torch.manual_seed(5)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    Recorder(tmp_path / "run", model, torch.optim.SGD(model.parameters(), lr=0.1, foreach=False),
+             model_name="test_recorder:user_mlp", model_kwargs={"hidden": HIDDEN}, dataset=data,
+             batch_size=8, epochs=1)
+    assert torch.equal(torch.rand(3), expected)
+
+
+# --------------------------------------------------------------------------- hyper-parameters
+
+VALID_OPTIM = [
+    {"name": "sgd", "lr": 0.1},
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "dampening": 0.1, "weight_decay": 0.01},
+    {"name": "sgd", "lr": 0.1, "momentum": 0.9, "nesterov": True},
+    {"name": "adam", "lr": 0.01, "betas": [0.8, 0.99], "eps": 1e-7, "amsgrad": True},
+    {"name": "adamw", "lr": 0.01, "weight_decay": 0.1},
+    {"name": "rmsprop", "lr": 0.01, "alpha": 0.9, "momentum": 0.5, "centered": True},
+    {"name": "adagrad", "lr": 0.1, "eps": 1e-9, "weight_decay": 0.01},
+]
+
+
+@pytest.mark.parametrize("optim", VALID_OPTIM, ids=lambda o: "-".join(f"{k}={v}" for k, v in o.items()))
+def test_hyper_read_from_torch_equals_the_config(optim):
+    """What the Recorder reads back from a torch optimizer is what `plgk train` configured."""
+    config = parse_config({"optim": optim})
+    model = nn.Linear(3, 2)
+    named = dict(model.named_parameters())
+    optimizer = build_torch_optimizer(hyper_from_config(config), list(named.values()), optim["lr"])
+    assert hyper_from_optimizer(optimizer, named) == hyper_from_config(config)
+
+
+def test_adam_with_decoupled_weight_decay_is_adamw():
+    model = nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True, foreach=False)
+    assert hyper_from_optimizer(opt, dict(model.named_parameters())).name == "adamw"
+
+
+def _model_and_params():
+    model = user_mlp((6,), 3, HIDDEN).double()
+    return model, list(model.parameters())
+
+
+REFUSED = {
+    "nadam": (lambda p: torch.optim.NAdam(p, foreach=False), "torch.optim.nadam.NAdam is not supported"),
+    "two groups": (lambda p: torch.optim.SGD([{"params": p[:2]}, {"params": p[2:], "lr": 0.01}], lr=0.1,
+                                             foreach=False), "2 parameter groups"),
+    "missing param": (lambda p: torch.optim.SGD(p[:3], lr=0.1, foreach=False),
+                      "not exactly the model's trainable parameters"),
+    "foreach": (lambda p: torch.optim.Adam(p, foreach=True), "foreach=True is not supported"),
+    "maximize": (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True, foreach=False), "maximize=True"),
+    "adagrad lr_decay": (lambda p: torch.optim.Adagrad(p, lr_decay=0.1, foreach=False), "lr_decay"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(REFUSED))
+def test_unsupported_optimizer_is_refused_before_writing(case, tmp_path, tiny_npz):
+    make, message = REFUSED[case]
+    model, params = _model_and_params()
+    with pytest.raises(ConfigError, match=message):
+        Recorder(tmp_path / "run", model, make(params), model_name="test_recorder:user_mlp",
+                 model_kwargs={"hidden": HIDDEN}, dataset=f"npz:{tiny_npz}", batch_size=8, epochs=1)
+    assert not (tmp_path / "run").exists()
+
+
+def test_foreach_none_is_accepted_on_cpu(tmp_path, tiny_npz):
+    model, params = _model_and_params()
+    Recorder(tmp_path / "run", model, torch.optim.Adam(params), model_name="test_recorder:user_mlp",
+             model_kwargs={"hidden": HIDDEN}, dataset=f"npz:{tiny_npz}", batch_size=8, epochs=1)
+    assert (tmp_path / "run" / "step_00000000.safetensors").is_file()
+
+
+# --------------------------------------------------------------------------- the loop's mistakes
+
+
+@pytest.fixture
+def started(tmp_path, tiny_npz):
+    """A Recorder over SGD with momentum, and a function that computes one batch's gradient."""
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, foreach=False)
+    recorder = Recorder(tmp_path / "run", model, optimizer, model_name="test_recorder:user_mlp",
+                        model_kwargs={"hidden": HIDDEN}, dataset=data, batch_size=8, epochs=1)
+
+    def backward(batch=torch.arange(8)):
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+
+    return recorder, model, optimizer, backward
+
+
+def test_step_without_an_optimizer_step(started):
+    recorder, _, _, backward = started
+    backward()
+    with pytest.raises(RecorderError, match="no optimizer.step"):
+        recorder.step(torch.arange(8), 1.0)
+
+
+def test_second_optimizer_step_is_refused_before_it_runs(started):
+    recorder, model, optimizer, backward = started
+    backward()
+    optimizer.step()
+    before = [p.detach().clone() for p in model.parameters()]
+    with pytest.raises(RecorderError, match="twice without recorder.step"):
+        optimizer.step()
+    assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))  # θ untouched
+    recorder.step(torch.arange(8), 1.0)  # the record can still go on
+    assert recorder.step_count == 1
+
+
+def test_changed_hyper_parameter_is_refused(started):
+    recorder, _, optimizer, backward = started
+    backward()
+    optimizer.step()
+    recorder.step(torch.arange(8), 1.0)
+    optimizer.param_groups[0]["momentum"] = 0.5
+    optimizer.param_groups[0]["lr"] = 0.01  # allowed
+    backward()
+    with pytest.raises(RecorderError, match="momentum 0.9 -> 0.5 changed during the run"):
+        optimizer.step()
+
+
+def test_clip_after_the_step_is_refused(started):
+    recorder, _, optimizer, backward = started
+    backward()
+    optimizer.step()
+    with pytest.raises(RecorderError, match="after optimizer.step"):
+        recorder.clip_grad_norm(1.0)
+
+
+def test_clip_before_backward_is_refused(started):
+    recorder = started[0]
+    with pytest.raises(RecorderError, match="no gradients"):
+        recorder.clip_grad_norm(1.0)
+    with pytest.raises(ConfigError, match="max_norm must be a finite number > 0"):
+        recorder.clip_grad_norm(0.0)
+
+
+@pytest.mark.parametrize("batch, message", [
+    (torch.tensor([0, 22]), r"outside the training split \(0..21\)"),
+    (torch.tensor([-1, 2]), "outside the training split"),
+    (torch.tensor([0.0, 1.0]), "integer indices"),
+    (torch.zeros(22, dtype=torch.bool), "integer indices"),
+    (torch.tensor([], dtype=torch.int64), "non-empty"),
+])
+def test_bad_batch_indices(started, batch, message):
+    recorder, _, optimizer, backward = started
+    backward()
+    optimizer.step()
+    with pytest.raises(RecorderError, match=message):
+        recorder.step(batch, 1.0)
+
+
+def test_list_batch_and_finish_twice(started, tmp_path):
+    recorder, _, optimizer, backward = started
+    backward()
+    optimizer.step()
+    recorder.step(list(range(8)), torch.tensor(1.5))
+    first = recorder.finish()
+    assert recorder.finish() is first and first["final"]["train_accuracy"] is None  # no logits
+    ck = load_run(tmp_path / "run").checkpoint(1)
+    assert ck.batch.dtype == torch.int64 and ck.batch.tolist() == list(range(8)) and ck.loss == 1.5
+    assert set(ck.optim_state["1.weight"]) == {"momentum_buffer"}
+    with pytest.raises(RecorderError, match="after finish"):
+        recorder.step([0], 1.0)
+
+
+def test_finish_refuses_an_unrecorded_step(started):
+    recorder, _, optimizer, backward = started
+    with pytest.raises(RecorderError, match="no update was recorded"):
+        recorder.finish()
+    backward()
+    optimizer.step()
+    with pytest.raises(RecorderError, match="last optimizer.step"):
+        recorder.finish()
+
+
+# --------------------------------------------------------------------------- the start
+
+
+def _start(tmp_path, model, optimizer, dataset, **kwargs):
+    kwargs = {"model_name": "test_recorder:user_mlp", "model_kwargs": {"hidden": HIDDEN},
+              "batch_size": 8, "epochs": 1} | kwargs
+    return Recorder(tmp_path / "run", model, optimizer, dataset=dataset, **kwargs)
+
+
+def test_model_the_builder_does_not_build(tmp_path, tiny_npz):
+    model = user_mlp((6,), 3, 5).double()  # hidden 5, the name says 6
+    with pytest.raises(ConfigError, match=r"builds parameters \[1.weight \[6, 6\].*has \[1.weight \[5, 6\]"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}")
+    with pytest.raises(ConfigError, match="cannot import"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}",
+               model_name="no_such_module:f")
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_with_dropout_is_refused(tmp_path, tiny_npz):
+    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Dropout(0.1)).double()
+    with pytest.raises(ConfigError, match="Dropout"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}",
+               model_name="test_recorder:dropout_model", model_kwargs={})
+
+
+def dropout_model(in_shape, num_classes):
+    return nn.Sequential(nn.Flatten(), nn.Linear(math.prod(in_shape), num_classes), nn.Dropout(0.1))
+
+
+def test_dataset_of_another_dtype(tmp_path, tiny_npz):
+    model = user_mlp((6,), 3, HIDDEN).double()
+    data32 = load_dataset(f"npz:{tiny_npz}", 0, torch.float32)
+    with pytest.raises(DataError, match="x_train is torch.float32 but the model is torch.float64"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), data32)
+
+
+def test_float16_model_and_bad_sizes(tmp_path, tiny_npz):
+    model = user_mlp((6,), 3, HIDDEN).half()
+    with pytest.raises(ConfigError, match="float32 or all float64"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}")
+    model = user_mlp((6,), 3, HIDDEN).double()
+    with pytest.raises(ConfigError, match="batch_size must be an integer >= 1"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}",
+               batch_size=0)
+
+
+def test_optimizer_that_already_stepped(tmp_path, tiny_npz):
+    model = user_mlp((6,), 3, HIDDEN).double()
+    optimizer = torch.optim.Adam(model.parameters(), foreach=False)
+    F.cross_entropy(model(torch.zeros(2, 6, dtype=torch.float64)), torch.tensor([0, 1])).backward()
+    optimizer.step()
+    with pytest.raises(RecorderError, match="already taken steps"):
+        _start(tmp_path, model, optimizer, f"npz:{tiny_npz}")
+
+
+def test_non_empty_directory_and_unserialisable_kwargs(tmp_path, tiny_npz):
+    model = user_mlp((6,), 3, HIDDEN).double()
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "notes.txt").write_text("mine")
+    with pytest.raises(OutputError, match="not empty"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}")
+    (tmp_path / "run" / "notes.txt").unlink()
+    with pytest.raises(ConfigError, match="must be JSON values"):
+        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}",
+               model_kwargs={"hidden": torch.tensor(6)})
+    assert list((tmp_path / "run").iterdir()) == []
+
+
+def test_float32_run_and_manifest_json(tmp_path, tiny_npz):
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float32)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN)
+    optimizer = torch.optim.Adagrad(model.parameters(), lr=0.1)
+    with Recorder(tmp_path / "run", model, optimizer, model_name="test_recorder:user_mlp",
+                  model_kwargs={"hidden": HIDDEN}, dataset=data, batch_size=30, epochs=1) as rec:
+        logits = model(data.x_train)
+        loss = F.cross_entropy(logits, data.y_train)
+        loss.backward()
+        optimizer.step()
+        rec.step(torch.arange(22), loss, logits)
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["dtype"] == "float32" and manifest["batch_size"] == 22  # capped at num_train
+    assert manifest["optimizer"]["name"] == "adagrad" and manifest["optimizer"]["eps"] == 1e-10
+    expected = float((logits.argmax(1) == data.y_train).double().mean())
+    assert manifest["final"]["train_accuracy"] == expected
+    ck = load_run(tmp_path / "run").checkpoint(1)
+    assert ck.params["1.weight"].dtype == torch.float32 and set(ck.optim_state["1.weight"]) == {"sum"}
