@@ -14,7 +14,9 @@ import torch
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.gradients import TARGETS
 
-SLICE_SPEC = re.compile(r"^(train|test)(?:\[(-?\d*):(-?\d*)\])?$")
+_BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
+SLICE_SPEC = re.compile(rf"(train|test)(?:\[{_BOUND}:{_BOUND}\])?")  # use with fullmatch
+SUBSET_SPEC = re.compile(rf"train\[{_BOUND}:{_BOUND}\]|{_BOUND}:{_BOUND}")  # use with fullmatch
 RULES = ("euler", "trapezoid", "supersample:K")
 
 
@@ -83,7 +85,16 @@ class AuditSet:
     index: torch.Tensor | None  # their indices in that split
 
 
-def _slice(spec: str, split: str, start: str, stop: str, length: int, flag: str) -> range:
+def _is_file(path: Path, spec: str, flag: str) -> bool:
+    """Path.is_file that turns an OS refusal (e.g. a name too long) into the flag's error."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        raise AuditSpecError(f"{flag}: {spec!r}: {exc.strerror or exc}") from None
+
+
+def _slice(spec: str, split: str, start: str | None, stop: str | None, length: int,
+           flag: str) -> range:
     lo = int(start) if start else 0
     hi = int(stop) if stop else length
     if lo < 0:
@@ -99,18 +110,18 @@ def _slice(spec: str, split: str, start: str, stop: str, length: int, flag: str)
 
 
 def resolve_audit_set(spec: str, dataset) -> AuditSet:
-    m = SLICE_SPEC.match(spec)
+    m = SLICE_SPEC.fullmatch(spec)
     if m:
         split, start, stop = m.group(1), m.group(2), m.group(3)
         x, y = dataset.split(split)
-        rows = _slice(spec, split, start or "", stop or "", len(y), "--audit-set")
+        rows = _slice(spec, split, start, stop, len(y), "--audit-set")
         index = torch.arange(rows.start, rows.stop)
         return AuditSet(x[index], y[index], spec, split, index)
     path = Path(spec)
     if path.suffix != ".npz":
         raise AuditSpecError(f"--audit-set: {spec!r} is neither SPLIT[START:STOP] (split train or "
                              "test) nor a PATH.npz with arrays x and y")
-    if not path.is_file():
+    if not _is_file(path, spec, "--audit-set"):
         raise AuditSpecError(f"--audit-set: {spec}: file not found")
     import zipfile
 
@@ -141,20 +152,23 @@ def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | Non
     """Indices of the training examples to audit (partial audit, paper A.1.3); None = all."""
     if spec is None:
         return None
-    m = re.fullmatch(r"train\[(-?\d*):(-?\d*)\]|(-?\d*):(-?\d*)", spec)
+    m = SUBSET_SPEC.fullmatch(spec)
     if m:
-        start, stop = (m.group(1), m.group(2)) if m.group(1) is not None or m.group(2) is not None \
-            else (m.group(3), m.group(4))
+        start, stop = (m.group(1), m.group(2)) if spec.startswith("train") else (m.group(3), m.group(4))
         rows = _slice(spec, "train", start, stop, num_train, "--train-subset")
         return torch.arange(rows.start, rows.stop)
     path = Path(spec)
-    if not path.is_file():
+    if not _is_file(path, spec, "--train-subset"):
         raise AuditSpecError(f"--train-subset: {spec!r} is neither START:STOP nor a file of indices")
     try:
         idx = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
     except Exception as exc:
         raise AuditSpecError(f"--train-subset: {spec}: cannot read indices ({exc})") from None
-    idx = np.unique(np.asarray(idx).astype(np.int64))
+    idx = np.asarray(idx)
+    if not np.issubdtype(idx.dtype, np.integer):  # no silent truncation of 1.5, no crash on text
+        raise AuditSpecError(f"--train-subset: {spec}: holds {idx.dtype} values; save integer "
+                             "indices (e.g. numpy.save(path, numpy.array([0, 5, 7])))")
+    idx = np.unique(idx.astype(np.int64))
     if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_train:
         raise AuditSpecError(f"--train-subset: {spec}: indices must be in 0..{num_train - 1}")
     return torch.as_tensor(idx)

@@ -45,6 +45,9 @@ class AuditAccumulator:
         self.layer_epoch_abs = torch.zeros(num_epochs, len(layers), num_columns, **f64)
         self.step_change = torch.zeros(num_steps, num_columns, **f64)  # Δθ_t · h(t), recorded Δθ
         self.update_error = torch.zeros(num_steps, **f64)  # per-step relative error of the update check
+        # epoch_tail[e] = influence credited to gradients taken from epoch e's first step onwards;
+        # the walk goes backwards, so it is a snapshot of `influence` when epoch e is done.
+        self.epoch_tail = torch.zeros(num_epochs, num_rows, num_columns, **f64)
 
     def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float,
                     v: torch.Tensor, epoch: int) -> None:
@@ -66,7 +69,17 @@ class AuditAccumulator:
         self.update_error[step] = update_error
 
     STATE = ("influence", "residual", "layer_epoch_signed", "layer_epoch_abs", "step_change",
-             "update_error")
+             "update_error", "epoch_tail")
+
+    def close_epoch(self, epoch: int) -> None:
+        self.epoch_tail[epoch] = self.influence
+
+    def net_and_gross(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """S_n(e) = Σ_m P̃_mn(e) and G_n(e) = Σ_m |P̃_mn(e)| (paper 6.3), P̃(e) the influence of the
+        gradients taken up to the end of epoch e (E x columns each): cancellation shows as G ≫ |S|."""
+        tails = torch.cat([self.epoch_tail[1:], torch.zeros_like(self.epoch_tail[:1])])
+        cumulative = self.influence[None] - tails  # (E, rows, columns)
+        return cumulative.sum(1), cumulative.abs().sum(1)
 
     def state_tensors(self) -> dict:
         """The accumulated sums, for a progress commit (exact float64 copies)."""

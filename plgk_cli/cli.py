@@ -130,18 +130,33 @@ def check(run_dir):
 @click.option("--target", default=None, help="Target to list (default: the first stored).")
 @click.option("--class", "klass", type=int, default=None, help="Class column for --target logits.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--plot", "plot_dir", default=None, type=click.Path(),
+              help="Also write PNG pictures into this directory (for --audit, default 0); "
+                   "needs matplotlib: pip install 'plgk[plot]'.")
 @reports_errors
-def inspect(path, audit, top, target, klass, as_json):
+def inspect(path, audit, top, target, klass, as_json, plot_dir):
     """Summarise an influences.h5, or list the top training examples of one audit point."""
     from plgk_cli.inspect import format_summary, format_top, summary, to_json, top_examples
     from plgk_cli.store import InfluenceFile
 
     with InfluenceFile(path) as f:
         result = summary(f) if audit is None else top_examples(f, audit, top, target, klass)
+        if plot_dir is not None:
+            from plgk_cli.plots import write_plots
+
+            plots = write_plots(f, plot_dir, audit or 0, target, klass)
     if as_json:
+        if plot_dir is not None:
+            result = {**result, "plots": {"written": [str(p) for p in plots.written],
+                                          "skipped": [{"file": n, "why": w} for n, w in plots.skipped]}}
         click.echo(to_json(result))
-    else:
-        click.echo(format_summary(result) if audit is None else format_top(result))
+        return
+    click.echo(format_summary(result) if audit is None else format_top(result))
+    if plot_dir is not None:
+        click.echo(f"wrote {len(plots.written)} pictures to {plot_dir}: "
+                   + ", ".join(p.name for p in plots.written))
+        for name, why in plots.skipped:
+            click.echo(f"skipped {name}: {why}")
 
 
 if __name__ == "__main__":

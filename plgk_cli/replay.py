@@ -360,6 +360,8 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save) -> N
         for t in range(state.next_step, seg_start - 1, -1):
             ck = run.checkpoint(t)
             _audit_update(plan, state, decomposition, t, ck, ck_next)
+            if t == 0 or run.epoch_of(t - 1) != run.epoch_of(t):  # t is its epoch's first step
+                state.acc.close_epoch(run.epoch_of(t))
             state.next_step = t - 1
             ck_next = ck
             bar.update(1)
@@ -434,6 +436,7 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
     steps_done = torch.cumsum(acc.step_change, 0)
     reconstructed = torch.cat([torch.zeros_like(values[:1]), steps_done[[b - 1 for b in boundaries[1:]]]])
     attributed = acc.influence.sum(0) + acc.residual
+    net, gross = acc.net_and_gross()
     results, offset = [], 0
     for target in targets:
         width = num_classes if target == "logits" else 1
@@ -452,6 +455,6 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
             initial=pick(values[0]), final=pick(values[-1]), trace_step=np.array(boundaries),
             trace_true_change=pick(true_change), trace_reconstructed=pick(reconstructed),
             layer_epoch_signed=pick(acc.layer_epoch_signed), layer_epoch_abs=pick(acc.layer_epoch_abs),
-            mre=metrics.mre, lc=metrics.lc, rmre=metrics.rmre,
+            net=pick(net), gross=pick(gross), mre=metrics.mre, lc=metrics.lc, rmre=metrics.rmre,
             attribution_gap=float(gap) if complete else float("nan")))
     return results

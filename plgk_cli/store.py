@@ -13,6 +13,8 @@ Layout (train x audit, as TRAK and dattri):
   /audit/<target>/residual, initial, final (N[, C])
   /audit/<target>/trace/step (K), trace/true_change, trace/reconstructed (K, N[, C])
   /audit/<target>/by_layer_epoch/signed, abs (E, L, N[, C]); attr `layers`
+  /audit/<target>/by_epoch/net, gross (E, N[, C])  S_n(e), G_n(e): Σ_m P̃_mn(e) and Σ_m |P̃_mn(e)|
+      with P̃(e) the influence of the gradients taken up to the end of epoch e (paper 6.3)
       attrs on /audit/<target>: mre, lc, rmre, max_update_error, attribution_gap, complete
   /replay/update_error (T)  per-step relative error of the modelled update against the record
 """
@@ -52,6 +54,8 @@ class TargetResult:
     trace_reconstructed: np.ndarray
     layer_epoch_signed: np.ndarray  # (E, L, N[, C])
     layer_epoch_abs: np.ndarray
+    net: np.ndarray  # (E, N[, C]) S_n(e) = Σ_m influence of gradients up to the end of epoch e
+    gross: np.ndarray  # (E, N[, C]) G_n(e) = Σ_m |same|
     mre: float
     lc: float
     rmre: float
@@ -149,6 +153,8 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             g.create_dataset("trace/reconstructed", data=r.trace_reconstructed)
             g.create_dataset("by_layer_epoch/signed", data=r.layer_epoch_signed)
             g.create_dataset("by_layer_epoch/abs", data=r.layer_epoch_abs)
+            g.create_dataset("by_epoch/net", data=r.net)
+            g.create_dataset("by_epoch/gross", data=r.gross)
             g["by_layer_epoch"].attrs["layers"] = json.dumps(layers)
 
 

@@ -78,9 +78,13 @@ def read_manifest(run_dir: Path) -> dict:
         raise TrajectoryError(f"{path}: manifest is not a JSON object; restore it or re-run "
                               "`plgk train`")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-        raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version "
-                              f"{manifest.get('format_version')!r}; this plgk reads {FORMAT} "
-                              f"version {FORMAT_VERSION}")
+        version = manifest.get("format_version")
+        newer = (manifest.get("format") == FORMAT and isinstance(version, int)
+                 and not isinstance(version, bool) and version > FORMAT_VERSION)
+        raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version {version!r}; "
+                              f"this plgk reads {FORMAT} version {FORMAT_VERSION}"
+                              + ("; the run was written by a newer plgk: upgrade plgk" if newer
+                                 else ""))
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
     if missing:
         raise TrajectoryError(f"{path}: manifest lacks {', '.join(missing)}; restore it or re-run "
@@ -129,7 +133,8 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Chec
                               "corrupt: restore it or re-run `plgk train`") from None
     if metadata.get("step") != str(step):
         raise TrajectoryError(f"{path}: holds step {metadata.get('step')!r}, not {step}; "
-                              "checkpoint files were renamed or mixed")
+                              "checkpoint files were renamed, copied or mixed: restore step "
+                              f"{step}'s file or re-run `plgk train`")
     if run_id is not None and metadata.get("run_id") != run_id:
         raise TrajectoryError(f"{path}: belongs to run {metadata.get('run_id')!r}, not {run_id!r} "
                               "named by the manifest; checkpoints of two runs are mixed: restore "
@@ -153,6 +158,15 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Chec
         clip_coef=float(tensors[CLIP_COEF][0]) if has_record else None,
         loss=float(tensors[LOSS][0]) if has_record else None,
     )
+
+
+def checkpoint_run_id(run_dir: Path, step: int) -> str | None:
+    """The run id in a checkpoint's metadata (reads the header only); None if unreadable."""
+    try:
+        with safe_open(str(checkpoint_path(run_dir, step)), framework="pt") as f:
+            return (f.metadata() or {}).get("run_id")
+    except (SafetensorError, OSError, ValueError, RuntimeError):
+        return None
 
 
 def list_steps(run_dir: Path) -> list[int]:

@@ -110,3 +110,17 @@ def test_npz_audit_set_and_determinism(run_dir, tmp_path, tiny_npz):
         assert a.audit_index is None and a.audit_source.endswith("audit.npz")
         assert np.array_equal(a.influence(), b.influence())  # bit-identical on CPU
         assert not np.allclose(a.influence(), clean.influence())  # perturbed points differ
+
+
+def test_net_and_gross_influence_by_epoch(run_dir, tmp_path):
+    """S(e) from the epoch snapshots equals the running sum of the per-layer, per-epoch sums (a
+    separate accumulation); at the last epoch S and G are the influence matrix's column sums and
+    absolute column sums."""
+    _, f = _replay(run_dir, tmp_path, "ng.h5")
+    with f:
+        net, gross = f.array("loss", "by_epoch/net"), f.array("loss", "by_epoch/gross")
+        signed = f.array("loss", "by_layer_epoch/signed")
+        np.testing.assert_allclose(net, np.cumsum(signed.sum(1), 0), rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(net[-1], f.influence().astype(np.float64).sum(0), rtol=1e-5, atol=1e-8)
+        np.testing.assert_allclose(gross[-1], np.abs(f.influence().astype(np.float64)).sum(0), rtol=1e-5)
+        assert np.all(gross >= np.abs(net) - 1e-12)
