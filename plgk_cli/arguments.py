@@ -16,7 +16,7 @@ from plgk_cli.gradients import TARGETS
 
 _BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
 SLICE_SPEC = re.compile(rf"(train|test)(?:\[{_BOUND}:{_BOUND}\])?")  # use with fullmatch
-SUBSET_SPEC = re.compile(rf"train\[{_BOUND}:{_BOUND}\]|{_BOUND}:{_BOUND}")  # use with fullmatch
+SUBSET_SPEC = re.compile(rf"(?:train)?\[{_BOUND}:{_BOUND}\]|{_BOUND}:{_BOUND}")  # use with fullmatch
 RULES = ("euler", "trapezoid", "supersample:K")
 
 
@@ -36,6 +36,14 @@ class ReplayArguments:
     resume: bool = False
     commit_every: int = 0  # commit progress every K updates (0: by time only)
     commit_seconds: float = 60.0  # ... and at least this often
+    kernel: bool = False  # PLGK, IPS, temporal kernel, regime metrics (geometry.py)
+    kernel_stride: int = 0  # steps between kernel checkpoints; 0: one epoch
+    kernel_train: bool = False  # also train x train (M x M)
+    precondition: bool = False  # weigh the PLGK by the optimizer's preconditioner (eq. 29)
+    modes: int = 0  # K modes (Algorithm 1); 0: none
+    modes_at: tuple = ()  # reference checkpoints of the SVD modes; (): the final one
+    modes_method: str = "svd"  # svd (streamed randomized SVD) or oja (online, paper A.8)
+    save_modes: bool = False  # store V (P x K)
 
     def __post_init__(self):
         targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
@@ -50,6 +58,17 @@ class ReplayArguments:
             raise AuditSpecError(f"--group-by: unknown grouping {self.group_by!r}; expected label")
         if not isinstance(self.stride, int) or self.stride < 1:
             raise AuditSpecError(f"--stride: must be a whole number >= 1, got {self.stride!r}")
+        object.__setattr__(self, "modes_at", tuple(int(t) for t in self.modes_at))
+        if self.kernel_stride < 0:
+            raise AuditSpecError(f"--kernel-stride: must be >= 1 (0: one epoch), got {self.kernel_stride}")
+        if self.modes < 0:
+            raise AuditSpecError(f"--modes: must be >= 0, got {self.modes}")
+        if self.modes_method not in ("svd", "oja"):
+            raise AuditSpecError(f"--modes-method: expected svd or oja, got {self.modes_method!r}")
+        if (self.kernel_train or self.precondition or self.modes_at or self.save_modes) and not (
+                self.kernel or self.modes):
+            raise AuditSpecError("--kernel-train, --precondition, --modes-at and --save-modes need "
+                                 "--kernel or --modes")
         if self.commit_every < 0 or self.commit_seconds <= 0:
             raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
         if self.chunk_size < 1:
@@ -61,6 +80,20 @@ class ReplayArguments:
     @property
     def quadrature_points(self) -> int:
         return parse_rule(self.rule)
+
+    @property
+    def geometry(self) -> bool:
+        return self.kernel or self.modes > 0
+
+    def modes_steps(self, total: int) -> tuple:
+        """Reference checkpoints of the SVD modes, validated against the run's last step."""
+        if not self.modes or self.modes_method != "svd":
+            return ()
+        steps = self.modes_at or (total,)
+        for t in steps:
+            if not 0 <= t <= total:
+                raise AuditSpecError(f"--modes-at: step {t} is outside the run (0..{total})")
+        return steps
 
 
 def parse_rule(rule: str) -> int:
@@ -154,14 +187,16 @@ def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | Non
         return None
     m = SUBSET_SPEC.fullmatch(spec)
     if m:
-        start, stop = (m.group(1), m.group(2)) if spec.startswith("train") else (m.group(3), m.group(4))
+        start, stop = (m.group(1), m.group(2)) if spec.endswith("]") else (m.group(3), m.group(4))
         rows = _slice(spec, "train", start, stop, num_train, "--train-subset")
         return torch.arange(rows.start, rows.stop)
     path = Path(spec)
     if not _is_file(path, spec, "--train-subset"):
         raise AuditSpecError(f"--train-subset: {spec!r} is neither START:STOP nor a file of indices")
     try:
-        idx = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, dtype=np.int64, ndmin=1)
+        idx = np.load(path) if path.suffix == ".npy" else _read_indices(path, spec, num_train)
+    except AuditSpecError:
+        raise
     except Exception as exc:
         raise AuditSpecError(f"--train-subset: {spec}: cannot read indices ({exc})") from None
     idx = np.asarray(idx)
@@ -172,3 +207,18 @@ def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | Non
     if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_train:
         raise AuditSpecError(f"--train-subset: {spec}: indices must be in 0..{num_train - 1}")
     return torch.as_tensor(idx)
+
+
+def _read_indices(path: Path, spec: str, num_train: int) -> np.ndarray:
+    """A text file of whitespace/newline-separated integers, '#' starting a comment (what
+    numpy.loadtxt read before; its integer parser returns garbage or crashes on some non-ASCII
+    text in numpy 2.4)."""
+    tokens = [t for line in path.read_text(encoding="utf-8").splitlines()
+              for t in line.split("#", 1)[0].split()]
+    for t in tokens:
+        if not re.fullmatch(r"[+-]?[0-9]+", t):
+            raise AuditSpecError(f"--train-subset: {spec}: {t!r} is not an integer index")
+        if not 0 <= int(t) < num_train:
+            raise AuditSpecError(f"--train-subset: {spec}: index {int(t)} is outside "
+                                 f"0..{num_train - 1}")
+    return np.array([int(t) for t in tokens], dtype=np.int64)

@@ -16,7 +16,8 @@ import torch
 
 from plgk_cli.errors import DataError, PlgkError, TrajectoryError
 from plgk_cli.run import load_run
-from plgk_cli.trajectory import checkpoint_path, list_steps, read_checkpoint
+from plgk_cli.trajectory import (MANIFEST, checkpoint_path, checkpoint_run_id, list_steps,
+                                 read_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -29,8 +30,21 @@ class Problem:
         raise self.error(self.message + hint)
 
 
-def _non_finite(name: str, t: torch.Tensor) -> bool:
-    return t.is_floating_point() and not bool(torch.isfinite(t).all())
+def _non_finite(t: torch.Tensor) -> str | None:
+    """'2 NaN of 24 values' (or Inf, or both) for a float tensor that is not all finite; else None."""
+    if not t.is_floating_point() or bool(torch.isfinite(t).all()):
+        return None
+    counts = ((int(torch.isnan(t).sum()), "NaN"), (int(torch.isinf(t).sum()), "Inf"))
+    return " and ".join(f"{n} {what}" for n, what in counts if n) + f" of {t.numel()} values"
+
+
+def _foreign_manifest(run_dir: Path, run_id: str, steps: list) -> str | None:
+    """The run id that every checkpoint names when it is not the manifest's (a manifest copied
+    from another run), else None. Needs two readable checkpoints to tell it from one stray file."""
+    ids = [i for i in (checkpoint_run_id(run_dir, s) for s in steps) if i is not None]
+    if len(ids) >= 2 and len(set(ids)) == 1 and ids[0] != run_id:
+        return ids[0]
+    return None
 
 
 def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Problem]:
@@ -41,10 +55,19 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         return [Problem(str(exc), type(exc))]
     manifest = run.manifest
     problems: list[Problem] = []
-    if not manifest.get("complete"):
-        problems.append(Problem(f"{run_dir}: training did not finish (manifest complete = false); "
-                                "finish it with `plgk train --resume` or re-train"))
     steps = list_steps(run_dir)
+    run_id = run.run_id
+    other = _foreign_manifest(run_dir, run_id, steps)
+    if other is not None:
+        problems.append(Problem(f"{run_dir / MANIFEST}: names run {run_id!r} but all its checkpoints "
+                                f"belong to run {other!r}; the manifest was copied from another run: "
+                                "restore this run's manifest.json or re-run `plgk train`"))
+        run_id = other  # check the checkpoints among themselves
+    if not manifest.get("complete"):
+        problems.append(Problem(f"{run_dir}: training did not finish (manifest complete = false; "
+                                f"last checkpoint step {steps[-1] if steps else None} of "
+                                f"{manifest.get('total_steps')}); replay needs a finished run: "
+                                "re-run `plgk train` with a new --out"))
     every = int(manifest.get("checkpoint_every", 1))
     total = int(manifest.get("total_steps", steps[-1] if steps else 0))
     last = total if manifest.get("complete") else (steps[-1] if steps else 0)
@@ -68,7 +91,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
     for step in sorted(set(steps) & set(expected)):
         path = checkpoint_path(run_dir, step)
         try:
-            ck = read_checkpoint(run_dir, step, run.run_id)
+            ck = read_checkpoint(run_dir, step, run_id)
         except PlgkError as exc:
             problems.append(Problem(str(exc), type(exc)))
             continue
@@ -79,20 +102,29 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
             elif list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
                 problems.append(Problem(f"{path}: param/{name} is {str(t.dtype)[6:]} {list(t.shape)}, "
                                         f"the manifest says {dtype} {shape}"))
-            elif _non_finite(name, t):
-                problems.append(Problem(f"{path}: param/{name} holds NaN or Inf; training diverged "
-                                        "before this step: audit a shorter run or lower the lr"))
+            elif bad := _non_finite(t):
+                problems.append(Problem(f"{path}: param/{name} holds {bad}; training diverged "
+                                        "before this step (or the file was damaged): audit a "
+                                        "shorter run, lower the lr or re-run `plgk train`"))
         for name, state in ck.optim_state.items():
             for key, t in state.items():
                 if name not in shapes or list(t.shape) != shapes[name][0]:
                     problems.append(Problem(f"{path}: optim/{name}/{key} does not match a recorded "
                                             "parameter's shape"))
-                elif _non_finite(key, t):
-                    problems.append(Problem(f"{path}: optim/{name}/{key} holds NaN or Inf"))
+                elif bad := _non_finite(t):
+                    problems.append(Problem(f"{path}: optim/{name}/{key} holds {bad}; the "
+                                            "optimizer state diverged (or the file was damaged): "
+                                            "re-run `plgk train`"))
         if ck.batch is not None:
-            if ck.batch.numel() == 0 or int(ck.batch.min()) < 0 or int(ck.batch.max()) >= num_train:
-                problems.append(Problem(f"{path}: batch indices outside the training split "
-                                        f"(0..{num_train - 1}) or empty"))
+            outside = ck.batch[(ck.batch < 0) | (ck.batch >= num_train)]
+            if ck.batch.numel() == 0:
+                problems.append(Problem(f"{path}: batch is empty; the file is damaged: re-run "
+                                        "`plgk train`"))
+            elif len(outside):
+                problems.append(Problem(f"{path}: batch holds index {int(outside[0])} "
+                                        f"({len(outside)} of {ck.batch.numel()} indices) outside "
+                                        f"the training split 0..{num_train - 1}; the file is "
+                                        "damaged or of other data: re-run `plgk train`"))
             for key, value in (("lr", ck.lr), ("clip_coef", ck.clip_coef), ("loss", ck.loss)):
                 if not torch.isfinite(torch.tensor(value)):
                     problems.append(Problem(f"{path}: {key} is {value}"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import re
 import sys
 
 import click
@@ -17,6 +18,14 @@ INTERRUPTED = {
 }
 
 
+LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
+
+
+def one_line(message: str) -> str:
+    """Keep the one-line contract when a name the user gave (a path, a key) holds a line break."""
+    return LINE_BREAKS.sub(lambda m: repr(m.group())[1:-1], message)
+
+
 def reports_errors(fn):
     """Turn a PlgkError into one line on stderr and its exit code; --debug keeps the traceback."""
 
@@ -28,7 +37,7 @@ def reports_errors(fn):
         except PlgkError as exc:
             if ctx.find_root().params.get("debug"):
                 raise
-            click.echo(f"plgk: error: {exc}", err=True)
+            click.echo(f"plgk: error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
             click.echo(f"plgk: interrupted; {INTERRUPTED.get(ctx.info_name, 'stopped')}", err=True)
@@ -116,9 +125,9 @@ def check(run_dir):
 
     problems = validate_run(run_dir)
     for p in problems:
-        click.echo(f"plgk: problem: {p.message}", err=True)
+        click.echo(f"plgk: problem: {one_line(p.message)}", err=True)
     if problems:
-        click.echo(f"{run_dir}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", err=True)
+        click.echo(f"{one_line(run_dir)}: {len(problems)} problem{'s' if len(problems) > 1 else ''}", err=True)
         sys.exit(max(p.error.exit_code for p in problems))
     click.echo(f"{run_dir}: ok")
 
@@ -129,18 +138,26 @@ def check(run_dir):
 @click.option("--top", type=int, default=10, show_default=True, help="How many examples each way.")
 @click.option("--target", default=None, help="Target to list (default: the first stored).")
 @click.option("--class", "klass", type=int, default=None, help="Class column for --target logits.")
+@click.option("--kernel", "show_kernel", is_flag=True,
+              help="Kernel geometry, modes and the difficulty-score table (replay --kernel).")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--plot", "plot_dir", default=None, type=click.Path(),
               help="Also write PNG pictures into this directory (for --audit, default 0); "
                    "needs matplotlib: pip install 'plgk[plot]'.")
 @reports_errors
-def inspect(path, audit, top, target, klass, as_json, plot_dir):
+def inspect(path, audit, top, target, klass, show_kernel, as_json, plot_dir):
     """Summarise an influences.h5, or list the top training examples of one audit point."""
-    from plgk_cli.inspect import format_summary, format_top, summary, to_json, top_examples
+    from plgk_cli.inspect import (format_kernel, format_summary, format_top, kernel_summary, summary,
+                                  to_json, top_examples)
     from plgk_cli.store import InfluenceFile
 
     with InfluenceFile(path) as f:
-        result = summary(f) if audit is None else top_examples(f, audit, top, target, klass)
+        if show_kernel:
+            result, text = kernel_summary(f), format_kernel
+        elif audit is None:
+            result, text = summary(f), format_summary
+        else:
+            result, text = top_examples(f, audit, top, target, klass), format_top
         if plot_dir is not None:
             from plgk_cli.plots import write_plots
 
@@ -151,7 +168,7 @@ def inspect(path, audit, top, target, klass, as_json, plot_dir):
                                           "skipped": [{"file": n, "why": w} for n, w in plots.skipped]}}
         click.echo(to_json(result))
         return
-    click.echo(format_summary(result) if audit is None else format_top(result))
+    click.echo(text(result))
     if plot_dir is not None:
         click.echo(f"wrote {len(plots.written)} pictures to {plot_dir}: "
                    + ", ".join(p.name for p in plots.written))

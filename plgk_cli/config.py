@@ -7,7 +7,9 @@ file, the section and the key, so that a typo never silently falls back to a def
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -99,8 +101,13 @@ SECTIONS = {
 }
 
 
+def _toml_key(name: str) -> str:
+    """A key as TOML writes it: bare, or quoted with escapes (a quoted key may hold a newline)."""
+    return name if re.fullmatch(r"[A-Za-z0-9_-]+", name) else json.dumps(name)
+
+
 def _fail(source: str, section: str, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{source}: [{section}] {key}: {problem}")
+    return ConfigError(f"{source}: [{_toml_key(section)}] {_toml_key(key)}: {problem}")
 
 
 def _number(source, section, key, value, *, integer=False, low=None, high=None, low_open=False,
@@ -109,6 +116,9 @@ def _number(source, section, key, value, *, integer=False, low=None, high=None, 
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (
             integer and not isinstance(value, int)):
         raise _fail(source, section, key, f"expected {kind}, got {value!r}")
+    if isinstance(value, int) and not -2**63 <= value < 2**63:  # tomllib reads any length
+        raise _fail(source, section, key, f"expected {kind} in TOML's 64-bit integer range, got "
+                                          f"one of about {int(value.bit_length() * 0.30103) + 1} digits")
     if not integer and not math.isfinite(value):
         raise _fail(source, section, key, f"expected a finite number, got {value!r}")
     if low is not None and (value < low or (low_open and value == low)):
@@ -214,7 +224,7 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
     sections = {}
     for name, body in raw.items():
         if name not in SECTIONS:
-            raise ConfigError(f"{source}: unknown section [{name}]; known sections: "
+            raise ConfigError(f"{source}: unknown section [{_toml_key(name)}]; known sections: "
                               f"{', '.join('[' + s + ']' for s in SECTIONS)}")
         if not isinstance(body, dict):
             raise ConfigError(f"{source}: [{name}] must be a table")
@@ -269,7 +279,7 @@ def load_config(path: str | Path) -> RunConfig:
         raise ConfigError(f"{path}: cannot read config ({exc.strerror})") from None
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except ValueError as exc:  # TOMLDecodeError, or an integer too long for Python to convert
         raise ConfigError(f"{path}: not valid TOML ({exc})") from None
     return parse_config(raw, source=str(path))
 

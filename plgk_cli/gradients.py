@@ -45,6 +45,17 @@ class ParameterLayout:
         return {n: flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
                 for i, n in enumerate(self.names)}
 
+    def flatten_state(self, state: dict, device=None) -> dict:
+        """Optimizer state {name: {key: tensor}} as {key: flat float64 vector} in layout order;
+        raises ValueError when a key is recorded for some parameters only."""
+        keys = [set(state.get(n, {})) for n in self.names]
+        common = set.intersection(*keys) if keys else set()
+        partial = set().union(*keys) - common if keys else set()
+        if partial:
+            raise ValueError(f"optimizer state {sorted(partial)} recorded for some parameters only")
+        return {k: torch.cat([state[n][k].reshape(-1).to(device=device, dtype=torch.float64)
+                              for n in self.names]) for k in common}
+
     @property
     def layers(self) -> tuple:
         """(layer name, slice of the flat vector), in order; a layer's parameters are contiguous."""

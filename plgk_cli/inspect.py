@@ -125,7 +125,86 @@ def to_json(obj) -> str:
             return {k: clean(v) for k, v in x.items()}
         if isinstance(x, list | tuple):
             return [clean(v) for v in x]
+        if isinstance(x, np.ndarray):
+            return clean(x.tolist())
+        if isinstance(x, bool | np.bool_):
+            return bool(x)
+        if isinstance(x, np.integer):
+            return int(x)
         if isinstance(x, float | np.floating):
             return float(x) if np.isfinite(x) else None
         return x
     return json.dumps(clean(obj), indent=2, allow_nan=False)
+
+
+def kernel_summary(f: InfluenceFile) -> dict:
+    """The kernel geometry of a replay --kernel/--modes file, and paper Table 1 on its audit set."""
+    from plgk_cli.kernel import auroc, average_precision, spearman
+
+    gram = f.kernel("audit_gram")
+    eig = np.linalg.eigvalsh(0.5 * (gram + gram.T))
+    ips = f.kernel("audit_ips")
+    out = {
+        "kernel_steps": f.kernel("step").tolist(), "attrs": f.kernel_attrs,
+        "audit_gram": {"smallest_over_largest_eigenvalue": float(eig[0] / eig[-1]) if eig[-1] > 0 else None,
+                       "max_asymmetry": float(np.abs(gram - gram.T).max())},
+        "audit_ips_diagonal": [float(np.diag(ips).min()), float(np.diag(ips).max())],
+        "temporal": {"participation_ratio": float(f.kernel_attrs["temporal_participation_ratio"]),
+                     "eigenvalues": f.kernel("temporal/eigenvalues").tolist()},
+        "regime": {name: f.kernel(f"regime/{name}").tolist()
+                   for name in ("feature_overlap", "subspace_overlap", "activation_overlap")},
+        "modes": {},
+    }
+    for name in f.modes:
+        attrs = f.mode_attrs(name)
+        entry = {"method": attrs["method"]}
+        if attrs["method"] == "svd":
+            entry.update(step=int(attrs["step"]), singular_values=f.mode(name, "s")[:10].tolist(),
+                         **{f"K@{p}%": int(attrs[f"k_at_{p}"]) for p in (90, 95, 99)})
+        else:
+            entry["captured_energy"] = f.mode(name, "captured_energy").tolist()
+        cr = f.mode(name, "cancellation")  # (kernel checkpoints, N, K)
+        entry["mean_cr_all_modes_by_checkpoint"] = np.nanmean(cr[:, :, -1], axis=1).tolist()
+        out["modes"][name] = entry
+    scores = f.difficulty_scores()
+    wrong, loss = scores["misclassified"], scores["loss"]
+    table = {}
+    for name in ("ips_l2_norm", "ips_class_margin", "max_softmax", "logit_margin"):
+        s = scores[name]
+        ok = np.isfinite(s)
+        has_both = wrong[ok].any() and (~wrong[ok]).any()
+        table[name] = {"auroc": auroc(-s[ok], wrong[ok]) if has_both else None,
+                       "aupr": average_precision(-s[ok], wrong[ok]) if has_both else None,
+                       "spearman_vs_neg_loss": spearman(s[ok], -loss[ok])}
+    out["difficulty"] = {"misclassified": int(wrong.sum()), "audit_points": int(len(wrong)), "table": table}
+    return out
+
+
+def format_kernel(k: dict) -> str:
+    a = k["audit_gram"]
+    lines = [f"kernel checkpoints {k['kernel_steps']}  (stride {k['attrs']['stride']}, "
+             f"preconditioned: {k['attrs']['precondition']})",
+             f"audit PLGK: smallest/largest eigenvalue {a['smallest_over_largest_eigenvalue']:.2e}, "
+             f"max |K − Kᵀ| {a['max_asymmetry']:.1e}; IPS diagonal in "
+             f"[{k['audit_ips_diagonal'][0]:.9f}, {k['audit_ips_diagonal'][1]:.9f}]",
+             f"temporal kernel: participation ratio {k['temporal']['participation_ratio']:.3f}",
+             "kernel regime vs final checkpoint (per kernel checkpoint):"]
+    for name, values in k["regime"].items():
+        lines.append(f"  {name:<20} " + " ".join(f"{v:.3f}" for v in values))
+    for name, m in k["modes"].items():
+        if m["method"] == "svd":
+            lines.append(f"modes {name}: K@90% {m['K@90%']}  K@95% {m['K@95%']}  K@99% {m['K@99%']} "
+                         "(−1: not reached by the computed modes); top s: "
+                         + " ".join(f"{v:.3g}" for v in m["singular_values"][:5]))
+        else:
+            lines.append("oja captured energy: " + " ".join(f"{v:.3f}" for v in m["captured_energy"]))
+        lines.append("  mean CR(all modes) per kernel checkpoint: "
+                     + " ".join(f"{v:.3f}" for v in m["mean_cr_all_modes_by_checkpoint"]))
+    d = k["difficulty"]
+    lines.append(f"difficulty scores on the audit set ({d['misclassified']} of {d['audit_points']} "
+                 "misclassified; paper Table 1):")
+    lines.append(f"  {'score':<18} {'AUROC':>7} {'AUPR':>7} {'Spearman(s, −L)':>16}")
+    fmt = lambda v: "   n/a" if v is None else f"{v:7.4f}"  # noqa: E731
+    for name, row in d["table"].items():
+        lines.append(f"  {name:<18} {fmt(row['auroc'])} {fmt(row['aupr'])} {row['spearman_vs_neg_loss']:16.4f}")
+    return "\n".join(lines)

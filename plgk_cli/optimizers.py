@@ -110,6 +110,11 @@ class Decomposition:
         """The non-linear part of the state (second moments, sums) after one step."""
         return {}
 
+    def preconditioner(self, after: dict, step_after: int) -> torch.Tensor | None:
+        """The diagonal A_t of the update that ended in state ``after`` (paper A.2.3; eq. 29 weighs
+        the PLGK with it); None for the identity (SGD)."""
+        return None
+
     def has_buffer(self) -> bool:
         return self.buffer_key is not None
 
@@ -168,11 +173,14 @@ class Adam(Decomposition):
         wd_l2, wd_dec = (0.0, h.weight_decay) if self.decoupled else (h.weight_decay, 0.0)
         if after is None:  # only d_t is needed before the state is known
             return StepCoefficients(lr, clip_coef, beta1, 0.0, 0.0, 0.0, wd_l2, wd_dec)
-        v = after["max_exp_avg_sq"] if h.amsgrad else after["exp_avg_sq"]
         bc1 = 1 - beta1 ** step_after
-        bc2 = 1 - beta2 ** step_after
-        denom = v.sqrt() / math.sqrt(bc2) + h.eps
-        return StepCoefficients(lr, clip_coef, beta1, 1 - beta1, 1.0 / (bc1 * denom), 0.0, wd_l2, wd_dec)
+        return StepCoefficients(lr, clip_coef, beta1, 1 - beta1,
+                                self.preconditioner(after, step_after) / bc1, 0.0, wd_l2, wd_dec)
+
+    def preconditioner(self, after, step_after):
+        h = self.hyper
+        v = after["max_exp_avg_sq"] if h.amsgrad else after["exp_avg_sq"]
+        return 1.0 / (v.sqrt() / math.sqrt(1 - h.betas[1] ** step_after) + h.eps)
 
 
 class RMSprop(Decomposition):
@@ -194,13 +202,17 @@ class RMSprop(Decomposition):
         h = self.hyper
         if after is None:
             return StepCoefficients(lr, clip_coef, h.momentum, 0.0, 0.0, 0.0, h.weight_decay, 0.0)
-        var = after["square_avg"]
-        if h.centered:
-            var = var - after["grad_avg"] ** 2
-        precond = 1.0 / (var.sqrt() + h.eps)
+        precond = self.preconditioner(after, step_after)
         if h.momentum > 0:
             return StepCoefficients(lr, clip_coef, h.momentum, precond, 1.0, 0.0, h.weight_decay, 0.0)
         return StepCoefficients(lr, clip_coef, 0.0, 0.0, 0.0, precond, h.weight_decay, 0.0)
+
+
+    def preconditioner(self, after, step_after):
+        var = after["square_avg"]
+        if self.hyper.centered:
+            var = var - after["grad_avg"] ** 2
+        return 1.0 / (var.sqrt() + self.hyper.eps)
 
 
 class Adagrad(Decomposition):
@@ -211,8 +223,11 @@ class Adagrad(Decomposition):
         h = self.hyper
         if after is None:
             return StepCoefficients(lr, clip_coef, 0.0, 0.0, 0.0, 0.0, h.weight_decay, 0.0)
-        precond = 1.0 / (after["sum"].sqrt() + h.eps)
-        return StepCoefficients(lr, clip_coef, 0.0, 0.0, 0.0, precond, h.weight_decay, 0.0)
+        return StepCoefficients(lr, clip_coef, 0.0, 0.0, 0.0, self.preconditioner(after, step_after),
+                                h.weight_decay, 0.0)
+
+    def preconditioner(self, after, step_after):
+        return 1.0 / (after["sum"].sqrt() + self.hyper.eps)
 
 
 def decomposition_for(hyper: Hyper) -> Decomposition:

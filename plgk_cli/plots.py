@@ -80,7 +80,8 @@ def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: s
     report.written.append(_completeness(f, target, out_dir / "completeness.png"))
     report.written.append(_sorted_influence(f, target, columns[:, audit].astype(np.float64), audit,
                                             column_class, sign, out_dir / f"influence_sorted_audit{audit}.png"))
-    _examples(f, target, columns[:, audit].astype(np.float64), audit, sign, out_dir, report)
+    _examples(f, _what(target, column_class), columns[:, audit].astype(np.float64), audit, sign,
+              out_dir, report)
     report.written.append(_layer_epoch(f, target, audit, column_class,
                                        out_dir / f"layer_epoch_audit{audit}.png"))
     if n_audit < 3:
@@ -191,8 +192,11 @@ def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, p
         if epochs * n_layers <= 48:  # small enough to print the numbers
             for e in range(epochs):
                 for layer in range(n_layers):
-                    ax.text(layer, e, f"{values[e, layer]:.2g}", ha="center", va="center", fontsize=7,
-                            color="k" if cmap == "RdBu_r" else "w")
+                    v = values[e, layer]
+                    # dark cells: the ends of RdBu_r, the low end of viridis
+                    dark = abs(v) > 0.5 * high if cmap == "RdBu_r" else v < 0.6 * high
+                    ax.text(layer, e, f"{v:.2g}", ha="center", va="center", fontsize=7,
+                            color="w" if dark else "k")
     fig.suptitle(f"Audit point {audit}{_where(f, audit)}: where the {_what(target, klass)} changed "
                  "(by layer and epoch of the training gradient)")
     return _save(fig, path)
@@ -201,7 +205,7 @@ def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, p
 # ---------------------------------------------------------------------------- training images
 
 
-def _examples(f: InfluenceFile, target: str, column: np.ndarray, audit: int, sign: float,
+def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign: float,
               out_dir: Path, report: PlotReport) -> None:
     label = int(f.audit_label[audit])
     names = (f"examples_audit{audit}.png", f"examples_audit{audit}_class{label}.png")
@@ -228,11 +232,14 @@ def _examples(f: InfluenceFile, target: str, column: np.ndarray, audit: int, sig
             report.skipped.append((name, f"no audited training example has class {label}"))
             continue
         order = rows[np.argsort(-score[rows], kind="stable")]
-        picked = {"most helpful": order[:GRID * GRID], "most harmful": order[::-1][:GRID * GRID]}
+        # say so when a set has no helpful (or no harmful) example at all, e.g. within a class
+        best = "most helpful" if score[order[0]] > 0 else "least harmful (none helped)"
+        worst = "most harmful" if score[order[-1]] < 0 else "least helpful (none harmed)"
+        picked = {best: order[:GRID * GRID], worst: order[::-1][:GRID * GRID]}
         fig = _figure(GRID_FIGURE)
         _draw_grids(fig, dataset.x_train, train_index, train_label, column, picked, audit_image, label)
-        fig.suptitle(f"Audit point {audit}{_where(f, audit)}, {target}: {scope} "
-                     f"(influence < 0 pushed the {target} down; helpful = pushed it "
+        fig.suptitle(f"Audit point {audit}{_where(f, audit)}, {what}: {scope} "
+                     f"(influence < 0 pushed the {what} down; helpful = pushed it "
                      f"{'down' if sign < 0 else 'up'})", fontsize=10)
         report.written.append(_save(fig, out_dir / name))
 
@@ -336,8 +343,8 @@ def _embedding(columns: np.ndarray, labels: np.ndarray, audit: int, target: str,
     ax.set_xlabel(f"MDS 1 ({share[0]:.0%} of the positive eigenvalue mass)")
     ax.set_ylabel(f"MDS 2 ({share[1]:.0%})" if len(share) > 1 else "MDS 2")
     ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5))
-    ax.set_title(f"Audit points by how alike training moved them: classical MDS of the cosine "
-                 f"distance between their {target} influence columns")
+    ax.set_title(f"Audit points by how alike training moved them\nclassical MDS of the cosine "
+                 f"distance between their {target} influence columns", fontsize=10)
     return _save(fig, path)
 
 

@@ -30,6 +30,7 @@ from plgk_cli.check import validate_run
 from plgk_cli.distributed import current_shard, gather_to_root
 from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
+from plgk_cli.geometry import compute_geometry
 from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
 from plgk_cli.gradients import GradientComputer, ParameterLayout
 from plgk_cli.progress import commit as commit_progress
@@ -53,13 +54,10 @@ class ReplaySummary:
 
 def flat_state(layout: ParameterLayout, state: dict, path: str, device) -> dict:
     """Optimizer state by key as flat float64 vectors in layout order."""
-    keys = set.intersection(*(set(state.get(n, {})) for n in layout.names)) if layout.names else set()
-    partial = set().union(*(set(state.get(n, {})) for n in layout.names)) - keys
-    if partial:
-        raise TrajectoryError(f"{path}: optimizer state {sorted(partial)} recorded for some "
-                              "parameters only; the run's optimizer state is inconsistent")
-    return {k: torch.cat([state[n][k].reshape(-1).to(device=device, dtype=torch.float64)
-                          for n in layout.names]) for k in keys}
+    try:
+        return layout.flatten_state(state, device)
+    except ValueError as exc:
+        raise TrajectoryError(f"{path}: {exc}; the run's optimizer state is inconsistent") from None
 
 
 def _relative_error(predicted: torch.Tensor, recorded: torch.Tensor, recorded_values: torch.Tensor,
@@ -301,6 +299,11 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
         gathered = gather_to_root(shard, {k: v.cpu() for k, v in state.tensors().items()})
         if shard.rank == 0:
             state = WalkState.stitched(plan, gathered)
+    geometry = None
+    if shard.rank == 0 and args.geometry:
+        if not shard.distributed:
+            save()  # the walk is done: a fault in the kernel pass resumes here
+        geometry = compute_geometry(plan, progress)
     if shard.rank == 0:
         results = _target_results(state, plan)
         write_influences(
@@ -312,7 +315,7 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
             audit_label=plan.audit_set.y.numpy(), results=results,
             update_error=state.acc.update_error.cpu().numpy(),
             layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
-            overwrite=True)
+            geometry=geometry, overwrite=True)
     finish_distributed(shard)  # rank 0 has written the output before any rank returns
     progress_file.unlink(missing_ok=True)
     if shard.rank != 0:

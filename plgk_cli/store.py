@@ -17,6 +17,17 @@ Layout (train x audit, as TRAK and dattri):
       with P̃(e) the influence of the gradients taken up to the end of epoch e (paper 6.3)
       attrs on /audit/<target>: mre, lc, rmre, max_update_error, attribution_gap, complete
   /replay/update_error (T)  per-step relative error of the modelled update against the record
+  /kernel (with --kernel or --modes; geometry.py)  attrs: stride, precondition, weights,
+      temporal_participation_ratio, temporal_kernel, regime_sample
+    step (K_k) kernel checkpoints; audit_gram (N, N) PLGK; audit_norm_sq (N); audit_ips (N, N);
+    audit_train_gram (N, M); train_norm_sq (M); audit_train_ips (N, M); train_label (M); [train_gram, train_ips (M, M)];
+    audit_logits (N, C) at θ_T; temporal/gram (K_k, K_k), temporal/eigenvalues,
+    temporal/prefix_participation_ratio; regime/feature_overlap, subspace_overlap,
+    activation_overlap (K_k) against the final checkpoint (paper 6.3 (i)-(iii))
+  /modes/step_XXXXXXXX (with --modes, svd)  attrs: method, step, total_energy, k_at_90/95/99 (−1: not
+      reached by the K modes); s, a, drive, energy_curve (K); coefficients (N, K);
+      cancellation (K_k, N, K) CR of the first k modes held fixed, at every kernel checkpoint; [v (P, K)]
+  /modes/oja (with --modes-method oja)  captured_energy (K_k); cancellation (K_k, N, K); [v]
 """
 
 from __future__ import annotations
@@ -34,7 +45,8 @@ import numpy as np
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: /kernel, /modes, /audit/<target>/by_epoch
+KERNEL, MODES = "kernel", "modes"
 SIGN_CONVENTION = ("influence[m, n] < 0: training example m pushed the audited quantity of audit "
                    "point n down over training (for the loss: helpful); > 0: pushed it up (harmful)")
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
@@ -97,7 +109,7 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                      train_index: np.ndarray, train_label: np.ndarray, group: np.ndarray | None,
                      audit_index: np.ndarray | None, audit_split: str | None, audit_source: str,
                      audit_label: np.ndarray, results: list, update_error: np.ndarray,
-                     layers: list, complete_audit: bool, overwrite: bool) -> Path:
+                     layers: list, complete_audit: bool, overwrite: bool, geometry=None) -> Path:
     """Write to PATH.partial.<pid> and rename: a crash or a bad run never leaves a half file at
     PATH, and two writers never share the temporary file."""
     path = Path(path)
@@ -108,7 +120,7 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                train_index=train_index, train_label=train_label, group=group,
                audit_index=audit_index, audit_split=audit_split, audit_source=audit_source,
                audit_label=audit_label, results=results, update_error=update_error, layers=layers,
-               complete_audit=complete_audit)
+               complete_audit=complete_audit, geometry=geometry)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -117,7 +129,7 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
 
 def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_label, group,
            audit_index, audit_split, audit_source, audit_label, results, update_error, layers,
-           complete_audit) -> None:
+           complete_audit, geometry) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update({
             "plgk_version": __version__, "schema_version": SCHEMA_VERSION,
@@ -156,6 +168,19 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             g.create_dataset("by_epoch/net", data=r.net)
             g.create_dataset("by_epoch/gross", data=r.gross)
             g["by_layer_epoch"].attrs["layers"] = json.dumps(layers)
+        if geometry is not None:
+            kernel = f.create_group(KERNEL)
+            kernel.attrs.update(geometry.kernel_attrs)
+            for name, array in geometry.kernel.items():
+                big = array.ndim == 2 and array.size > 4096
+                kernel.create_dataset(name, data=array, **(dict(chunks=_chunks(array.shape), **COMPRESSION)
+                                                           if big else {}))
+            for name, arrays in geometry.modes.items():
+                group = f.create_group(f"{MODES}/{name}")
+                group.attrs.update({k: v for k, v in arrays["attrs"].items()})
+                for key, array in arrays.items():
+                    if key != "attrs":
+                        group.create_dataset(key, data=array)
 
 
 class InfluenceFile:
@@ -259,3 +284,74 @@ class InfluenceFile:
     @property
     def update_error(self) -> np.ndarray:
         return self._f["replay/update_error"][()]
+
+    # -- kernel geometry (schema 2; present with replay --kernel / --modes)
+
+    @property
+    def has_kernel(self) -> bool:
+        return KERNEL in self._f
+
+    def _kernel_group(self):
+        if not self.has_kernel:
+            raise StoreError(f"{self.path}: no kernel results; replay with --kernel (or --modes)")
+        return self._f[KERNEL]
+
+    @property
+    def kernel_attrs(self) -> dict:
+        return dict(self._kernel_group().attrs)
+
+    def kernel(self, name: str) -> np.ndarray:
+        """step, audit_gram, audit_norm_sq, audit_ips, audit_train_gram, train_norm_sq,
+        audit_train_ips, [train_gram, train_ips], audit_logits, temporal/gram,
+        temporal/eigenvalues, temporal/prefix_participation_ratio, regime/feature_overlap,
+        regime/subspace_overlap, regime/activation_overlap."""
+        group = self._kernel_group()
+        if name not in group:
+            raise StoreError(f"{self.path}: no /kernel/{name}")
+        return group[name][()]
+
+    def distances(self, which: str = "audit_ips") -> tuple[np.ndarray, np.ndarray]:
+        """(chord, angle) distances of an IPS matrix (paper Cor. 4.1.1): sqrt(2 − 2·IPS), arccos(IPS)."""
+        import torch
+
+        from plgk_cli.kernel import angle_distance, chord_distance
+
+        ips = torch.from_numpy(self.kernel(which))
+        return chord_distance(ips).numpy(), angle_distance(ips).numpy()
+
+    @property
+    def modes(self) -> list:
+        return sorted(self._f[MODES]) if MODES in self._f else []
+
+    def mode(self, name: str, key: str) -> np.ndarray:
+        if name not in self.modes:
+            raise StoreError(f"{self.path}: no modes {name!r}; it holds {', '.join(self.modes) or 'none'}")
+        return self._f[f"{MODES}/{name}/{key}"][()]
+
+    def mode_attrs(self, name: str) -> dict:
+        self.mode(name, "cancellation")  # existence check with the same message
+        return dict(self._f[f"{MODES}/{name}"].attrs)
+
+    def difficulty_scores(self) -> dict:
+        """Per audit point (paper 6.2, Table 1), oriented so that higher = more confident: the IPS
+        ℓ2 norm to the training set, the class-conditioned IPS margin (predicted class), max-softmax
+        and the logit margin at θ_T; with `misclassified` and the final `loss`."""
+        import torch
+
+        from plgk_cli.kernel import ips_class_margin, ips_l2_norm
+
+        logits = torch.from_numpy(self.kernel("audit_logits"))
+        labels = torch.from_numpy(self.audit_label)
+        ips = torch.from_numpy(self.kernel("audit_train_ips"))
+        predicted = logits.argmax(1)
+        top2 = logits.topk(min(2, logits.shape[1]), dim=1).values
+        num_classes = logits.shape[1]
+        return {
+            "ips_l2_norm": ips_l2_norm(ips).numpy(),
+            "ips_class_margin": ips_class_margin(ips, torch.from_numpy(self.kernel("train_label")),
+                                                 predicted, num_classes).numpy(),
+            "max_softmax": logits.softmax(1).max(1).values.numpy(),
+            "logit_margin": (top2[:, 0] - top2[:, -1]).numpy(),
+            "misclassified": (predicted != labels).numpy(),
+            "loss": torch.nn.functional.cross_entropy(logits, labels, reduction="none").numpy(),
+        }

@@ -332,6 +332,13 @@ def _child_replay(task: dict) -> dict:
         text = io.StringIO()
         pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(25)
         out["profile_top"] = text.getvalue()
+    # After the timed section, with the code version that wrote the file: what the parent needs.
+    from plgk_cli.store import InfluenceFile
+
+    with InfluenceFile(args.out) as f:
+        out["num_audit"] = len(f.audit_label)
+        if task.get("scores"):
+            np.save(task["scores"], f.influence("loss").astype(np.float64))
     return out
 
 
@@ -373,54 +380,65 @@ def _child_captum(task: dict) -> dict:
 # Measurements
 
 
-def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: bool = True,
-                 profile: bool = False, keep_scores: bool = False) -> dict:
-    """Train (recorded, and optionally un-recorded), then replay; one result row."""
-    tag = f"{w.name}-{uuid.uuid4().hex[:6]}"
-    load_before = os.getloadavg()[0]
-    run_dir, out = workdir / "runs" / tag, workdir / "runs" / f"{tag}.h5"
-    config = _with_device(w.config, device)
+def train_phase(config: dict, workdir: Path, name: str, *, baseline: bool = True) -> dict:
+    """Recorded training in a child (and, with baseline, an un-recorded one); the train fields."""
+    tag = f"{name}-{uuid.uuid4().hex[:6]}"
+    run_dir = workdir / "runs" / tag
     train = run_child({"kind": "train", "config": config, "out": str(run_dir), "record": True},
                       workdir / "logs", "train")
-    row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set,
-           "device": device, "steps": train["steps"], "num_train": train["num_train"],
-           "num_audit": None, "parameters": train["parameters"], "batch_size":
-           config["train"].get("batch_size"), "train_s": train["train_s"],
-           "train_cpu_s": train["cpu_s"],
-           "write_s": train["write_s"], "checkpoint_writes": train["writes"],
+    out = {"run_dir": str(run_dir), "steps": train["steps"], "num_train": train["num_train"],
+           "parameters": train["parameters"], "batch_size": config["train"].get("batch_size"),
+           "train_s": train["train_s"], "train_cpu_s": train["cpu_s"], "write_s": train["write_s"],
+           "checkpoint_writes": train["writes"],
            "record_overhead": train["write_s"] / max(train["train_s"] - train["write_s"], 1e-12),
            "train_peak_rss_mib": train["peak_rss_mib"], "train_cuda_peak_mib": train["cuda_peak_mib"],
            "train_process_s": train["process_s"], "train_final": train["final"],
-           "torch_threads": train["torch_threads"], "notes": list(w.notes),
+           "train_ms_per_step": 1000 * train["train_s"] / train["steps"],
+           "torch_threads": train["torch_threads"],
            "run_dir_mib": sum(p.stat().st_size for p in run_dir.iterdir()) / 2 ** 20}
     if baseline:
-        plain = run_child({"kind": "train", "config": config, "out": str(workdir / "runs" / f"{tag}-norec"),
+        plain = run_child({"kind": "train", "config": config, "out": str(run_dir) + "-norec",
                            "record": False}, workdir / "logs", "train-norec")
-        row["train_unrecorded_s"] = plain["train_s"]
-        row["train_unrecorded_cpu_s"] = plain["cpu_s"]
-        row["train_unrecorded_peak_rss_mib"] = plain["peak_rss_mib"]
+        out.update(train_unrecorded_s=plain["train_s"], train_unrecorded_cpu_s=plain["cpu_s"],
+                   train_unrecorded_peak_rss_mib=plain["peak_rss_mib"])
+    return out
+
+
+def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: bool = True,
+                 profile: bool = False, keep_scores: bool = False, train_cache: dict | None = None) -> dict:
+    """Train (recorded, and optionally un-recorded), then replay; one result row. Rows whose
+    config is already in `train_cache` reuse that run (the memory grid replays one run per batch)."""
+    load_before = os.getloadavg()[0]
+    config = _with_device(w.config, device)
+    key = json.dumps(config, sort_keys=True)
+    if train_cache is not None and key in train_cache:
+        trained = train_cache[key]
+    else:
+        trained = train_phase(config, workdir, w.name, baseline=baseline)
+        if train_cache is not None:
+            train_cache[key] = trained
+    run_dir = Path(trained["run_dir"])
+    out = run_dir.parent / f"{run_dir.name}-{uuid.uuid4().hex[:4]}.h5"
     arguments = {"ckpts": str(run_dir), "audit_set": w.audit_set, "out": str(out), "rule": w.rule,
                  "device": device, "overwrite": True, **w.replay_options}
     task = {"kind": "replay", "arguments": arguments}
     if profile:
-        task["profile"] = str(workdir / f"{tag}-replay.prof")
+        task["profile"] = str(out.with_suffix(".prof"))
+    if keep_scores:
+        task["scores"] = str(out.with_suffix(".npy"))
     rep = run_child(task, workdir / "logs", "replay")
     metrics = rep["metrics"]["loss"]
-    from plgk_cli.store import InfluenceFile
-
-    with InfluenceFile(out) as f:
-        row["num_audit"] = len(f.audit_label)
-        if keep_scores:
-            row["_influence"] = f.influence("loss").astype(np.float64)
-    row.update(replay_s=rep["replay_s"], replay_ratio=rep["replay_s"] / train["train_s"],
-               replay_cpu_s=rep["cpu_s"], replay_cpu_ratio=rep["cpu_s"] / max(train["cpu_s"], 1e-12),
-               replay_ms_per_step=1000 * rep["replay_s"] / rep["steps"],
-               train_ms_per_step=1000 * train["train_s"] / train["steps"],
-               replay_peak_rss_mib=rep["peak_rss_mib"], replay_cuda_peak_mib=rep["cuda_peak_mib"],
-               replay_process_s=rep["process_s"], mre=metrics["mre"], rmre=metrics["rmre"],
-               lc=metrics["lc"], max_update_error=rep["max_update_error"],
-               run_dir=str(run_dir), influences=str(out),
-               load_average=[load_before, os.getloadavg()[0]])
+    row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set,
+           "device": device, "notes": list(w.notes), **trained, "num_audit": rep["num_audit"],
+           "replay_s": rep["replay_s"], "replay_ratio": rep["replay_s"] / trained["train_s"],
+           "replay_cpu_s": rep["cpu_s"], "replay_cpu_ratio": rep["cpu_s"] / max(trained["train_cpu_s"], 1e-12),
+           "replay_ms_per_step": 1000 * rep["replay_s"] / rep["steps"],
+           "replay_peak_rss_mib": rep["peak_rss_mib"], "replay_cuda_peak_mib": rep["cuda_peak_mib"],
+           "replay_process_s": rep["process_s"], "mre": metrics["mre"], "rmre": metrics["rmre"],
+           "lc": metrics["lc"], "max_update_error": rep["max_update_error"], "influences": str(out),
+           "load_average": [load_before, os.getloadavg()[0]]}
+    if keep_scores:
+        row["_influence"] = np.load(task["scores"])
     if profile:
         row["profile"] = task["profile"]
         row["profile_top"] = rep["profile_top"]
@@ -471,7 +489,8 @@ COLUMNS = [  # (header, key, format)
     ("workload", "name", "{}"), ("rule", "rule", "{}"), ("T", "steps", "{}"), ("M", "num_train", "{}"),
     ("N", "num_audit", "{}"), ("P", "parameters", "{}"), ("train s", "train_s", "{:.2f}"),
     ("rec.ovh", "record_overhead", "{:.1%}"), ("replay s", "replay_s", "{:.2f}"),
-    ("rep/trn", "replay_ratio", "{:.2f}x"), ("ms/step", "replay_ms_per_step", "{:.1f}"),
+    ("rep/trn", "replay_ratio", "{:.2f}x"), ("cpu r/t", "replay_cpu_ratio", "{:.2f}x"),
+    ("ms/step", "replay_ms_per_step", "{:.1f}"),
     ("RSS trn", "train_peak_rss_mib", "{:.0f}M"), ("RSS rep", "replay_peak_rss_mib", "{:.0f}M"),
     ("GPU MiB", "gpu", "{}"), ("MRE", "mre", "{:.2e}"), ("LC", "lc", "{:.6f}"),
 ]
@@ -495,7 +514,8 @@ def format_table(rows: list) -> str:
 
 def format_notes(rows: list, comparisons: dict) -> str:
     out = [f"[{TIMING_NOTE}; RSS trn/rep = peak RSS of the train/replay process; "
-           "rec.ovh = checkpoint-write time / rest of training]"]
+           "rec.ovh = checkpoint-write time / rest of training; rep/trn = wall-time ratio, cpu r/t = the same "
+           "in process CPU time, which other load on the machine disturbs less]"]
     for r in rows:
         if r["workload"] == "memory":
             continue
@@ -555,6 +575,7 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
               DEFAULT_STEPS_SCALE, baseline: bool = True, profile: bool = False,
               captum_steps: int = 10, echo=print) -> dict:
     rows, comparisons = [], {"idle_rss_mib": idle_rss(workdir)}
+    train_cache: dict = {}
     for name in workloads:
         if name == "digits":
             todo = [digits_workload()]
@@ -569,7 +590,8 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
         for w in todo:
             echo(f"... {w.name} {w.label}".rstrip(), flush=True)
             row = run_workload(w, workdir, device=device, baseline=baseline and name != "memory",
-                               profile=profile, keep_scores=name == "captum-sgd")
+                               profile=profile, keep_scores=name == "captum-sgd",
+                               train_cache=train_cache)
             rows.append(row)
             if name == "captum-sgd":
                 comparisons["captum"] = _captum_or_reason(row, workdir)

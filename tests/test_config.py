@@ -5,7 +5,7 @@ the parser is called directly: defaults, each optimizer family's full config, th
 combination rules, the value checks the CLI tests do not exercise, the to_dict round trip and the
 shipped configs/*.toml.
 
-Property-based tests (hypothesis) are not included: hypothesis is not installed in .venv.
+Property-based tests (hypothesis) of the parser are in tests/test_properties.py.
 """
 
 from __future__ import annotations

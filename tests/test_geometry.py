@@ -1,0 +1,113 @@
+"""replay --kernel/--modes against naive references built from explicit per-sample loops."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from torch.func import functional_call
+
+from conftest import train_tiny
+from plgk_cli.arguments import ReplayArguments
+from plgk_cli.cli import main
+from plgk_cli.replay import replay
+from plgk_cli.run import load_run
+from plgk_cli.store import InfluenceFile
+
+ADAM = {"name": "adam", "lr": 0.05, "betas": [0.9, 0.99]}
+KERNEL_STRIDE = 2  # 9 updates -> kernel checkpoints 0, 2, 4, 6, 8, 9
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_npz):
+    return train_tiny(tmp_path_factory.mktemp("run") / "run", tiny_npz, ADAM, epochs=3)
+
+
+def _replay(run_dir, out, **kwargs):
+    replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[0:5]", out=str(out), device="cpu",
+                           kernel=True, kernel_stride=KERNEL_STRIDE, **kwargs), progress=False)
+    return InfluenceFile(out)
+
+
+def _loop_gradients(run, step, x, y):
+    """Per-sample loss gradients (rows) at θ_step, one autograd call per example, float64."""
+    model = run.build_model().double()
+    recorded = run.checkpoint(step).params  # in the manifest's parameter order, like A_t below
+    params = {p["name"]: recorded[p["name"]].double().requires_grad_(True)
+              for p in run.manifest["parameters"]}
+    rows = []
+    for i in range(len(y)):
+        loss = F.cross_entropy(functional_call(model, params, (x[i:i + 1].double(),)), y[i:i + 1])
+        rows.append(torch.cat([g.reshape(-1) for g in torch.autograd.grad(loss, list(params.values()))]))
+    return torch.stack(rows)
+
+
+def _adam_preconditioner(run, step):
+    """A_t = 1/(sqrt(v/(1−β2^k)) + eps) of the update starting at θ_step (the last one's at T)."""
+    ck = run.checkpoint(min(step + 1, run.steps[-1]))
+    beta2, eps = ADAM["betas"][1], 1e-8
+    v = torch.cat([ck.optim_state[p["name"]]["exp_avg_sq"].reshape(-1).double()
+                   for p in run.manifest["parameters"]])
+    return 1.0 / (v.sqrt() / math.sqrt(1 - beta2 ** ck.optim_step) + eps)
+
+
+@pytest.mark.parametrize("precondition", [False, True])
+def test_plgk_equals_naive_path_features(run_dir, tmp_path, precondition):
+    run = load_run(run_dir)
+    data = run.dataset
+    with _replay(run_dir, tmp_path / "k.h5", precondition=precondition) as f:
+        steps = f.kernel("step")
+        assert list(steps) == [0, 2, 4, 6, 8, 9]
+        # Φ_path: every kernel checkpoint's per-sample gradients, concatenated (paper eq. 13)
+        audit_path, train_path = [], []
+        for t in steps:
+            scale = _adam_preconditioner(run, int(t)).sqrt() if precondition else 1.0
+            audit_path.append(_loop_gradients(run, int(t), data.x_test[:5], data.y_test[:5]) * scale)
+            train_path.append(_loop_gradients(run, int(t), data.x_train, data.y_train) * scale)
+        a, m = torch.cat(audit_path, 1), torch.cat(train_path, 1)
+        for name, expected in (("audit_gram", a @ a.T), ("audit_train_gram", a @ m.T),
+                               ("train_norm_sq", (m * m).sum(1))):
+            got = torch.from_numpy(f.kernel(name))
+            assert float((got - expected).norm() / expected.norm()) <= 1e-6, name
+        gram = f.kernel("audit_gram")
+        assert np.array_equal(gram, gram.T)
+        eig = np.linalg.eigvalsh(gram)
+        assert eig[0] >= -1e-6 * eig[-1]
+        assert np.allclose(np.diag(f.kernel("audit_ips")), 1.0, atol=1e-6)
+        chord, angle = f.distances()
+        assert np.allclose(np.diag(chord), 0.0, atol=1e-6)
+        assert np.allclose(chord, 2 * np.sin(angle / 2), atol=1e-6)
+
+
+def test_streamed_modes_match_the_materialised_svd(run_dir, tmp_path):
+    run = load_run(run_dir)
+    data = run.dataset
+    with _replay(run_dir, tmp_path / "m.h5", modes=4) as f:
+        name = f"step_{run.steps[-1]:08d}"
+        phi = _loop_gradients(run, run.steps[-1], data.x_train, data.y_train)
+        exact = torch.linalg.svdvals(phi)
+        s = f.mode(name, "s")
+        np.testing.assert_allclose(s, exact[:4].numpy(), rtol=1e-3)
+        total = float((phi * phi).sum())
+        assert f.mode_attrs(name)["total_energy"] == pytest.approx(total, rel=1e-9)
+        curve = np.cumsum(exact.numpy() ** 2) / total
+        for pct in (90, 95, 99):
+            k = int(np.argmax(curve >= pct / 100)) + 1
+            assert f.mode_attrs(name)[f"k_at_{pct}"] == (k if k <= 4 else -1)
+        cr = f.mode(name, "cancellation")
+        assert cr.shape == (6, 5, 4) and np.nanmax(cr) <= 1 + 1e-12 and np.nanmin(cr) >= 0
+
+
+def test_inspect_kernel_json(run_dir, tmp_path):
+    _replay(run_dir, tmp_path / "j.h5", modes=3).close()
+    result = CliRunner().invoke(main, ["inspect", str(tmp_path / "j.h5"), "--kernel", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.output)
+    assert set(summary["difficulty"]["table"]) == {"ips_l2_norm", "ips_class_margin", "max_softmax",
+                                                   "logit_margin"}
+    assert summary["regime"]["feature_overlap"][-1] == pytest.approx(1.0)
