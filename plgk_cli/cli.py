@@ -94,10 +94,23 @@ def train(config_path, out, quiet):
               help="Commit progress every K updates (0: by time only).")
 @click.option("--commit-seconds", default=60.0, show_default=True, type=float,
               help="Commit progress at least this often.")
+@click.option("--kernel", is_flag=True, help="Also the PLGK, IPS, temporal kernel and regime metrics.")
+@click.option("--kernel-stride", default=0, show_default=True, type=int,
+              help="Updates between kernel checkpoints (0: one epoch).")
+@click.option("--kernel-train", is_flag=True, help="Also the train x train PLGK (M x M).")
+@click.option("--precondition", is_flag=True,
+              help="Weigh the PLGK by the optimizer's preconditioner (paper eq. 29).")
+@click.option("--modes", default=0, show_default=True, type=int,
+              help="K training-gradient modes (Algorithm 1); 0: none.")
+@click.option("--modes-at", multiple=True, type=int, help="Reference step of the modes (repeatable; "
+              "default: the final checkpoint).")
+@click.option("--modes-method", default="svd", show_default=True, type=click.Choice(["svd", "oja"]))
+@click.option("--save-modes", is_flag=True, help="Store the modes' parameter-space vectors V (P x K).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
-           overwrite, resume, commit_every, commit_seconds, quiet):
+           overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
+           precondition, modes, modes_at, modes_method, save_modes, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
     from plgk_cli.replay import replay as run_replay
@@ -106,7 +119,10 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
     args = ReplayArguments(ckpts=ckpts, audit_set=audit_set, out=out, targets=targets, rule=rule,
                            train_subset=train_subset, group_by=group_by, stride=stride,
                            device=device, chunk_size=chunk_size, overwrite=overwrite, resume=resume,
-                           commit_every=commit_every, commit_seconds=commit_seconds)
+                           commit_every=commit_every, commit_seconds=commit_seconds, kernel=kernel,
+                           kernel_stride=kernel_stride, kernel_train=kernel_train,
+                           precondition=precondition, modes=modes, modes_at=tuple(modes_at),
+                           modes_method=modes_method, save_modes=save_modes)
     result = run_replay(args, progress=not quiet)
     if result.rank != 0:
         return

@@ -40,13 +40,13 @@ class PlotReport:
     skipped: list = field(default_factory=list)  # (file name, why)
 
 
-def _figure(size):
+def _figure(size, constrained: bool = True):
     try:
         from matplotlib.figure import Figure
     except ImportError:
         raise DependencyError("--plot needs matplotlib: pip install 'plgk[plot]' (or pip install "
                               "matplotlib)") from None
-    return Figure(figsize=size, dpi=DPI, layout="constrained")
+    return Figure(figsize=size, dpi=DPI, layout="constrained" if constrained else None)
 
 
 def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: str | None = None,
@@ -236,7 +236,7 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
         best = "most helpful" if score[order[0]] > 0 else "least harmful (none helped)"
         worst = "most harmful" if score[order[-1]] < 0 else "least helpful (none harmed)"
         picked = {best: order[:GRID * GRID], worst: order[::-1][:GRID * GRID]}
-        fig = _figure(GRID_FIGURE)
+        fig = _figure(GRID_FIGURE, constrained=False)  # axes placed by hand in _draw_grids
         _draw_grids(fig, dataset.x_train, train_index, train_label, column, picked, audit_image, label)
         fig.suptitle(f"Audit point {audit}{_where(f, audit)}, {what}: {scope} "
                      f"(influence < 0 pushed the {what} down; helpful = pushed it "
@@ -277,27 +277,35 @@ def _to_rgb(x) -> np.ndarray:
 
 
 def _draw_grids(fig, x_train, train_index, train_label, column, picked: dict, audit_image, label):
-    # columns: the audit image, a gap, 5 helpful, a gap, 5 harmful
-    spec = fig.add_gridspec(GRID, 2 * GRID + 3, width_ratios=[1.6, 0.3] + [1] * GRID + [0.3] + [1] * GRID)
-    ax = fig.add_subplot(spec[1:3, 0])
+    """The audit image on the left, then one 5 x 5 mosaic per block of ``picked``. Each mosaic is
+    a single image with a caption band above every tile: one Axes per block, not per example,
+    keeps drawing fast."""
+    ax = fig.add_axes([0.01, 0.30, 0.11, 0.40])
     if audit_image is not None:
         image = _to_rgb(audit_image)
         ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(f"audit point\nlabel {label}", fontsize=9)
     ax.set_axis_off()
     for block, (title, rows) in enumerate(picked.items()):
-        first_col = 2 + block * (GRID + 1)
-        for k in range(GRID * GRID):
-            ax = fig.add_subplot(spec[k // GRID, first_col + k % GRID])
-            ax.set_axis_off()
-            if k >= len(rows):
-                continue
-            row = rows[k]
-            image = _to_rgb(x_train[int(train_index[row])])
-            ax.imshow(image, cmap="gray" if image.ndim == 2 else None, vmin=0, vmax=1, interpolation="nearest")
-            ax.set_title(f"#{int(train_index[row])} y={int(train_label[row])}\n{column[row]:+.1e}", fontsize=6)
-            if k == GRID // 2:
-                ax.text(0.5, 1.9, title, ha="center", fontsize=10, transform=ax.transAxes)
+        ax = fig.add_axes([0.14 + block * 0.43, 0.01, 0.42, 0.87])
+        tiles = [_to_rgb(x_train[int(train_index[row])]) for row in rows]
+        captions = [f"#{int(train_index[row])} y={int(train_label[row])}\n{column[row]:+.1e}" for row in rows]
+        _mosaic(ax, tiles, captions)
+        ax.set_title(title, fontsize=10)
+        ax.set_axis_off()
+
+
+def _mosaic(ax, tiles: list, captions: list) -> None:
+    height, width = tiles[0].shape[:2]
+    band, gap = max(2, round(0.45 * height)), max(1, round(0.12 * width))  # caption band, gutter
+    cell_h, cell_w = height + band, width + gap
+    canvas = np.ones((GRID * cell_h, GRID * cell_w - gap, 3))  # white background
+    for k, (tile, caption) in enumerate(zip(tiles, captions)):
+        top, left = (k // GRID) * cell_h + band, (k % GRID) * cell_w
+        canvas[top:top + height, left:left + width] = tile[..., None] if tile.ndim == 2 else tile
+        ax.text(left + width / 2, top - 0.5, caption, ha="center", va="bottom", fontsize=6,
+                linespacing=1.0)
+    ax.imshow(canvas, vmin=0, vmax=1, interpolation="nearest")
 
 
 # ---------------------------------------------------------------------------- embedding

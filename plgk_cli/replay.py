@@ -276,10 +276,15 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     state = WalkState(rank_plan)
     if args.resume and progress_file.exists():
         tensors, saved = load_progress(progress_file)
-        if saved.get("arguments") != _identity(args) or saved.get("run_id") != plan.run.run_id:
-            raise AuditSpecError(f"{progress_file}: was made with other arguments or another run "
-                                 f"({saved.get('arguments')}); resume with the same arguments or "
-                                 "start over with --overwrite")
+        if saved.get("run_id") != plan.run.run_id:
+            raise AuditSpecError(f"{progress_file}: was made for run {saved.get('run_id')!r}, not "
+                                 f"{plan.run.run_id!r}; start over with --overwrite")
+        if saved.get("arguments") != _identity(args):
+            old, new = saved.get("arguments", {}), _identity(args)
+            differ = ", ".join(f"{k} {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                               if old.get(k) != new.get(k))
+            raise AuditSpecError(f"{progress_file}: was made with other arguments ({differ}); resume "
+                                 "with the same arguments or start over with --overwrite")
         state.restore(tensors, saved["walk"])
     elif progress_file.exists():
         progress_file.unlink()  # --overwrite: start over

@@ -92,9 +92,16 @@ def check_free_space(path: Path, needed: int) -> None:
     PLGK_FREE_BYTES overrides the measured free space (fault injection for tests)."""
     free = int(os.environ.get("PLGK_FREE_BYTES", shutil.disk_usage(path.parent).free))
     if free < needed:
-        raise OutputError(f"{path.parent}: {free / 1e6:.1f} MB free but the replay needs about "
-                          f"{needed / 1e6:.1f} MB (output and progress commits); free space or "
+        raise OutputError(f"{path.parent}: {_size(free)} free but the replay needs about "
+                          f"{_size(needed)} (output and progress commits); free space or "
                           "choose another --out")
+
+
+def _size(n: int) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} bytes"
 
 
 def _chunks(shape: tuple) -> tuple | None:
@@ -198,6 +205,9 @@ class InfluenceFile:
         try:
             self._f = h5py.File(self.path, "r")
         except OSError as exc:
+            if "lock" in str(exc).lower():
+                raise StoreError(f"{self.path}: another process has it open for writing; wait for "
+                                 "it to finish (or close it) and try again") from None
             raise StoreError(f"{self.path}: not a readable HDF5 file ({exc}); it may be truncated "
                              "or still being written") from None
         if self._f.attrs.get("schema_version") is None or "audit" not in self._f:

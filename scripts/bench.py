@@ -2,7 +2,7 @@
 
     python scripts/bench.py                                  # the default set (fits ~10 min on 2 cores)
     python scripts/bench.py --workload digits                # one workload (repeatable)
-    python scripts/bench.py --workload mnist-synthetic --steps-scale 0.01
+    python scripts/bench.py --workload mnist-synthetic --steps-scale 0.02   # one epoch
     python scripts/bench.py --workload captum-sgd            # plgk euler vs captum TracInCP
     python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
@@ -22,8 +22,8 @@ How it measures. Every phase (train, train without recording, replay, captum) ru
 child process (`python -c`); times are taken inside the child around the phase itself, so they
 EXCLUDE interpreter start and imports and INCLUDE all of the phase's I/O (dataset load and
 fingerprint, checkpoint writes, checkpoint reads, the HDF5 output). Peak RSS is the child's own
-ru_maxrss read with os.wait4 (so it includes the ~0.4 GiB of the Python+torch process itself; the
-`idle` line of the JSON gives that baseline). Record overhead = time spent inside
+ru_maxrss read with os.wait4, so it includes the ~0.3 GiB of the Python+torch process itself
+(comparisons.idle_rss_mib in the JSON: a child that only imports). Record overhead = time spent inside
 trajectory.write_checkpoint (timed by a wrapper patched in the child) over the rest of training;
 a second training run with write_checkpoint replaced by a no-op gives the un-recorded baseline.
 Results go to --json-out (default bench-results/bench.json) and the terminal.
@@ -57,9 +57,10 @@ PAPER_A5 = {"steps": 10_000, "train_s": 226.5, "audit_s": 4040.0, "ratio": 4040.
             "train_mem_gib": 0.435, "audit_mem_gib": 2.915, "mle": 0.010386, "corr": 0.999998}
 MNIST_STEPS_PER_EPOCH = 200
 MNIST_BATCH = 256
-# Measured on the 2-core CPU machine: ~0.5 s per replayed step, so 100 steps keep the whole default
-# bench near 10 minutes. --steps-scale 0.02 (one full epoch, 200 steps) takes about twice as long.
-DEFAULT_STEPS_SCALE = 0.01
+# Measured on the 2-core CPU machine: a LeNet-5 replay step (batch 256, 256 audit points) costs
+# ~6.5 CPU-seconds (~3.5-4 s wall on an idle machine), so one epoch (200 steps, --steps-scale 0.02)
+# alone takes ~13 min; the default runs 50 steps so that the default set stays near 10 minutes.
+DEFAULT_STEPS_SCALE = 0.005
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
 ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "

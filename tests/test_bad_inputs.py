@@ -265,18 +265,18 @@ def test_check_not_a_run_directory(tmp_path):
 
 def test_disk_full_refused_before_work(runs, tmp_path, monkeypatch):
     """PLGK_FREE_BYTES stands for the free space: replay refuses before it walks, naming the
-    directory and the megabytes it needs; nothing is written, an existing output survives."""
+    directory and the space it needs; nothing is written, an existing output survives."""
     monkeypatch.setenv("PLGK_FREE_BYTES", "0")
     out = tmp_path / "out.h5"
     line = assert_one_line_error(
         replay(runs["run"], "--target", "logits", audit_set="test[:8]", out=out),
-        OutputError.exit_code, str(tmp_path), "0.0 MB free", "needs about")
-    needed = float(re.search(r"needs about ([0-9.]+) MB", line).group(1))
-    assert needed > 0, line
+        OutputError.exit_code, str(tmp_path), "0 bytes free", "needs about")
+    needed = re.search(r"needs about ([0-9.]+) (bytes|kB|MB|GB)", line)
+    assert needed and float(needed.group(1)) > 0, line
     assert_nothing_written(out)
 
     existing = Path(shutil.copy(runs["h5"], tmp_path / "existing.h5"))
-    assert_replay_refused(runs["run"], existing, OutputError.exit_code, "MB free", "needs about")
+    assert_replay_refused(runs["run"], existing, OutputError.exit_code, "bytes free", "needs about")
 
 
 def test_disk_full_keeps_progress_of_interrupted_replay(runs, tmp_path, monkeypatch):
@@ -291,7 +291,7 @@ def test_disk_full_keeps_progress_of_interrupted_replay(runs, tmp_path, monkeypa
     monkeypatch.delenv("PLGK_FAULT")
     monkeypatch.setenv("PLGK_FREE_BYTES", "0")
     assert_one_line_error(replay(runs["run"], "--commit-every", "1", "--resume", out=out),
-                          OutputError.exit_code, "MB free", "needs about")
+                          OutputError.exit_code, "bytes free", "needs about")
     assert progress.read_bytes() == before and not out.exists()
 
 
@@ -316,7 +316,7 @@ def held_open(runs, tmp_path):
 def test_inspect_file_held_open_for_writing(held_open):
     before = held_open.read_bytes()
     line = assert_one_line_error(invoke("inspect", held_open), StoreError.exit_code, str(held_open),
-                                 "lock")
+                                 "another process has it open for writing")
     assert "still being written" in line
     assert held_open.read_bytes() == before
 

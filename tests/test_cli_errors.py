@@ -415,6 +415,16 @@ def test_missing_dataset(base, tmp_path):
     assert not out.exists()
 
 
+def test_missing_svhn_files_say_where_to_put_them(tmp_path):
+    config = tmp_path / "run.toml"
+    config.write_text(f'[data]\ndataset = "svhn:{tmp_path / "svhn"}"\n')
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
+                          DataError.exit_code, str(tmp_path / "svhn"), "train_32x32.mat not found",
+                          "http://ufldl.stanford.edu/housenumbers/")
+    assert not out.exists()
+
+
 def test_train_into_non_empty_directory(base, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
