@@ -317,7 +317,7 @@ def test_inspect_file_held_open_for_writing(held_open):
     before = held_open.read_bytes()
     line = assert_one_line_error(invoke("inspect", held_open), StoreError.exit_code, str(held_open),
                                  "another process has it open for writing")
-    assert "still being written" in line
+    assert "try again" in line
     assert held_open.read_bytes() == before
 
 

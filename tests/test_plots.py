@@ -48,11 +48,12 @@ def assert_picture(path, size):
     assert pixels.std() > 0, path.name  # not a blank canvas
 
 
-def write_image_npz(path, n_train=40, n_test=6, seed=0):
-    """8x8 uint8 'images' (loaded as (N, 1, 8, 8) in [0, 1]) in 3 classes."""
+def write_image_npz(path, n_train=40, n_test=6, seed=0, rgb=False):
+    """uint8 'images' in 3 classes: (N, 8, 8), loaded as (N, 1, 8, 8), or (N, 3, 8, 8) colour."""
     rng = np.random.default_rng(seed)
-    np.savez(path, x_train=rng.integers(0, 256, (n_train, 8, 8), dtype=np.uint8),
-             y_train=np.arange(n_train) % 3, x_test=rng.integers(0, 256, (n_test, 8, 8), dtype=np.uint8),
+    shape = (3, 8, 8) if rgb else (8, 8)
+    np.savez(path, x_train=rng.integers(0, 256, (n_train, *shape), dtype=np.uint8),
+             y_train=np.arange(n_train) % 3, x_test=rng.integers(0, 256, (n_test, *shape), dtype=np.uint8),
              y_test=np.arange(n_test) % 3)
     return path
 
@@ -66,7 +67,7 @@ def audit_file(run_dir, out, **kwargs):
 @pytest.fixture(scope="module")
 def image_audit(tmp_path_factory):
     root = tmp_path_factory.mktemp("images")
-    npz = write_image_npz(root / "images.npz")
+    npz = write_image_npz(root / "images.npz", rgb=True)
     run = train_tiny(root / "run", npz, {"name": "adam", "lr": 0.01})
     return {"npz": npz, "run": run, "h5": audit_file(run, root / "influences.h5")}
 
@@ -108,15 +109,21 @@ def test_grouped_audit_and_changed_data_skip_the_grids(image_audit, tmp_path):
         report = write_plots(f, tmp_path / "grouped")
     assert len(report.written) == 4 and all("grouped audit" in why for _, why in report.skipped)
 
-    # a copy of the run whose data file changed after the replay: the images would be wrong
-    npz = write_image_npz(tmp_path / "images.npz")
+    # grey images whose data file changes after the replay: the grids would show other images
+    npz = write_image_npz(tmp_path / "grey.npz")
     run = train_tiny(tmp_path / "run", npz, {"name": "sgd", "lr": 0.1}, epochs=1)
-    h5 = audit_file(run, tmp_path / "changed.h5")
+    h5 = audit_file(run, tmp_path / "grey.h5")
     write_image_npz(npz, seed=1)
     with InfluenceFile(h5) as f:
         report = write_plots(f, tmp_path / "changed")
-    assert len(report.written) == 4
-    assert all("training images unavailable" in why and "fingerprint" in why for _, why in report.skipped)
+        assert len(report.written) == 4
+        assert all("training images unavailable" in why and "fingerprint" in why
+                   for _, why in report.skipped)
+        write_image_npz(npz)  # the original data again: the grey grids are drawn
+        report = write_plots(f, tmp_path / "grey")
+        assert report.skipped == []
+        for path in report.written:
+            assert_picture(path, GRIDS if path.name.startswith("examples") else WIDE)
 
 
 def test_bad_arguments(image_audit, tmp_path):
