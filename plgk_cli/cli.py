@@ -58,14 +58,15 @@ def main(debug):
               help="TOML run configuration (see configs/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory to create (must be new or empty).")
+@click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def train(config_path, out, quiet):
+def train(config_path, out, resume, quiet):
     """Train a model and record its trajectory."""
     from plgk_cli.config import load_config
     from plgk_cli.train import train as run_training
 
-    manifest = run_training(load_config(config_path), out, progress=not quiet)
+    manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume)
     final = manifest["final"]
     click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "
                f"{final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}")

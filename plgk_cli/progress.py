@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import signal
 from pathlib import Path
 
 import torch
@@ -19,6 +18,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from plgk_cli.errors import StoreError
+from plgk_cli.faults import fault_hook
 
 FORMAT = "plgk-replay-progress"
 VERSION = "1"
@@ -48,7 +48,7 @@ def commit(path: Path, tensors: dict, metadata: dict) -> None:
     with open(tmp, "rb") as f:
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    _fault_hook("after_commit")
+    fault_hook("after_commit")
 
 
 def load(path: Path) -> tuple[dict, dict]:
@@ -65,20 +65,3 @@ def load(path: Path) -> tuple[dict, dict]:
         raise StoreError(f"{path}: checksum mismatch, the progress file is damaged; start over "
                          "with --overwrite")
     return tensors, json.loads(meta["state"])
-
-
-def _fault_hook(point: str) -> None:
-    """Fault injection for the resume tests, unset in normal use: PLGK_FAULT=POINT:K[:HOW] acts
-    right after the K-th commit, HOW being KILL (SIGKILL: no cleanup, like a power cut; default),
-    TERM or INT (a signal the replay handles) or CRASH (an unexpected exception)."""
-    spec = os.environ.get("PLGK_FAULT", "").split(":")
-    if spec[0] != point:
-        return
-    count = int(os.environ.get("PLGK_FAULT_COUNT", "0")) + 1
-    os.environ["PLGK_FAULT_COUNT"] = str(count)
-    if count != int(spec[1]):
-        return
-    how = spec[2] if len(spec) > 2 else "KILL"
-    if how == "CRASH":
-        raise RuntimeError("injected crash (PLGK_FAULT)")
-    os.kill(os.getpid(), getattr(signal, "SIG" + how))

@@ -145,9 +145,10 @@ class Recorder:
                  *, model_name: str, dataset: str | Dataset, batch_size: int, epochs: int,
                  model_kwargs: dict | None = None, data_seed: int = 0,
                  steps_per_epoch: int | None = None, config: dict | None = None,
-                 schedule: dict | None = None):
+                 schedule: dict | None = None, resume: bool = False):
         out_dir = Path(out_dir)
-        trajectory.check_new_run_dir(out_dir)
+        if not resume:
+            trajectory.check_new_run_dir(out_dir)
         for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Recorder: {arg} must be an integer >= 1, got {value!r}")
@@ -162,7 +163,7 @@ class Recorder:
                               "the model on one device")
         dtype, device = next(iter(dtypes)), next(iter(devices))
         hyper = hyper_from_optimizer(optimizer, named)
-        if any(int(s.get("step", 0)) > 0 for s in optimizer.state.values()):
+        if not resume and any(int(s.get("step", 0)) > 0 for s in optimizer.state.values()):
             raise RecorderError("optimizer: has already taken steps; create the Recorder before the "
                                 "first optimizer.step(), so that the trajectory starts at θ_0")
 
@@ -229,11 +230,14 @@ class Recorder:
         self._finished = False
         self._epoch, self._loss_sum, self._seen, self._correct = 0, 0.0, 0, 0
 
-        out_dir.mkdir(parents=True, exist_ok=True)
-        trajectory.write_manifest(out_dir, self.manifest)
-        # Looked up on the module at each call (not imported by name) so that scripts/bench.py can
-        # time or skip the writes by patching trajectory.write_checkpoint.
-        trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0)
+        if resume:
+            self._reopen()
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            trajectory.write_manifest(out_dir, self.manifest)
+            # Looked up on the module at each call (not imported by name) so that scripts/bench.py
+            # can time or skip the writes by patching trajectory.write_checkpoint.
+            trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 
@@ -333,6 +337,46 @@ class Recorder:
         return False
 
     # ------------------------------------------------------------------ internals
+
+    def _reopen(self) -> None:
+        """Continue an interrupted run: the model and optimizer take θ_t and the optimizer state
+        of its last checkpoint t (every checkpoint is written atomically, so the last one present
+        is whole), so that the next update is the one the interrupted run would have made."""
+        old = trajectory.read_manifest(self.out_dir)
+        if old.get("complete"):
+            raise RecorderError(f"{self.out_dir}: the run is complete; nothing to resume")
+        # clip norms are filled in as clipping happens: take the interrupted run's
+        recorded_clip = old.get("optimizer", {}).get("clip_grad_norm")
+        self.manifest["optimizer"]["clip_grad_norm"] = recorded_clip
+        self._max_norms = [] if recorded_clip is None else (
+            list(recorded_clip) if isinstance(recorded_clip, list) else [recorded_clip])
+        mine = json.loads(json.dumps({k: v for k, v in self.manifest.items()
+                                      if k not in ("run_id", "created", "plgk_version")}))
+        differs = sorted(k for k in mine if old.get(k) != mine[k])
+        if differs:
+            raise RecorderError(f"{self.out_dir}: was recorded with other settings ({', '.join(differs)} "
+                                "differ); resume with the same config")
+        steps = trajectory.list_steps(self.out_dir)
+        last = 0
+        while last + 1 in steps:  # the contiguous prefix; anything after a gap is not trusted
+            last += 1
+        if not steps or steps[0] != 0:
+            raise RecorderError(f"{self.out_dir}: no step 0 checkpoint; start a new run")
+        ck = trajectory.read_checkpoint(self.out_dir, last, old["run_id"])
+        with torch.no_grad():
+            for name, p in self._named.items():
+                p.copy_(ck.params[name])
+        for name, p in self._named.items():
+            state = {k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in ck.optim_state[name].items()}
+            if self.hyper.name != "sgd":  # torch keeps the step count as a float32 scalar tensor
+                state["step"] = torch.tensor(float(ck.optim_step), dtype=torch.float32)
+            if state:
+                self.optimizer.state[p] = state
+        self.run_id = old["run_id"]
+        self.manifest = {**self.manifest, "run_id": old["run_id"], "created": old["created"]}
+        self.step_count = last
+        self._epoch = (last - 1) // self.steps_per_epoch if last else 0
+        trajectory.write_manifest(self.out_dir, self.manifest)
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Runs inside optimizer.step(), before the update: refuse an update the record could not

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from plgk_cli.config import RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset
-from plgk_cli.errors import ConfigError
+from plgk_cli.errors import ConfigError, OutputError
 from plgk_cli.models import build_model
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
 from plgk_cli.recorder import Recorder
@@ -52,12 +52,16 @@ def hyper_from_config(config: RunConfig) -> Hyper:
                  weight_decay=o.weight_decay, amsgrad=o.amsgrad, centered=o.centered)
 
 
-def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True) -> dict:
-    """Train and record; returns the manifest. Refuses a non-empty output directory."""
+def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False) -> dict:
+    """Train and record; returns the manifest. Refuses a non-empty output directory unless
+    ``resume``, which continues an interrupted run from its last checkpoint (bit-identical on CPU)."""
     if config.checkpoint.every != 1:
         raise ConfigError("[checkpoint] every: only 1 is supported so far (sparse checkpoints with "
                           "re-simulation are planned); set every = 1")
-    check_new_run_dir(out_dir)  # before the data are loaded: fail fast
+    if not resume:
+        check_new_run_dir(out_dir)  # before the data are loaded: fail fast
+    elif not (Path(out_dir) / "manifest.json").is_file():
+        raise OutputError(f"{out_dir}: no run to resume (no manifest.json); train without --resume")
     dtype = torch.float64 if config.train.dtype == "float64" else torch.float32
     device = resolve_device(config.train.device)
     data = load_dataset(config.data.dataset, config.data.seed, dtype)
@@ -72,15 +76,22 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True) -> d
     recorder = Recorder(out_dir, model, optimizer, model_name=config.model.name,
                         model_kwargs=config.model.kwargs, dataset=data, data_seed=config.data.seed,
                         batch_size=batch_size, epochs=config.train.epochs, config=config.to_dict(),
-                        schedule=dataclasses.asdict(config.schedule))
+                        schedule=dataclasses.asdict(config.schedule), resume=resume)
     total_steps = recorder.manifest["total_steps"]
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)
     generator = torch.Generator().manual_seed(config.train.seed)
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+    done = recorder.step_count  # > 0 when resuming: those updates are recorded already
+    bar.update(done)
+    step = 0
     with recorder:
         for _ in range(config.train.epochs):
+            # every epoch's order is drawn even when resuming, so the generator stays in step
             for batch in torch.randperm(m, generator=generator).split(batch_size):
+                step += 1
+                if step <= done:
+                    continue
                 # the lr is set before the update and the recorder takes it from the optimizer
                 lr = learning_rate(config.schedule, config.optim.lr, recorder.step_count, total_steps)
                 for group in optimizer.param_groups:

@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from plgk_cli.errors import OutputError, TrajectoryError
+from plgk_cli.faults import fault_hook
 
 FORMAT = "plgk-trajectory"
 FORMAT_VERSION = 1
@@ -117,6 +118,7 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
     os.replace(tmp, path)  # a crash never leaves a half-written step file under its real name
+    fault_hook("after_checkpoint")
     return path
 
 

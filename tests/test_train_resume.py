@@ -1,0 +1,82 @@
+"""`plgk train --resume` after a kill at random checkpoints records the same trajectory, bit for
+bit on CPU, as an uninterrupted run."""
+
+from __future__ import annotations
+
+import os
+import random
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from plgk_cli.trajectory import list_steps, read_manifest
+
+CONFIG = """
+[data]
+dataset = "npz:{npz}"
+[model]
+name = "mlp"
+kwargs = {{ hidden = 6 }}
+[optim]
+name = "adamw"
+lr = 0.02
+weight_decay = 0.1
+clip_grad_norm = 0.5
+[schedule]
+name = "cosine"
+warmup_steps = 2
+[train]
+epochs = 3
+batch_size = 8
+device = "cpu"
+"""
+TOTAL_STEPS = 9  # 22 examples, batch 8, 3 epochs
+
+
+def plgk_train(config, out, *extra, fault=None):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PLGK_FAULT")}
+    if fault:
+        env["PLGK_FAULT"] = fault
+    return subprocess.run([sys.executable, "-m", "plgk_cli", "train", "--config", str(config),
+                           "--out", str(out), "--quiet", *extra],
+                          env=env, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory, tiny_npz):
+    root = tmp_path_factory.mktemp("train")
+    config = root / "run.toml"
+    config.write_text(CONFIG.format(npz=tiny_npz))
+    assert plgk_train(config, root / "reference").returncode == 0
+    return config, root / "reference"
+
+
+# Checkpoint 0 is written first, so the K-th write is checkpoint K-1.
+@pytest.mark.parametrize("kill_after", sorted(random.Random(1).sample(range(2, TOTAL_STEPS + 1), 2)))
+def test_resumed_training_matches_uninterrupted(setup, tmp_path, kill_after):
+    config, reference = setup
+    out = tmp_path / "run"
+    killed = plgk_train(config, out, fault=f"after_checkpoint:{kill_after}:KILL")
+    assert killed.returncode != 0 and not read_manifest(out)["complete"]
+    assert list_steps(out)[-1] == kill_after - 1
+    refused = plgk_train(config, out)  # without --resume the run is never extended
+    assert refused.returncode != 0 and "not empty" in refused.stderr
+    resumed = plgk_train(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert read_manifest(out)["complete"]
+    assert list_steps(out) == list_steps(reference) == list(range(TOTAL_STEPS + 1))
+    for step in list_steps(reference):
+        name = f"step_{step:08d}.safetensors"
+        a, b = load_file(reference / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (step, key)
+
+
+def test_resume_of_a_complete_run_is_refused(setup):
+    config, reference = setup
+    result = plgk_train(config, reference, "--resume")
+    assert result.returncode != 0 and "complete" in result.stderr and "Traceback" not in result.stderr
