@@ -67,7 +67,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         problems.append(Problem(f"{run_dir}: training did not finish (manifest complete = false; "
                                 f"last checkpoint step {steps[-1] if steps else None} of "
                                 f"{manifest.get('total_steps')}); replay needs a finished run: "
-                                "re-run `plgk train` with a new --out"))
+                                "finish it with `plgk train --config ... --out DIR --resume`"))
     every = int(manifest.get("checkpoint_every", 1))
     total = int(manifest.get("total_steps", steps[-1] if steps else 0))
     last = total if manifest.get("complete") else (steps[-1] if steps else 0)

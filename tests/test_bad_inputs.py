@@ -206,7 +206,7 @@ def test_unfinished_training_run(run_copy, existing_out):
     line = assert_replay_refused(run_copy, existing_out, TrajectoryError.exit_code, str(run_copy),
                                  "training did not finish", "complete = false",
                                  "last checkpoint step 2 of 3")
-    assert "re-run `plgk train`" in line and "--resume" not in line  # train has no --resume
+    assert "plgk train" in line and "--resume" in line
 
 
 # --------------------------------------------------------------------------- plgk check
