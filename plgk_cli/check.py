@@ -71,9 +71,8 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
     every = int(manifest.get("checkpoint_every", 1))
     total = int(manifest.get("total_steps", steps[-1] if steps else 0))
     last = total if manifest.get("complete") else (steps[-1] if steps else 0)
-    expected = list(range(0, last + 1, every))
-    if last % every:
-        expected.append(last)
+    expected = list(range(0, last + 1))  # a sparse run records every step; θ every `every`
+    full_at = set(range(0, last + 1, every)) | {last}
     present = sorted(set(steps))
     for missing in sorted(set(expected) - set(steps)):
         below = max((s for s in present if s < missing), default=None)
@@ -83,8 +82,8 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         problems.append(Problem(f"{checkpoint_path(run_dir, missing)}: missing; the run has a gap "
                                 f"{where}: restore the file or re-run `plgk train`"))
     for extra in sorted(set(steps) - set(expected)):
-        problems.append(Problem(f"{checkpoint_path(run_dir, extra)}: step {extra} is not on the "
-                                f"run's checkpoint grid (every {every}, last {last}); remove it"))
+        problems.append(Problem(f"{checkpoint_path(run_dir, extra)}: step {extra} is past the run's "
+                                f"last step {last}; remove it"))
 
     shapes = {p["name"]: (p["shape"], p["dtype"]) for p in manifest["parameters"]}
     num_train = manifest["dataset"]["num_train"]
@@ -95,7 +94,11 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         except PlgkError as exc:
             problems.append(Problem(str(exc), type(exc)))
             continue
-        for name, (shape, dtype) in shapes.items():
+        if not ck.full and step in full_at:
+            problems.append(Problem(f"{path}: holds no parameters, but a run with checkpoints every "
+                                    f"{every} steps stores θ at step {step}: restore it or re-run "
+                                    "`plgk train`"))
+        for name, (shape, dtype) in shapes.items() if ck.full else ():
             t = ck.params.get(name)
             if t is None:
                 problems.append(Problem(f"{path}: param/{name} missing"))

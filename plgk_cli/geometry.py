@@ -54,7 +54,7 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
     chunk = args.chunk_size
 
     def theta_at(t):
-        return plan.theta(run.checkpoint(t))
+        return plan.theta(plan.checkpoint(t))
 
     def train_grads(theta, rows):
         return grads.loss_gradients(theta.to(compute), x_train[rows], y_train[rows])[0].to(torch.float64)
@@ -71,7 +71,7 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
         if not args.precondition:
             return None
         after = min(t + 1, total)
-        ck = run.checkpoint(after)
+        ck = plan.checkpoint(after)
         return run.decomposition.preconditioner(layout.flatten_state(ck.optim_state, device),
                                                 ck.optim_step)
 

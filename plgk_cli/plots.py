@@ -146,7 +146,8 @@ def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: 
     ordered = np.sort(column)
     ax_sorted.plot(np.arange(1, len(ordered) + 1), ordered, lw=1.5)
     ax_sorted.axhline(0, color="0.5", lw=0.8)
-    ax_sorted.set_xlabel("training example, sorted by influence")
+    rows = "training class (grouped audit)" if f.train_group is not None else "training example"
+    ax_sorted.set_xlabel(f"{rows}, sorted by influence")
     ax_sorted.set_ylabel(f"influence on the {what}")
     helpful_end = "left (negative)" if sign < 0 else "right (positive)"
     ax_sorted.set_title(f"helpful examples at the {helpful_end} end")
@@ -155,7 +156,7 @@ def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: 
     ax_sum.axhline(final - initial, color="C3", ls="--", label=f"true change {final - initial:+.4f}")
     ax_sum.axhline(column.sum() + residual, color="C2", ls=":", label=f"Σ all + residual {column.sum() + residual:+.4f}")
     ax_sum.set_xscale("log")
-    ax_sum.set_xlabel("k (examples, largest |influence| first)")
+    ax_sum.set_xlabel("k (rows, largest |influence| first)")
     ax_sum.set_title("how the influences add up")
     ax_sum.legend(fontsize=8)
     fig.suptitle(f"Audit point {audit}{_where(f, audit)}: {what} went {initial:.4f} -> {final:.4f}")

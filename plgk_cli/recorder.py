@@ -145,11 +145,12 @@ class Recorder:
                  *, model_name: str, dataset: str | Dataset, batch_size: int, epochs: int,
                  model_kwargs: dict | None = None, data_seed: int = 0,
                  steps_per_epoch: int | None = None, config: dict | None = None,
-                 schedule: dict | None = None, resume: bool = False):
+                 schedule: dict | None = None, resume: bool = False, checkpoint_every: int = 1):
         out_dir = Path(out_dir)
         if not resume:
             trajectory.check_new_run_dir(out_dir)
-        for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch)):
+        for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch),
+                           ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Recorder: {arg} must be an integer >= 1, got {value!r}")
         named = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -219,10 +220,14 @@ class Recorder:
                            for n, s in zip(layout.names, layout.shapes)],
             "dtype": DTYPE_NAMES[dtype], "device": str(device),
             "batch_size": batch_size, "epochs": epochs, "steps_per_epoch": steps_per_epoch,
-            "total_steps": steps_per_epoch * epochs, "checkpoint_every": 1, "complete": False,
+            "total_steps": steps_per_epoch * epochs, "checkpoint_every": checkpoint_every, "complete": False,
         }
         self._named = named
         self._device = device
+        # [checkpoint] every = K: θ and the optimizer state every K-th step (and the last), the
+        # update record (batch, lr, clip coefficient, loss) of every step; replay re-simulates.
+        self.checkpoint_every = checkpoint_every
+        self._last_record: dict | None = None
         self._max_norms: list[float] = []
         self._clip_coef = 1.0  # product of this update's clip coefficients
         self._lr_used: float | None = None
@@ -280,10 +285,9 @@ class Recorder:
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         t = self.step_count + 1
         epoch = (t - 1) // self.steps_per_epoch
-        state, optim_step = optimizer_state(self.optimizer, self._named)
-        trajectory.write_checkpoint(self.out_dir, self.run_id, t, self._named, state, optim_step or t,
-                                    batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
-                                    loss=loss_value, extra_metadata={"epoch": str(epoch)})
+        self._last_record = dict(step=t, batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
+                                 loss=loss_value, extra_metadata={"epoch": str(epoch)})
+        self._write(full=t % self.checkpoint_every == 0)
         self.step_count, self._unrecorded, self._clip_coef = t, False, 1.0
         if epoch != self._epoch:
             self._epoch, self._loss_sum, self._seen, self._correct = epoch, 0.0, 0, 0
@@ -309,6 +313,8 @@ class Recorder:
             raise RecorderError("finish(): no update was recorded; call recorder.step() after each "
                                 "optimizer.step()")
         self._remove_hooks()
+        if self.step_count % self.checkpoint_every:  # replay needs θ_T itself
+            self._write(full=True)
         last_epoch = self.epoch_metrics()
         final = {"train_loss": last_epoch["train_loss"], "train_accuracy": last_epoch["train_accuracy"],
                  "test_accuracy": self._test_accuracy()}
@@ -338,6 +344,15 @@ class Recorder:
 
     # ------------------------------------------------------------------ internals
 
+    def _write(self, full: bool) -> None:
+        """Checkpoint of the last recorded update: θ_t and the optimizer state, or the record only."""
+        record = self._last_record
+        state, optim_step = optimizer_state(self.optimizer, self._named)
+        trajectory.write_checkpoint(
+            self.out_dir, self.run_id, record["step"], self._named if full else {},
+            state if full else {}, optim_step or record["step"], batch=record["batch"], lr=record["lr"],
+            clip_coef=record["clip_coef"], loss=record["loss"], extra_metadata=record["extra_metadata"])
+
     def _reopen(self) -> None:
         """Continue an interrupted run: the model and optimizer take θ_t and the optimizer state
         of its last checkpoint t (every checkpoint is written atomically, so the last one present
@@ -362,6 +377,7 @@ class Recorder:
             last += 1
         if not steps or steps[0] != 0:
             raise RecorderError(f"{self.out_dir}: no step 0 checkpoint; start a new run")
+        last -= last % self.checkpoint_every  # the last full checkpoint: later records are redone
         ck = trajectory.read_checkpoint(self.out_dir, last, old["run_id"])
         with torch.no_grad():
             for name, p in self._named.items():

@@ -36,6 +36,7 @@ from plgk_cli.gradients import GradientComputer, ParameterLayout
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
+from plgk_cli.resimulate import TrajectoryView
 from plgk_cli.run import Run, load_run
 from plgk_cli.store import TargetResult, check_free_space, check_writable, write_influences
 from plgk_cli.train import resolve_device
@@ -114,6 +115,10 @@ class ReplayPlan:
     group: torch.Tensor | None
     total: int  # number of updates T
     boundaries: tuple  # checkpoints where the audit side is evaluated (stride)
+    trajectory: TrajectoryView  # θ_t at every step, re-simulated between sparse checkpoints
+
+    def checkpoint(self, t: int):
+        return self.trajectory.checkpoint(t)
 
     @property
     def n_audit(self) -> int:
@@ -142,9 +147,6 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     problems = validate_run(args.ckpts)
     if problems:
         problems[0].raise_(more=len(problems) - 1)
-    if run.manifest.get("checkpoint_every", 1) != 1:
-        raise TrajectoryError(f"{run.path}: checkpoints every {run.manifest['checkpoint_every']} steps; "
-                              "this plgk replays stride-1 trajectories only")
     total = run.steps[-1]
     if total == 0:
         raise TrajectoryError(f"{run.path}: only step 0 is recorded; there is no update to audit")
@@ -157,13 +159,15 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     layout = ParameterLayout.of(model)
     gradients = GradientComputer(model, layout, data.num_classes, args.chunk_size)
     row_of, train_index, train_label, group = _row_mapping(run, subset, args.group_by)
+    x_train, y_train = data.x_train.to(device=device, dtype=compute), data.y_train.to(device)
     return ReplayPlan(
         args=args, run=run, layout=layout, gradients=gradients, device=device, compute=compute,
-        x_train=data.x_train.to(device=device, dtype=compute), y_train=data.y_train.to(device),
+        x_train=x_train, y_train=y_train,
         audit_set=audit_set, x_audit=audit_set.x.to(device=device, dtype=compute),
         y_audit=audit_set.y.to(device), columns=len(audit_set.y) * gradients.target_columns(args.targets),
         row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
-        boundaries=tuple(range(0, total, args.stride)) + (total,))
+        boundaries=tuple(range(0, total, args.stride)) + (total,),
+        trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute))
 
 
 class WalkState:
@@ -188,7 +192,7 @@ class WalkState:
         self.a_boundary = torch.zeros(plan.layout.size, plan.columns, **f64)
         self.h = torch.zeros_like(self.a_boundary)
         if evaluate_end:
-            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.run.checkpoint(plan.total)))
+            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.checkpoint(plan.total)))
 
     @classmethod
     def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
@@ -320,7 +324,7 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
             audit_label=plan.audit_set.y.numpy(), results=results,
             update_error=state.acc.update_error.cpu().numpy(),
             layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
-            geometry=geometry, overwrite=True)
+            geometry=geometry, drift=plan.trajectory.drift, overwrite=True)
     finish_distributed(shard)  # rank 0 has written the output before any rank returns
     progress_file.unlink(missing_ok=True)
     if shard.rank != 0:
@@ -358,15 +362,15 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save) -> N
         if seg_start > state.next_step:
             continue
         if state.h_start != seg_start:  # set this segment up: ∇q at its start, quadrature
-            theta_start, theta_end = plan.theta(run.checkpoint(seg_start)), plan.theta(run.checkpoint(seg_end))
+            theta_start, theta_end = plan.theta(plan.checkpoint(seg_start)), plan.theta(plan.checkpoint(seg_end))
             values, a_start = plan.audit_side(theta_start)
             state.values[index] = values
             state.h = _quadrature(args.quadrature_points, a_start, state.a_boundary, theta_start,
                                   theta_end, plan.audit_side)
             state.a_boundary, state.h_start = a_start, seg_start
-        ck_next = run.checkpoint(state.next_step + 1)
+        ck_next = plan.checkpoint(state.next_step + 1)
         for t in range(state.next_step, seg_start - 1, -1):
-            ck = run.checkpoint(t)
+            ck = plan.checkpoint(t)
             _audit_update(plan, state, decomposition, t, ck, ck_next)
             if t == 0 or run.epoch_of(t - 1) != run.epoch_of(t):  # t is its epoch's first step
                 state.acc.close_epoch(run.epoch_of(t))

@@ -86,7 +86,7 @@ class Run:
 
     def checkpoint(self, t: int) -> Checkpoint:
         ck = read_checkpoint(self.path, t, self.run_id)
-        for p in self.manifest["parameters"]:
+        for p in self.manifest["parameters"] if ck.full else ():
             tensor = ck.params.get(p["name"])
             if tensor is None or list(tensor.shape) != p["shape"]:
                 got = None if tensor is None else list(tensor.shape)

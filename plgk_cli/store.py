@@ -17,6 +17,8 @@ Layout (train x audit, as TRAK and dattri):
       with P̃(e) the influence of the gradients taken up to the end of epoch e (paper 6.3)
       attrs on /audit/<target>: mre, lc, rmre, max_update_error, attribution_gap, complete
   /replay/update_error (T)  per-step relative error of the modelled update against the record
+  /replay/drift_step, drift  (sparse runs) per stored checkpoint reached by re-simulation:
+      ‖θ_resimulated − θ_stored‖ / ‖θ_stored − θ_block start‖; attr max_drift
   /kernel (with --kernel or --modes; geometry.py)  attrs: stride, precondition, weights,
       temporal_participation_ratio, temporal_kernel, regime_sample
     step (K_k) kernel checkpoints; audit_gram (N, N) PLGK; audit_norm_sq (N); audit_ips (N, N);
@@ -116,7 +118,8 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                      train_index: np.ndarray, train_label: np.ndarray, group: np.ndarray | None,
                      audit_index: np.ndarray | None, audit_split: str | None, audit_source: str,
                      audit_label: np.ndarray, results: list, update_error: np.ndarray,
-                     layers: list, complete_audit: bool, overwrite: bool, geometry=None) -> Path:
+                     layers: list, complete_audit: bool, overwrite: bool, geometry=None,
+                     drift: dict | None = None) -> Path:
     """Write to PATH.partial.<pid> and rename: a crash or a bad run never leaves a half file at
     PATH, and two writers never share the temporary file."""
     path = Path(path)
@@ -127,7 +130,7 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                train_index=train_index, train_label=train_label, group=group,
                audit_index=audit_index, audit_split=audit_split, audit_source=audit_source,
                audit_label=audit_label, results=results, update_error=update_error, layers=layers,
-               complete_audit=complete_audit, geometry=geometry)
+               complete_audit=complete_audit, geometry=geometry, drift=drift or {})
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
@@ -136,7 +139,7 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
 
 def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_label, group,
            audit_index, audit_split, audit_source, audit_label, results, update_error, layers,
-           complete_audit, geometry) -> None:
+           complete_audit, geometry, drift) -> None:
     with h5py.File(tmp, "w") as f:
         f.attrs.update({
             "plgk_version": __version__, "schema_version": SCHEMA_VERSION,
@@ -156,6 +159,10 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             audit.attrs["split"] = audit_split
         f.create_dataset("audit/label", data=audit_label.astype(np.int64))
         f.create_dataset("replay/update_error", data=update_error)
+        if drift:  # sparse checkpoints: re-simulated θ against each stored checkpoint
+            f.create_dataset("replay/drift_step", data=np.array(sorted(drift), dtype=np.int64))
+            f.create_dataset("replay/drift", data=np.array([drift[k] for k in sorted(drift)]))
+            f["replay"].attrs["max_drift"] = max(drift.values())
         for r in results:
             g = f.create_group(f"audit/{r.name}")
             g.attrs.update(mre=r.mre, lc=r.lc, rmre=r.rmre, attribution_gap=r.attribution_gap,
@@ -294,6 +301,12 @@ class InfluenceFile:
     @property
     def update_error(self) -> np.ndarray:
         return self._f["replay/update_error"][()]
+
+    @property
+    def max_drift(self) -> float | None:
+        """Largest re-simulation drift of a sparse run; None when every step was stored."""
+        value = self._f["replay"].attrs.get("max_drift")
+        return None if value is None else float(value)
 
     # -- kernel geometry (schema 2; present with replay --kernel / --modes)
 

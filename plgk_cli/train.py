@@ -55,9 +55,6 @@ def hyper_from_config(config: RunConfig) -> Hyper:
 def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False) -> dict:
     """Train and record; returns the manifest. Refuses a non-empty output directory unless
     ``resume``, which continues an interrupted run from its last checkpoint (bit-identical on CPU)."""
-    if config.checkpoint.every != 1:
-        raise ConfigError("[checkpoint] every: only 1 is supported so far (sparse checkpoints with "
-                          "re-simulation are planned); set every = 1")
     if not resume:
         check_new_run_dir(out_dir)  # before the data are loaded: fail fast
     elif not (Path(out_dir) / "manifest.json").is_file():
@@ -76,7 +73,8 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
     recorder = Recorder(out_dir, model, optimizer, model_name=config.model.name,
                         model_kwargs=config.model.kwargs, dataset=data, data_seed=config.data.seed,
                         batch_size=batch_size, epochs=config.train.epochs, config=config.to_dict(),
-                        schedule=dataclasses.asdict(config.schedule), resume=resume)
+                        schedule=dataclasses.asdict(config.schedule), resume=resume,
+                        checkpoint_every=config.checkpoint.every)
     total_steps = recorder.manifest["total_steps"]
 
     x_train, y_train = data.x_train.to(device), data.y_train.to(device)

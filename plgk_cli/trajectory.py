@@ -51,6 +51,11 @@ class Checkpoint:
     clip_coef: float | None
     loss: float | None
 
+    @property
+    def full(self) -> bool:
+        """False for a record-only step of a sparse run ([checkpoint] every > 1): no θ, no state."""
+        return bool(self.params)
+
 
 def check_new_run_dir(run_dir: Path) -> None:
     """Refuse a run directory that exists and is not empty: a run is never overwritten or extended."""
@@ -177,20 +182,18 @@ def list_steps(run_dir: Path) -> list[int]:
 
 
 def check_steps(run_dir: Path, manifest: dict) -> list[int]:
-    """The checkpoint steps, verified contiguous from 0 at the manifest's stride."""
+    """The step files, verified contiguous from 0 (a sparse run keeps a record file for every
+    step and full checkpoints every `checkpoint_every` steps and at the end)."""
     steps = list_steps(run_dir)
     if not steps:
         raise TrajectoryError(f"{run_dir}: no step_*.safetensors checkpoints")
-    every = int(manifest.get("checkpoint_every", 1))
     if steps[0] != 0:
         raise TrajectoryError(f"{checkpoint_path(run_dir, 0)}: missing; the trajectory must start "
                               "at step 0 (θ_0)")
     for previous, current in zip(steps, steps[1:]):
-        if current - previous != every:
-            missing = previous + every
-            raise TrajectoryError(f"{checkpoint_path(run_dir, missing)}: missing; the run has a gap "
-                                  f"between steps {previous} and {current}; restore the file "
-                                  "or re-run `plgk train`")
+        if current - previous != 1:
+            raise TrajectoryError(f"{checkpoint_path(run_dir, previous + 1)}: missing; the run has a "
+                                  f"gap between steps {previous} and {current}")
     total = manifest.get("total_steps")
     if manifest.get("complete") and total is not None and steps[-1] != total:
         raise TrajectoryError(f"{run_dir}: manifest says {total} steps but the last checkpoint is "

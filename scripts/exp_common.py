@@ -48,9 +48,27 @@ def make_config(args, dataset: str | None = None):
         train_cfg = dataclasses.replace(train_cfg, batch_size=batch)
     data_cfg = config.data
     spec = dataset or (f"mnist:{args.mnist}" if args.mnist else None)
+    if spec is None and args.quick:
+        spec = quick_dataset(Path(args.out_dir))
     if spec:
         data_cfg = dataclasses.replace(data_cfg, dataset=spec)
     return dataclasses.replace(config, train=train_cfg, data=data_cfg)
+
+
+QUICK_TRAIN, QUICK_TEST = 256, 64
+
+
+def quick_dataset(out: Path) -> str:
+    """--quick: the first 256 training and 64 test rows of digits as an npz (smoke-test scale)."""
+    path = out / "quick-digits.npz"
+    if not path.is_file():
+        out.mkdir(parents=True, exist_ok=True)
+        d = load_dataset("digits", 0, torch.float32)
+        tmp = out / f"quick-digits.{os.getpid()}.npz"
+        np.savez(tmp, x_train=d.x_train[:QUICK_TRAIN].numpy(), y_train=d.y_train[:QUICK_TRAIN].numpy(),
+                 x_test=d.x_test[:QUICK_TEST].numpy(), y_test=d.y_test[:QUICK_TEST].numpy())
+        os.replace(tmp, path)
+    return f"npz:{path.resolve()}"
 
 
 def config_tag(config) -> str:
@@ -159,4 +177,6 @@ def save_json(path: Path, obj) -> None:
 
 
 def command_line() -> str:
-    return "python " + " ".join([str(Path(sys.argv[0]).relative_to(ROOT)) if Path(sys.argv[0]).resolve().is_relative_to(ROOT) else sys.argv[0]] + sys.argv[1:])
+    script = Path(sys.argv[0]).resolve()
+    shown = str(script.relative_to(ROOT)) if script.is_relative_to(ROOT) else sys.argv[0]
+    return "python " + " ".join([shown] + sys.argv[1:])

@@ -115,8 +115,7 @@ def test_duplicated_step(run_copy, existing_out):
 def test_step_copied_past_the_end(run_copy, existing_out):
     shutil.copy(step_file(run_copy, 3), step_file(run_copy, 4))
     assert_replay_refused(run_copy, existing_out, TrajectoryError.exit_code,
-                          str(step_file(run_copy, 4)), "not on the run's checkpoint grid",
-                          "last 3", "remove it")
+                          str(step_file(run_copy, 4)), "past the run's last step 3", "remove it")
 
 
 def test_wrong_parameter_shape(run_copy, existing_out):

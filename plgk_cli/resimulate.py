@@ -1,0 +1,78 @@
+"""θ_t and the optimizer state at every step of a run, also of a sparse one.
+
+A run recorded with ``[checkpoint] every = K`` stores θ and the optimizer state every K-th step
+(and at the end) and the update record (batch, lr, clip coefficient) of every step. The steps in
+between are re-simulated from the last stored checkpoint with the optimizer decomposition that
+replay uses (optimizers.Decomposition.simulate: the same coefficients as the adjoint walk and the
+update check), rounding θ and the state to the training dtype after each step as training stored
+them. Where a re-simulated block reaches the next stored checkpoint, the relative distance between
+the two (against the block's own motion) is the drift, reported in the output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plgk_cli.trajectory import Checkpoint
+
+BLOCKS_CACHED = 2  # the walk's block and the audit side's segment start may lie in different blocks
+
+
+class TrajectoryView:
+    def __init__(self, run, layout, gradients, x_train, y_train, device, compute):
+        self.run, self.layout, self.gradients = run, layout, gradients
+        self.x_train, self.y_train, self.device, self.compute = x_train, y_train, device, compute
+        self.every = int(run.manifest.get("checkpoint_every", 1))
+        self.drift: dict[int, float] = {}  # stored step -> drift of the block ending there
+        self._blocks: dict[int, dict] = {}
+
+    def checkpoint(self, t: int) -> Checkpoint:
+        ck = self.run.checkpoint(t)
+        if ck.full:
+            return ck
+        base = t - t % self.every
+        if base not in self._blocks:
+            if len(self._blocks) >= BLOCKS_CACHED:
+                self._blocks.pop(next(iter(self._blocks)))
+            self._blocks[base] = self._simulate_block(base)
+        return self._blocks[base][t]
+
+    def _simulate_block(self, base: int) -> dict:
+        run, layout = self.run, self.layout
+        total = run.steps[-1]
+        end = min(base + self.every, total)
+        start = run.checkpoint(base)
+        theta = layout.flatten(start.params, device=self.device)
+        theta_start = theta
+        state = layout.flatten_state(start.optim_state, self.device)
+        block = {}
+        for s in range(base + 1, end + 1):
+            record = run.checkpoint(s)
+            batch = record.batch.to(self.device)
+            grad = self.gradients.mean_loss_gradient(theta.to(self.compute), self.x_train[batch],
+                                                     self.y_train[batch]).to(torch.float64)
+            delta, state, _ = run.decomposition.simulate(state, theta, grad, record.lr, record.clip_coef,
+                                                         record.optim_step)
+            theta = self._stored(theta + delta)
+            state = {k: self._stored(v) for k, v in state.items()}
+            if record.full:  # the next stored checkpoint: how far did re-simulation drift?
+                stored = layout.flatten(record.params, device=self.device)
+                motion = (stored - theta_start).norm()
+                self.drift[s] = float((theta - stored).norm() / motion) if motion > 0 else 0.0
+            else:
+                block[s] = Checkpoint(
+                    step=s, params=layout.unflatten(theta.to(run.dtype)),
+                    optim_state=self._per_parameter(state), optim_step=record.optim_step,
+                    batch=record.batch, lr=record.lr, clip_coef=record.clip_coef, loss=record.loss)
+        return block
+
+    def _stored(self, x: torch.Tensor) -> torch.Tensor:
+        """As training stored it: rounded to the training dtype (float32 runs), kept in float64."""
+        return x.to(self.run.dtype).to(torch.float64)
+
+    def _per_parameter(self, state: dict) -> dict:
+        out = {name: {} for name in self.layout.names}
+        for key, flat in state.items():
+            for name, tensor in self.layout.unflatten(flat.to(self.run.dtype)).items():
+                out[name][key] = tensor
+        return out
