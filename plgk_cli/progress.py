@@ -35,7 +35,7 @@ def _checksum(tensors: dict) -> str:
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
-        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        h.update(t.reshape(-1).numpy().tobytes())
     return h.hexdigest()
 
 
