@@ -55,7 +55,7 @@ def make_config(args, dataset: str | None = None):
     return dataclasses.replace(config, train=train_cfg, data=data_cfg)
 
 
-QUICK_TRAIN, QUICK_TEST = 256, 64
+QUICK_TRAIN, QUICK_TEST = 128, 48
 
 
 def quick_dataset(out: Path) -> str:
