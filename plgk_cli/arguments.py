@@ -65,10 +65,13 @@ class ReplayArguments:
             raise AuditSpecError(f"--modes: must be >= 0, got {self.modes}")
         if self.modes_method not in ("svd", "oja"):
             raise AuditSpecError(f"--modes-method: expected svd or oja, got {self.modes_method!r}")
-        if (self.kernel_train or self.precondition or self.modes_at or self.save_modes) and not (
-                self.kernel or self.modes):
-            raise AuditSpecError("--kernel-train, --precondition, --modes-at and --save-modes need "
-                                 "--kernel or --modes")
+        if (self.kernel_train or self.precondition) and not (self.kernel or self.modes):
+            raise AuditSpecError("--kernel-train and --precondition need --kernel or --modes")
+        if (self.modes_at or self.save_modes) and not self.modes:
+            raise AuditSpecError("--modes-at and --save-modes need --modes K")
+        if self.modes_at and self.modes_method == "oja":
+            raise AuditSpecError("--modes-at: the oja modes follow the whole run; it applies to "
+                                 "--modes-method svd only")
         if self.commit_every < 0 or self.commit_seconds <= 0:
             raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
         if self.chunk_size < 1:

@@ -13,7 +13,8 @@ from plgk_cli.errors import PlgkError
 
 
 INTERRUPTED = {
-    "train": "the run directory holds the steps recorded so far (manifest complete = false)",
+    "train": "the run directory holds the steps recorded so far: continue with "
+             "`plgk train --config ... --out DIR --resume`",
     "replay": "the output file was not written",
 }
 
@@ -130,7 +131,9 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
     for target, m in result.metrics.items():
         caveat = "  (partial audit: MRE is not a completeness measure)" if train_subset else ""
         click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}{caveat}")
-    click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps; wrote {out}")
+    drift = "" if result.max_drift is None else f"; re-simulation drift {result.max_drift:.2e}"
+    click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps{drift}; "
+               f"wrote {out}")
 
 
 @main.command()

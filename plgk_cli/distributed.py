@@ -20,6 +20,7 @@ import torch
 class Shard:
     rank: int
     world: int
+    local_rank: int = 0  # the process's index on its machine: its GPU under torchrun
 
     @property
     def distributed(self) -> bool:
@@ -34,11 +35,13 @@ class Shard:
 
 def current_shard() -> Shard:
     """The rank and world size torchrun set in the environment (1 process without torchrun)."""
-    return Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+    return Shard(int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+                 int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def init(shard: Shard) -> None:
     if shard.distributed and not torch.distributed.is_initialized():
+        # gloo: only small CPU objects cross ranks (the finished walks, once), on CPU and GPU runs
         torch.distributed.init_process_group("gloo")
 
 

@@ -18,7 +18,7 @@ def summary(f: InfluenceFile) -> dict:
                 "model": manifest["model"]["name"], "steps": manifest["total_steps"],
                 "epochs": manifest["epochs"], "batch_size": manifest["batch_size"]},
         "audit_set": f.audit_source, "complete_audit": bool(f.attrs["complete_audit"]),
-        "group_by": f.attrs["group_by"] or None, "targets": {},
+        "group_by": f.attrs["group_by"] or None, "max_resimulation_drift": f.max_drift, "targets": {},
     }
     for target in f.targets:
         infl = f.influence(target)
@@ -99,6 +99,9 @@ def format_summary(s: dict) -> str:
     lines.append("MRE: mean |Σ influence + residual − true change| over audit points (paper eq. 22); "
                  "LC: their correlation (eq. 23);")
     lines.append("upd. err: worst relative error of the modelled update against the recorded θ_{t+1}−θ_t.")
+    if s.get("max_resimulation_drift") is not None:
+        lines.append(f"sparse checkpoints: worst re-simulation drift {s['max_resimulation_drift']:.2e} "
+                     "(re-simulated θ against the stored checkpoints)")
     return "\n".join(lines)
 
 

@@ -131,7 +131,8 @@ def hyper_from_optimizer(optimizer: torch.optim.Optimizer, named_params: dict) -
 class Recorder:
     """Writes the run directory of one training run: the manifest and checkpoint 0 now, one
     checkpoint per ``step()``, the completed manifest at ``finish()`` (or the end of a ``with``
-    block; an exception leaves ``complete: false``, and replay audits the steps recorded so far).
+    block; an exception leaves ``complete: false``: replay refuses the run until a Recorder with
+    ``resume=True`` finishes it).
 
     ``dataset`` is a spec that load_dataset reads (``npz:PATH``, ``py:package.module:function``,
     ``digits``, ...) or the Dataset it returned, unchanged: replay reloads the data from its spec

@@ -50,7 +50,8 @@ class ReplaySummary:
     metrics: dict  # target -> {"mre", "lc", "rmre", "attribution_gap"}; empty on ranks > 0
     max_update_error: float
     steps: int
-    rank: int = 0  # under torchrun: only rank 0 wrote the output
+    rank: int = 0
+    max_drift: float | None = None  # sparse runs: re-simulated θ against the stored checkpoints  # under torchrun: only rank 0 wrote the output
 
 
 def flat_state(layout: ParameterLayout, state: dict, path: str, device) -> dict:
@@ -154,10 +155,16 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     audit_set = resolve_audit_set(args.audit_set, data)
     subset = resolve_train_subset(args.train_subset, len(data.y_train))
     device = resolve_device(args.device, where="--device")
+    if device.type == "cuda" and current_shard().distributed:
+        device = torch.device("cuda", current_shard().local_rank)  # one GPU per torchrun process
     compute = run.dtype
     model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
     gradients = GradientComputer(model, layout, data.num_classes, args.chunk_size)
+    args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
+    if args.precondition and run.hyper.name == "sgd":
+        raise AuditSpecError("--precondition: the run's optimizer is sgd, whose preconditioner is the "
+                             "identity; drop --precondition")
     row_of, train_index, train_label, group = _row_mapping(run, subset, args.group_by)
     x_train, y_train = data.x_train.to(device=device, dtype=compute), data.y_train.to(device)
     return ReplayPlan(
@@ -301,7 +308,7 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     bar = tqdm(total=plan.total, initial=plan.total - 1 - state.next_step, desc="replay",
                unit="step", disable=not progress or shard.rank != 0, dynamic_ncols=True)
     with StopRequest() as stop:
-        _walk(rank_plan, state, bar, stop, save)
+        _walk(rank_plan, state, bar, stop, save, progress_file)
     bar.close()
 
     if shard.distributed:
@@ -331,7 +338,8 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
         return ReplaySummary(out, {}, float(state.acc.update_error.max()), plan.total, shard.rank)
     metrics = {r.name: {"mre": r.mre, "lc": r.lc, "rmre": r.rmre, "attribution_gap": r.attribution_gap}
                for r in results}
-    return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total)
+    drift = max(plan.trajectory.drift.values()) if plan.trajectory.drift else None
+    return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total, max_drift=drift)
 
 
 def _check_output(args: ReplayArguments, out: Path, progress_file: Path) -> None:
@@ -347,12 +355,16 @@ def _estimated_bytes(plan: ReplayPlan) -> int:
     """Output (float32 influence + float64 traces) plus one progress commit (float64 state)."""
     rows = len(plan.group) if plan.group is not None else len(plan.train_index)
     k = len(plan.boundaries)
+    epochs = plan.run.epoch_of(plan.total - 1) + 1
     output = rows * plan.columns * 4 + 3 * k * plan.columns * 8
-    commit = (3 * plan.layout.size + rows + k + plan.total) * plan.columns * 8
+    commit = (3 * plan.layout.size + (1 + epochs) * rows + k + plan.total) * plan.columns * 8
+    if plan.args.geometry:  # audit x train Gram and IPS, train x train on request
+        m = len(plan.y_train)
+        output += 2 * plan.n_audit * m * 8 + (2 * m * m * 8 if plan.args.kernel_train else 0)
     return output + 2 * commit  # the old commit stays until the new one is renamed over it
 
 
-def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save) -> None:
+def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, progress_file: Path) -> None:
     run, args = plan.run, plan.args
     decomposition = run.decomposition
     last_commit_time, since_commit = time.monotonic(), 0
@@ -386,7 +398,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save) -> N
                 last_commit_time, since_commit = now, 0
             if stop.requested:
                 raise Interrupted(f"replay stopped at step {t} of {plan.total}; progress committed "
-                                  f"to {progress_path(Path(args.out))}: continue with --resume")
+                                  f"to {progress_file}: continue with --resume")
 
 
 def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ck, ck_next) -> None:

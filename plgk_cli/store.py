@@ -1,4 +1,4 @@
-"""influences.h5 (schema v1): the only module that knows its names. Writer and reader.
+"""influences.h5 (schema v2): the only module that knows its names. Writer and reader.
 
 Layout (train x audit, as TRAK and dattri):
   /                         attrs: plgk_version, schema_version, created, rule, targets (JSON),
