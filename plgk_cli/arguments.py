@@ -32,6 +32,7 @@ class ReplayArguments:
     stride: int = 1
     device: str = "auto"
     chunk_size: int = 256
+    memory_budget: float = 0.0  # MB for the replay's tensors; > 0 picks the chunk size from it
     overwrite: bool = False
     resume: bool = False
     commit_every: int = 0  # commit progress every K updates (0: by time only)
@@ -74,6 +75,8 @@ class ReplayArguments:
                                  "--modes-method svd only")
         if self.commit_every < 0 or self.commit_seconds <= 0:
             raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
+        if self.memory_budget < 0:
+            raise AuditSpecError(f"--memory-budget: must be >= 0 MB, got {self.memory_budget!r}")
         if self.chunk_size < 1:
             raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
 

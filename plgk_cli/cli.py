@@ -90,6 +90,8 @@ def train(config_path, out, resume, quiet):
 @click.option("--device", default="auto", show_default=True, type=click.Choice(["auto", "cpu", "cuda"]))
 @click.option("--chunk-size", default=256, show_default=True, type=int,
               help="Examples per batched per-sample-gradient pass.")
+@click.option("--memory-budget", default=0.0, show_default=True, type=float,
+              help="MB for the replay's tensors; picks the chunk size (0: use --chunk-size).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing --out (and its progress).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted replay from its last commit.")
 @click.option("--commit-every", default=0, show_default=True, type=int,
@@ -111,7 +113,7 @@ def train(config_path, out, resume, quiet):
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
-           overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
+           memory_budget, overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
            precondition, modes, modes_at, modes_method, save_modes, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
@@ -120,7 +122,8 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
     targets = tuple(t.strip() for spec in targets for t in spec.split(",") if t.strip())
     args = ReplayArguments(ckpts=ckpts, audit_set=audit_set, out=out, targets=targets, rule=rule,
                            train_subset=train_subset, group_by=group_by, stride=stride,
-                           device=device, chunk_size=chunk_size, overwrite=overwrite, resume=resume,
+                           device=device, chunk_size=chunk_size, memory_budget=memory_budget,
+                           overwrite=overwrite, resume=resume,
                            commit_every=commit_every, commit_seconds=commit_seconds, kernel=kernel,
                            kernel_stride=kernel_stride, kernel_train=kernel_train,
                            precondition=precondition, modes=modes, modes_at=tuple(modes_at),

@@ -51,7 +51,7 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
     steps = kernel_steps(total, stride)
     x_train, y_train = plan.x_train, plan.y_train
     m_train = len(y_train)
-    chunk = args.chunk_size
+    chunk = grads.chunk_size  # --chunk-size or what --memory-budget allows
 
     def theta_at(t):
         return plan.theta(plan.checkpoint(t))

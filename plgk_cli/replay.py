@@ -142,6 +142,24 @@ class ReplayPlan:
         return values.reshape(-1).to(f64), grads.reshape(self.columns, -1).T.to(f64)
 
 
+def chunk_for_budget(args: ReplayArguments, num_params: int, columns: int,
+                     gradients_per_example: int) -> int:
+    """Examples per batched gradient pass: --chunk-size, or what --memory-budget leaves after the
+    walk's fixed tensors (adjoint W, quadrature h and ∇q at a boundary: 3 x P x columns, float64).
+    A chunk holds up to Q per-example gradients of P floats, a float64 copy and vmap's
+    intermediates: about 4 x 8 bytes per gradient entry."""
+    if not args.memory_budget:
+        return args.chunk_size
+    budget = args.memory_budget * 1e6
+    fixed = 3 * num_params * columns * 8
+    per_example = 4 * 8 * num_params * max(gradients_per_example, 1)
+    if budget < fixed + per_example:
+        raise AuditSpecError(f"--memory-budget: {args.memory_budget:g} MB is too small; the adjoints "
+                             f"alone need {(fixed + per_example) / 1e6:.1f} MB (3 x {num_params} "
+                             f"parameters x {columns} audited quantities in float64)")
+    return max(1, int((budget - fixed) // per_example))
+
+
 def plan_replay(args: ReplayArguments) -> ReplayPlan:
     """Validate the run and the arguments and build the plan; raises before any heavy work."""
     run = load_run(args.ckpts)
@@ -160,7 +178,9 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     compute = run.dtype
     model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
-    gradients = GradientComputer(model, layout, data.num_classes, args.chunk_size)
+    columns = len(audit_set.y) * GradientComputer(model, layout, data.num_classes).target_columns(args.targets)
+    chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=columns // len(audit_set.y))
+    gradients = GradientComputer(model, layout, data.num_classes, chunk)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
     if args.precondition and run.hyper.name == "sgd":
         raise AuditSpecError("--precondition: the run's optimizer is sgd, whose preconditioner is the "

@@ -11,6 +11,8 @@ the two (against the block's own motion) is the drift, reported in the output.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 
 from plgk_cli.trajectory import Checkpoint
@@ -25,9 +27,19 @@ class TrajectoryView:
         self.every = int(run.manifest.get("checkpoint_every", 1))
         self.drift: dict[int, float] = {}  # stored step -> drift of the block ending there
         self._blocks: dict[int, dict] = {}
+        # The walk goes backwards: while step t is computed, step t-1 is read in the background.
+        self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plgk-prefetch")
+        self._ahead: dict = {}
+
+    def _read(self, t: int) -> Checkpoint:
+        future = self._ahead.pop(t, None)
+        ck = future.result() if future is not None else self.run.checkpoint(t)
+        if t > 0 and t - 1 not in self._ahead:
+            self._ahead = {t - 1: self._reader.submit(self.run.checkpoint, t - 1)}
+        return ck
 
     def checkpoint(self, t: int) -> Checkpoint:
-        ck = self.run.checkpoint(t)
+        ck = self._read(t)
         if ck.full:
             return ck
         base = t - t % self.every

@@ -124,3 +124,14 @@ def test_net_and_gross_influence_by_epoch(run_dir, tmp_path):
         np.testing.assert_allclose(net[-1], f.influence().astype(np.float64).sum(0), rtol=1e-5, atol=1e-8)
         np.testing.assert_allclose(gross[-1], np.abs(f.influence().astype(np.float64)).sum(0), rtol=1e-5)
         assert np.all(gross >= np.abs(net) - 1e-12)
+
+
+def test_memory_budget_picks_small_chunks_with_the_same_result(run_dir, tmp_path):
+    _, default = _replay(run_dir, tmp_path, "default.h5")
+    _, budgeted = _replay(run_dir, tmp_path, "budget.h5", memory_budget=0.03)  # a few examples a chunk
+    with default, budgeted:
+        np.testing.assert_allclose(budgeted.influence(), default.influence(), rtol=1e-6, atol=1e-9)
+    from plgk_cli.errors import AuditSpecError
+
+    with pytest.raises(AuditSpecError, match="--memory-budget: .* too small"):
+        _replay(run_dir, tmp_path, "tiny.h5", memory_budget=1e-4)
