@@ -32,7 +32,6 @@ Results go to --json-out (default bench-results/bench.json) and the terminal.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import datetime
 import json
 import os
@@ -661,6 +660,13 @@ def environment(device: str) -> dict:
                os, "sched_getaffinity") else None, "device": device, "timing": TIMING_NOTE}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
+    try:  # the code measured: commit, and whether the working tree differed from it
+        env["git_commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True,
+                                           text=True, timeout=10).stdout.strip() or None
+        env["git_dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "--", "plgk_cli"], cwd=ROOT,
+                                               capture_output=True, text=True, timeout=10).stdout.strip())
+    except (OSError, subprocess.SubprocessError):
+        pass
     try:
         env["cpu_model"] = next(line.split(":", 1)[1].strip() for line in
                                 Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name"))
@@ -696,6 +702,7 @@ def main(argv=None) -> None:
     workloads = list(dict.fromkeys(workloads))
     command = " ".join([Path(sys.executable).name, "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+    env_at_start = environment(args.device)
     with tempfile.TemporaryDirectory(prefix="plgk-bench-") as tmp:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         result = run_bench(workloads, workdir, device=args.device, steps_scale=args.steps_scale,
@@ -709,7 +716,10 @@ def main(argv=None) -> None:
             for r in rows:
                 print(f"\n--- replay profile: {r['workload']} {r.get('label') or ''} (top 25 by own time) ---")
                 print(r["profile_top"])
-    doc = {"command": command, "started": started, "environment": environment(args.device),
+    env = environment(args.device)
+    if env.get("git_commit") != env_at_start.get("git_commit"):
+        env["git_commit_at_start"] = env_at_start.get("git_commit")  # the code changed during the run
+    doc = {"command": command, "started": started, "environment": env,
            "workloads": workloads, "rows": rows, "comparisons": result["comparisons"], "paper_a5": PAPER_A5}
     out = Path(args.json_out)
     out.parent.mkdir(parents=True, exist_ok=True)
