@@ -200,9 +200,14 @@ def memory_workloads(audit_sizes=(16, 64, 256), batch_sizes=(32, 64, 128),
 # Child processes: each phase runs alone so that its peak RSS is its own.
 
 
+TORCH_THREADS: int | None = None  # --threads: torch.set_num_threads in every child (None: torch's default)
+
+
 def run_child(task: dict, workdir: Path, log_name: str = "child") -> dict:
     """Run `child_main(task)` in a fresh interpreter; returns its result plus peak RSS (MiB)."""
     workdir.mkdir(parents=True, exist_ok=True)
+    if TORCH_THREADS:
+        task = dict(task, threads=TORCH_THREADS)
     key = uuid.uuid4().hex[:8]
     task_path, result_path = workdir / f"task-{key}.json", workdir / f"result-{key}.json"
     log_path = workdir / f"{log_name}-{key}.log"
@@ -248,6 +253,10 @@ def child_main(task_path: str) -> None:
     task = json.loads(Path(task_path).read_text())
     kind = task["kind"]
     _preimport()
+    if task.get("threads"):
+        import torch
+
+        torch.set_num_threads(int(task["threads"]))
     result = {"idle": _child_idle, "train": _child_train, "replay": _child_replay,
               "captum": _child_captum}[kind](task)
     Path(task["result"]).write_text(json.dumps(result))
@@ -657,7 +666,8 @@ def environment(device: str) -> dict:
 
     env = {"python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform(),
            "cpu_count": os.cpu_count(), "affinity": len(os.sched_getaffinity(0)) if hasattr(
-               os, "sched_getaffinity") else None, "device": device, "timing": TIMING_NOTE}
+               os, "sched_getaffinity") else None, "device": device, "timing": TIMING_NOTE,
+           "torch_threads": TORCH_THREADS or torch.get_num_threads()}
     if device.startswith("cuda") and torch.cuda.is_available():
         env["gpu"] = torch.cuda.get_device_name()
     try:  # the code measured: commit, and whether the working tree differed from it
@@ -688,12 +698,18 @@ def main(argv=None) -> None:
     parser.add_argument("--repeat", type=int, default=1,
                         help="run each timed phase K times and keep the fastest (for a machine shared "
                              "with other load; the memory grid always runs once)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads in every phase (default: torch's, = cores). On a machine "
+                             "shared with other busy processes, 2 threads on 2 cores can make small "
+                             "models' steps 10-30x slower (threads wait on each other); 1 is robust")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the second, un-recorded training run")
     parser.add_argument("--profile", action="store_true", help="cProfile the replay phase (top 25 printed)")
     parser.add_argument("--json-out", default=str(ROOT / "bench-results" / "bench.json"))
     parser.add_argument("--workdir", default=None, help="keep runs and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
+    global TORCH_THREADS
+    TORCH_THREADS = args.threads
     if not 0 < args.steps_scale <= 1:
         parser.error("--steps-scale must be in (0, 1]")
     workloads = args.workload or list(DEFAULT_WORKLOADS)
