@@ -56,9 +56,10 @@ PAPER_A5 = {"steps": 10_000, "train_s": 226.5, "audit_s": 4040.0, "ratio": 4040.
             "train_mem_gib": 0.435, "audit_mem_gib": 2.915, "mle": 0.010386, "corr": 0.999998}
 MNIST_STEPS_PER_EPOCH = 200
 MNIST_BATCH = 256
-# Measured on the 2-core CPU machine: a LeNet-5 replay step (batch 256, 256 audit points) costs
-# ~6.5 CPU-seconds (~3.5-4 s wall on an idle machine), so one epoch (200 steps, --steps-scale 0.02)
-# alone takes ~13 min; the default runs 50 steps so that the default set stays near 10 minutes.
+# Measured on the 2-core CPU machine (docs/performance.md): a LeNet-5 replay step (batch 256, 256
+# audit points) takes 2.0-2.2 s wall (~4 CPU-s) on a quiet machine, so one epoch (200 steps,
+# --steps-scale 0.02) is ~7 min of replay alone, and 2-3x that under other load; the default runs
+# 50 steps so that the default set (digits, captum-sgd, mnist-synthetic) stays well inside 10 min.
 DEFAULT_STEPS_SCALE = 0.005
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
 ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory")
