@@ -69,6 +69,11 @@ class ParameterLayout:
         return tuple(out)
 
 
+def target_columns(targets: tuple, num_classes: int) -> int:
+    """Audited quantities per audit point: one per target, one per class for ``logits``."""
+    return sum(num_classes if t == "logits" else 1 for t in targets)
+
+
 class GradientComputer:
     """Loss and audit-target values and per-sample gradients of one model at a flat θ."""
 
@@ -105,7 +110,7 @@ class GradientComputer:
         return g
 
     def target_columns(self, targets: tuple) -> int:
-        return sum(self.num_classes if t == "logits" else 1 for t in targets)
+        return target_columns(targets, self.num_classes)
 
     def _sample_targets(self, theta, x, y, targets: tuple):
         logits = self._logits(theta, x)

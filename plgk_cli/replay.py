@@ -32,7 +32,7 @@ from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
 from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
-from plgk_cli.gradients import GradientComputer, ParameterLayout
+from plgk_cli.gradients import GradientComputer, ParameterLayout, target_columns
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
@@ -178,8 +178,9 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     compute = run.dtype
     model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
-    columns = len(audit_set.y) * GradientComputer(model, layout, data.num_classes).target_columns(args.targets)
-    chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=columns // len(audit_set.y))
+    per_point = target_columns(args.targets, data.num_classes)
+    columns = len(audit_set.y) * per_point
+    chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=per_point)
     gradients = GradientComputer(model, layout, data.num_classes, chunk)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
     if args.precondition and run.hyper.name == "sgd":
@@ -191,7 +192,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         args=args, run=run, layout=layout, gradients=gradients, device=device, compute=compute,
         x_train=x_train, y_train=y_train,
         audit_set=audit_set, x_audit=audit_set.x.to(device=device, dtype=compute),
-        y_audit=audit_set.y.to(device), columns=len(audit_set.y) * gradients.target_columns(args.targets),
+        y_audit=audit_set.y.to(device), columns=columns,
         row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
         boundaries=tuple(range(0, total, args.stride)) + (total,),
         trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute))
