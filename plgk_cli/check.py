@@ -30,6 +30,16 @@ class Problem:
         raise self.error(self.message + hint)
 
 
+def _all_finite(tensors: list) -> bool:
+    """One pass over all float tensors of a checkpoint (per-tensor checks only to name a failure)."""
+    floats = [t.reshape(-1) for t in tensors if t.is_floating_point()]
+    if not floats:
+        return True
+    if len({t.dtype for t in floats}) > 1:
+        floats = [t.double() for t in floats]
+    return bool(torch.isfinite(torch.cat(floats)).all())
+
+
 def _non_finite(t: torch.Tensor) -> str | None:
     """'2 NaN of 24 values' (or Inf, or both) for a float tensor that is not all finite; else None."""
     if not t.is_floating_point() or bool(torch.isfinite(t).all()):
@@ -98,6 +108,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
             problems.append(Problem(f"{path}: holds no parameters, but a run with checkpoints every "
                                     f"{every} steps stores θ at step {step}: restore it or re-run "
                                     "`plgk train`"))
+        finite = _all_finite([*ck.params.values(), *(t for st in ck.optim_state.values() for t in st.values())])
         for name, (shape, dtype) in shapes.items() if ck.full else ():
             t = ck.params.get(name)
             if t is None:
@@ -105,7 +116,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
             elif list(t.shape) != shape or str(t.dtype).removeprefix("torch.") != dtype:
                 problems.append(Problem(f"{path}: param/{name} is {str(t.dtype)[6:]} {list(t.shape)}, "
                                         f"the manifest says {dtype} {shape}"))
-            elif bad := _non_finite(t):
+            elif not finite and (bad := _non_finite(t)):
                 problems.append(Problem(f"{path}: param/{name} holds {bad}; training diverged "
                                         "before this step (or the file was damaged): audit a "
                                         "shorter run, lower the lr or re-run `plgk train`"))
@@ -114,7 +125,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
                 if name not in shapes or list(t.shape) != shapes[name][0]:
                     problems.append(Problem(f"{path}: optim/{name}/{key} does not match a recorded "
                                             "parameter's shape"))
-                elif bad := _non_finite(t):
+                elif not finite and (bad := _non_finite(t)):
                     problems.append(Problem(f"{path}: optim/{name}/{key} holds {bad}; the "
                                             "optimizer state diverged (or the file was damaged): "
                                             "re-run `plgk train`"))

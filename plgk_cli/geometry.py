@@ -54,7 +54,7 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
     chunk = grads.chunk_size  # --chunk-size or what --memory-budget allows
 
     def theta_at(t):
-        return plan.theta(plan.checkpoint(t))
+        return plan.theta(t)
 
     def train_grads(theta, rows):
         return grads.loss_gradients(theta.to(compute), x_train[rows], y_train[rows])[0].to(torch.float64)
@@ -71,9 +71,8 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
         if not args.precondition:
             return None
         after = min(t + 1, total)
-        ck = plan.checkpoint(after)
-        return run.decomposition.preconditioner(layout.flatten_state(ck.optim_state, device),
-                                                ck.optim_step)
+        step = plan.trajectory.flat(after)
+        return run.decomposition.preconditioner(step.state, step.checkpoint.optim_step)
 
     bar = tqdm(total=len(steps) + len(args.modes_steps(total)), desc="kernel", unit="ckpt",
                disable=not progress, dynamic_ncols=True)

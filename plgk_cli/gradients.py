@@ -1,4 +1,11 @@
-"""Per-sample gradients from one batched pass (torch.func.vmap), on a flat parameter vector.
+"""Per-sample gradients from one batched forward and backward, on a flat parameter vector.
+
+Two methods give the same numbers. ``hooks`` (the default where it applies): one forward records
+each Linear / Conv2d layer's input a_m and one backward of Σ_m q_m gives each layer output's
+gradient δ_m; the per-sample weight gradient is δ_m a_mᵀ (for convolutions over the unfolded
+input patches), as in opacus and captum. ``vmap``: torch.func's vmap(grad) / vmap(jacrev) over a
+functional call, for any per-sample separable model; used when a trainable parameter belongs to
+another kind of layer, or a layer runs more or less than once per forward (shared weights).
 
 Everything downstream works on flat vectors of all P trainable parameters in the model's
 ``named_parameters`` order; :class:`ParameterLayout` maps between the flat vector, the named
@@ -11,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 from torch.func import functional_call, grad, jacrev, vmap
 
 from plgk_cli.models import layer_of
@@ -39,7 +47,7 @@ class ParameterLayout:
         return self.offsets[-1]
 
     def flatten(self, tensors: dict, dtype=torch.float64, device=None) -> torch.Tensor:
-        return torch.cat([tensors[n].reshape(-1).to(dtype=dtype, device=device) for n in self.names])
+        return _concatenate([tensors[n] for n in self.names], dtype, device)
 
     def unflatten(self, flat: torch.Tensor) -> dict:
         return {n: flat[self.offsets[i]:self.offsets[i + 1]].view(self.shapes[i])
@@ -53,8 +61,7 @@ class ParameterLayout:
         partial = set().union(*keys) - common if keys else set()
         if partial:
             raise ValueError(f"optimizer state {sorted(partial)} recorded for some parameters only")
-        return {k: torch.cat([state[n][k].reshape(-1).to(device=device, dtype=torch.float64)
-                              for n in self.names]) for k in common}
+        return {k: _concatenate([state[n][k] for n in self.names], torch.float64, device) for k in common}
 
     @property
     def layers(self) -> tuple:
@@ -69,38 +76,235 @@ class ParameterLayout:
         return tuple(out)
 
 
+class Workspace:
+    """Output tensors reused from one step to the next. A fresh large tensor is paid for again in
+    page faults on its first write: filling 1438 x 3658 float64 per-sample gradients took 25 ms
+    into a new tensor and 8 ms into a reused one. Whoever asks owns the tensor until its next
+    request under the same name."""
+
+    def __init__(self):
+        self._tensors: dict = {}
+
+    def get(self, name: str, rows: int, width: int, dtype, device) -> torch.Tensor:
+        """A rows x width tensor (uninitialised), a view of the largest one asked for so far."""
+        t = self._tensors.get(name)
+        if t is None or t.shape[0] < rows or t.shape[1] != width or t.dtype != dtype or t.device != device:
+            t = torch.empty(max(rows, 0 if t is None else t.shape[0]), width, dtype=dtype, device=device)
+            self._tensors[name] = t
+        return t[:rows]
+
+
+def _concatenate(tensors: list, dtype, device) -> torch.Tensor:
+    """One flat vector; converted once after the concatenation where the tensors share a dtype
+    (per-tensor conversions of many small tensors dominate reading a small model's checkpoint)."""
+    flat = [t.reshape(-1) for t in tensors]
+    if len({t.dtype for t in flat}) > 1:
+        flat = [t.to(dtype) for t in flat]
+    return torch.cat(flat).to(dtype=dtype, device=device)
+
+
 def target_columns(targets: tuple, num_classes: int) -> int:
     """Audited quantities per audit point: one per target, one per class for ``logits``."""
     return sum(num_classes if t == "logits" else 1 for t in targets)
 
 
+def _hookable(module: nn.Module) -> bool:
+    """Layers whose per-sample gradient is an outer product of recorded input and output gradient."""
+    if type(module) is nn.Linear:
+        return True
+    return (type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+            and not isinstance(module.padding, str))
+
+
+def _sample_weight_gradient(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """Per-sample ∂q_m/∂W (B x *W.shape) from the layer's input a and output gradient δ."""
+    if isinstance(module, nn.Linear):
+        return torch.einsum("b...o,b...i->boi", delta, a)
+    patches = F.unfold(a, module.kernel_size, dilation=module.dilation, padding=module.padding,
+                       stride=module.stride)  # B x (C·kh·kw) x L
+    g = torch.bmm(delta.flatten(2), patches.transpose(1, 2))  # B x O x (C·kh·kw)
+    return g.view(len(a), *module.weight.shape)
+
+
+def _sample_bias_gradient(module: nn.Module, delta: torch.Tensor) -> torch.Tensor:
+    if isinstance(module, nn.Linear):
+        return delta.reshape(len(delta), -1, delta.shape[-1]).sum(1)
+    return delta.flatten(2).sum(2)
+
+
+class _LayerRecorder:
+    """Forward hooks that keep each hooked layer's input and output for one forward pass."""
+
+    def __init__(self, modules: dict):
+        self.modules = modules  # module name -> module
+        self.inputs: dict = {}
+        self.outputs: dict = {}
+        self.calls: dict = {}
+        self.versions: dict = {}
+
+    def __enter__(self):
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
+        return self
+
+    def _hook(self, name):
+        def hook(module, inputs, output):
+            self.calls[name] = self.calls.get(name, 0) + 1
+            self.inputs[name] = inputs[0].detach()
+            self.outputs[name] = output
+            self.versions[name] = self._version(name)
+        return hook
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+
+    def unchanged(self) -> bool:
+        """Each layer ran once and nothing recorded was modified in place afterwards."""
+        return all(self.calls.get(name) == 1 and self.versions[name] == self._version(name)
+                   for name in self.modules)
+
+    def _version(self, name):
+        return self.inputs[name]._version, self.outputs[name]._version
+
+
+def batched_targets(logits: torch.Tensor, y: torch.Tensor, targets: tuple) -> torch.Tensor:
+    """The audited quantities of a batch (B x Q), targets stacked in order; ``margin`` is the
+    true-class logit minus the best other logit at this θ."""
+    true_logit = logits.gather(1, y[:, None])
+    columns = []
+    for t in targets:
+        if t == "loss":
+            columns.append(F.cross_entropy(logits, y, reduction="none")[:, None])
+        elif t == "logit":
+            columns.append(true_logit)
+        elif t == "margin":
+            is_true = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
+            other = torch.where(is_true, torch.full_like(logits, -torch.inf), logits).amax(1, keepdim=True)
+            columns.append(true_logit - other)
+        elif t == "logits":
+            columns.append(logits)
+    return torch.cat(columns, 1)
+
+
 class GradientComputer:
-    """Loss and audit-target values and per-sample gradients of one model at a flat θ."""
+    """Loss and audit-target values and per-sample gradients of one model at a flat θ.
+
+    ``method``: "hooks", "vmap", or "auto" (hooks when every trainable parameter belongs to a
+    Linear or Conv2d layer, see the module docstring; vmap otherwise).
+    """
 
     def __init__(self, model: torch.nn.Module, layout: ParameterLayout, num_classes: int,
-                 chunk_size: int = 256):
+                 chunk_size: int = 256, method: str = "auto"):
         self.model = model
         self.layout = layout
         self.num_classes = num_classes
         self.chunk_size = chunk_size
+        if method not in ("auto", "hooks", "vmap"):
+            raise ValueError(f"unknown per-sample gradient method {method!r}")
+        self._hooked = None if method == "vmap" else self._hooked_layers()
+        if method == "hooks" and self._hooked is None:
+            raise ValueError("per-sample gradients by hooks need every trainable parameter in a "
+                             "Linear or Conv2d layer (groups 1, zero padding)")
+        self.method = "vmap" if self._hooked is None else "hooks"
+
+    def _hooked_layers(self) -> dict | None:
+        """{layer name: [(weight|bias, slice of the flat vector)]}, or None where hooks do not apply."""
+        modules = dict(self.model.named_modules(remove_duplicate=False))
+        names = set(self.layout.names)
+        for owner, module in modules.items():  # a trainable parameter reached under another name
+            for kind, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                if p.requires_grad and (f"{owner}.{kind}" if owner else kind) not in names:
+                    return None
+        hooked: dict = {}
+        for i, name in enumerate(self.layout.names):
+            owner, _, kind = name.rpartition(".")
+            if not _hookable(modules[owner]) or kind not in ("weight", "bias"):
+                return None
+            hooked.setdefault(owner, []).append((kind, slice(self.layout.offsets[i], self.layout.offsets[i + 1])))
+        return hooked
+
+    def _hooked_pass(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
+                     out: torch.Tensor, x_loss: torch.Tensor | None = None,
+                     loss_out: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per-sample gradients by hooks, written into ``out`` (B x Q x P) and, for the rows
+        (x_loss, y_loss), their loss gradients into ``loss_out``, all from one forward; returns
+        the values (B x Q), or None if the forward did not run each hooked layer exactly once or
+        changed a recorded tensor in place."""
+        modules = {name: self.model.get_submodule(name) for name in self._hooked}
+        params = self.layout.unflatten(theta.detach().requires_grad_(True))
+        n = len(x)
+        with _LayerRecorder(modules) as recorder:
+            logits = functional_call(self.model, params, (x if x_loss is None else torch.cat([x, x_loss[0]]),))
+        if not recorder.unchanged():
+            return None
+        values = batched_targets(logits[:n], y, targets)
+        names = list(modules)
+        outputs = [recorder.outputs[name] for name in names]
+        width = values.shape[1]
+        for q in range(width):
+            # The samples are independent, so ∂(Σ_m q_m)/∂output_m is sample m's own δ_m; the
+            # x_loss rows ride along in the first backward with their own loss.
+            total = values[:, q].sum()
+            rows = n
+            if q == 0 and x_loss is not None:
+                total = total + F.cross_entropy(logits[n:], x_loss[1], reduction="sum")
+                rows = len(logits)
+            deltas = torch.autograd.grad(total, outputs, retain_graph=q + 1 < width, allow_unused=True)
+            for name, delta in zip(names, deltas):
+                module = modules[name]
+                for kind, sl in self._hooked[name]:
+                    if delta is None:  # the layer does not reach this quantity
+                        out[:, q, sl] = 0
+                        if rows > n:
+                            loss_out[:, sl] = 0
+                        continue
+                    a, d = recorder.inputs[name][:rows], delta[:rows]
+                    g = (_sample_weight_gradient(module, a, d) if kind == "weight"
+                         else _sample_bias_gradient(module, d)).reshape(rows, -1)
+                    out[:, q, sl] = g[:n]
+                    if rows > n:
+                        loss_out[:, sl] = g[n:]
+        return values.detach()
+
+    def _batched(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None):
+        """Values (B x Q) and per-sample gradients (B x Q x P), chunked into one preallocated
+        output (for a large batch, concatenating chunks costs as much as computing them)."""
+        width = target_columns(targets, self.num_classes)
+        values = torch.empty(len(x), width, dtype=theta.dtype, device=theta.device)
+        grads = out if out is not None else \
+            torch.empty(len(x), width, self.layout.size, dtype=theta.dtype, device=theta.device)
+        for start in range(0, len(x), self.chunk_size):
+            rows = slice(start, start + self.chunk_size)
+            chunk_values = self._hooked_pass(theta, x[rows], y[rows], targets, grads[rows]) \
+                if self.method == "hooks" else None
+            if chunk_values is None:
+                self._hooks_failed()
+                chunk_values, chunk_grads = self._vmap_pass(theta, x[rows], y[rows], targets)
+                grads[rows] = chunk_grads
+            values[rows] = chunk_values
+        return values, grads
+
+    def _hooks_failed(self) -> None:
+        self.method = "vmap"  # a shared or in-place-modified layer: hooks would be wrong
 
     def _logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.layout.unflatten(theta), (x.unsqueeze(0),))[0]
 
-    def _sample_loss(self, theta, x, y):
-        return F.cross_entropy(self._logits(theta, x).unsqueeze(0), y.unsqueeze(0))
+    def _sample_targets(self, theta, x, y, targets: tuple):
+        out = batched_targets(self._logits(theta, x)[None], y[None], targets)[0]
+        return out, out.detach()
 
-    def loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        """Per-sample loss gradients (B x P) and losses (B) at θ."""
-        fn = vmap(grad(self._sample_loss, has_aux=False), in_dims=(None, 0, 0))
-        loss_fn = vmap(self._sample_loss, in_dims=(None, 0, 0))
-        grads, losses = [], []
-        for start in range(0, len(x), self.chunk_size):
-            xs, ys = x[start:start + self.chunk_size], y[start:start + self.chunk_size]
-            grads.append(fn(theta, xs, ys))
-            with torch.no_grad():
-                losses.append(loss_fn(theta, xs, ys))
-        return torch.cat(grads), torch.cat(losses)
+    def _vmap_pass(self, theta, x, y, targets: tuple):
+        fn = vmap(jacrev(lambda th, xi, yi: self._sample_targets(th, xi, yi, targets), has_aux=True),
+                  in_dims=(None, 0, 0))
+        g, v = fn(theta, x, y)
+        return v, g
+
+    def loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                       out: torch.Tensor | None = None):
+        """Per-sample loss gradients (B x P) and losses (B) at θ; written into ``out`` if given."""
+        losses, grads = self._batched(theta, x, y, ("loss",), None if out is None else out[:, None])
+        return grads[:, 0], losses[:, 0]
 
     def mean_loss_gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         """Gradient of the batch-mean loss (P), as the optimizer saw it, without per-sample work."""
@@ -112,34 +316,26 @@ class GradientComputer:
     def target_columns(self, targets: tuple) -> int:
         return target_columns(targets, self.num_classes)
 
-    def _sample_targets(self, theta, x, y, targets: tuple):
-        logits = self._logits(theta, x)
-        is_true = torch.arange(self.num_classes, device=logits.device) == y
-        true_logit = torch.where(is_true, logits, torch.zeros_like(logits)).sum()
-        values = []
-        for t in targets:
-            if t == "loss":
-                values.append(F.cross_entropy(logits.unsqueeze(0), y.unsqueeze(0)).reshape(1))
-            elif t == "logit":
-                values.append(true_logit.reshape(1))
-            elif t == "margin":  # true-class logit minus the best other logit at this θ
-                other = torch.where(is_true, torch.full_like(logits, -torch.inf), logits).max()
-                values.append((true_logit - other).reshape(1))
-            elif t == "logits":
-                values.append(logits)
-        out = torch.cat(values)
-        return out, out.detach()
-
     def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple):
         """Values (N x Q) and gradients (N x Q x P) of the audited quantities at θ.
 
         Q stacks the targets in order; ``logits`` contributes one column per class.
         """
-        fn = vmap(jacrev(lambda th, xi, yi: self._sample_targets(th, xi, yi, targets), has_aux=True),
-                  in_dims=(None, 0, 0))
-        grads, values = [], []
-        for start in range(0, len(x), self.chunk_size):
-            g, v = fn(theta, x[start:start + self.chunk_size], y[start:start + self.chunk_size])
-            grads.append(g)
-            values.append(v)
-        return torch.cat(values), torch.cat(grads)
+        return self._batched(theta, x, y, targets)
+
+    def audit_and_loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
+                                 targets: tuple, x_loss: torch.Tensor, y_loss: torch.Tensor,
+                                 loss_out: torch.Tensor | None = None):
+        """audit_gradients(θ, x, y, targets) and loss_gradients(θ, x_loss, y_loss, loss_out)[0]
+        together: from one forward and backward when both fit one chunk (the audit side and the
+        training side of an update that share θ)."""
+        if self.method == "hooks" and len(x) + len(x_loss) <= self.chunk_size:
+            kwargs = dict(dtype=theta.dtype, device=theta.device)
+            grads = torch.empty(len(x), target_columns(targets, self.num_classes), self.layout.size, **kwargs)
+            loss_grads = loss_out if loss_out is not None else torch.empty(len(x_loss), self.layout.size, **kwargs)
+            values = self._hooked_pass(theta, x, y, targets, grads, (x_loss, y_loss), loss_grads)
+            if values is not None:
+                return values, grads, loss_grads
+            self._hooks_failed()
+        values, grads = self.audit_gradients(theta, x, y, targets)
+        return values, grads, self.loss_gradients(theta, x_loss, y_loss, loss_out)[0]

@@ -58,9 +58,13 @@ class StepCoefficients:
         W(s) = lr_s p_s ⊙ h(s) + μ_{s+1} W(s+1), and the coefficient of d_s in Σ_t Δθ_t·h(t) is
         v_s = −(a_s ⊙ W(s) + lr_s e_s ⊙ h(s)). Returns (W(s), v_s); a sample m in B_s adds
         (c_s g_{m,s}/|B_s|)·v_s to its influence (paper eq. 31 and 37, summed exactly).
+        W(s) is computed in place in ``w_next``: the walk's largest tensors are P x Q, and
+        terms whose coefficient is exactly 0 (Adam's e, plain SGD's a and p) are skipped.
         """
-        w = _col(self.lr * self.p) * h + decay_next * w_next
-        v = -(_col(self.a) * w + _col(self.lr * self.e) * h)
+        w = w_next.mul_(decay_next)
+        _add_scaled(w, _scaled(self.lr, self.p), h)
+        v = torch.zeros_like(h) if _is_zero(self.a) else w * _col(_scaled(-1.0, self.a))
+        _add_scaled(v, _scaled(-self.lr, self.e), h)
         return w, v
 
     def residual(self, theta: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -75,6 +79,22 @@ class StepCoefficients:
 
 def _col(x):
     return x[:, None] if isinstance(x, torch.Tensor) and x.dim() == 1 else x
+
+
+def _is_zero(x) -> bool:
+    return not isinstance(x, torch.Tensor) and x == 0
+
+
+def _scaled(factor: float, x: Vector | float) -> Vector | float:
+    return x * factor if isinstance(x, torch.Tensor) else float(factor * x)
+
+
+def _add_scaled(out: torch.Tensor, coefficient: Vector | float, h: torch.Tensor) -> None:
+    """out += coefficient ⊙ h in place (coefficient per row of h, or one number)."""
+    if isinstance(coefficient, torch.Tensor):
+        out.addcmul_(_col(coefficient), h)
+    elif coefficient != 0:
+        out.add_(h, alpha=coefficient)
 
 
 @dataclass(frozen=True)

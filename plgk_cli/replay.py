@@ -32,11 +32,11 @@ from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
 from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
-from plgk_cli.gradients import GradientComputer, ParameterLayout, target_columns
+from plgk_cli.gradients import GradientComputer, ParameterLayout, Workspace, target_columns
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
-from plgk_cli.resimulate import TrajectoryView
+from plgk_cli.resimulate import FlatStep, TrajectoryView
 from plgk_cli.run import Run, load_run
 from plgk_cli.store import TargetResult, check_free_space, check_writable, write_influences
 from plgk_cli.train import resolve_device
@@ -52,14 +52,6 @@ class ReplaySummary:
     steps: int
     rank: int = 0
     max_drift: float | None = None  # sparse runs: re-simulated θ against the stored checkpoints  # under torchrun: only rank 0 wrote the output
-
-
-def flat_state(layout: ParameterLayout, state: dict, path: str, device) -> dict:
-    """Optimizer state by key as flat float64 vectors in layout order."""
-    try:
-        return layout.flatten_state(state, device)
-    except ValueError as exc:
-        raise TrajectoryError(f"{path}: {exc}; the run's optimizer state is inconsistent") from None
 
 
 def _relative_error(predicted: torch.Tensor, recorded: torch.Tensor, recorded_values: torch.Tensor,
@@ -117,6 +109,7 @@ class ReplayPlan:
     total: int  # number of updates T
     boundaries: tuple  # checkpoints where the audit side is evaluated (stride)
     trajectory: TrajectoryView  # θ_t at every step, re-simulated between sparse checkpoints
+    workspace: Workspace  # the walk's per-sample gradient buffers, reused step to step
 
     def checkpoint(self, t: int):
         return self.trajectory.checkpoint(t)
@@ -131,15 +124,46 @@ class ReplayPlan:
         return dataclasses.replace(self, x_audit=self.x_audit[points], y_audit=self.y_audit[points],
                                    columns=(points.stop - points.start) * q)
 
-    def theta(self, step_checkpoint) -> torch.Tensor:
-        return self.layout.flatten(step_checkpoint.params, device=self.device)
+    def theta(self, t: int) -> torch.Tensor:
+        """θ_t, flat float64 on the replay's device."""
+        return self.trajectory.flat(t).theta
 
     def audit_side(self, theta: torch.Tensor):
         """Values (N*Q) and gradients (P x N*Q) of the audited quantities at θ, float64."""
         values, grads = self.gradients.audit_gradients(theta.to(self.compute), self.x_audit,
                                                        self.y_audit, self.args.targets)
+        return self._columns(values, grads)
+
+    def audit_and_training_side(self, theta: torch.Tensor, rows: torch.Tensor):
+        """audit_side(θ) and the loss gradients of training rows ``rows`` at the same θ (B x P,
+        float64, in the workspace under "shared"), from one batched pass where they fit one chunk."""
+        values, grads, train = self.gradients.audit_and_loss_gradients(
+            theta.to(self.compute), self.x_audit, self.y_audit, self.args.targets,
+            self.x_train[rows], self.y_train[rows], self._buffer("shared", len(rows), self.compute))
+        return (*self._columns(values, grads), self._float64("shared", train))
+
+    def training_side(self, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """Loss gradients of training rows at θ (B x P, float64, in the workspace under "train")."""
+        g, _ = self.gradients.loss_gradients(theta.to(self.compute), self.x_train[rows], self.y_train[rows],
+                                             self._buffer("train", len(rows), self.compute))
+        return self._float64("train", g)
+
+    def _buffer(self, name: str, rows: int, dtype) -> torch.Tensor:
+        return self.workspace.get(name, rows, self.layout.size, dtype, self.device)
+
+    def _float64(self, name: str, t: torch.Tensor) -> torch.Tensor:
+        if t.dtype == torch.float64:
+            return t
+        return self._buffer(name + "64", len(t), torch.float64).copy_(t)
+
+    def _columns(self, values: torch.Tensor, grads: torch.Tensor):
         f64 = torch.float64
         return values.reshape(-1).to(f64), grads.reshape(self.columns, -1).T.to(f64)
+
+    def audited_rows(self, t: int) -> torch.Tensor:
+        """The training indices of update t's minibatch that the audit credits."""
+        batch = self.trajectory.flat(t + 1).checkpoint.batch.to(self.device)
+        return batch[self.row_of.to(self.device)[batch] >= 0]
 
 
 def chunk_for_budget(args: ReplayArguments, num_params: int, columns: int,
@@ -195,7 +219,8 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         y_audit=audit_set.y.to(device), columns=columns,
         row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
         boundaries=tuple(range(0, total, args.stride)) + (total,),
-        trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute))
+        trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute),
+        workspace=Workspace())
 
 
 class WalkState:
@@ -220,7 +245,7 @@ class WalkState:
         self.a_boundary = torch.zeros(plan.layout.size, plan.columns, **f64)
         self.h = torch.zeros_like(self.a_boundary)
         if evaluate_end:
-            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.checkpoint(plan.total)))
+            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.total))
 
     @classmethod
     def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
@@ -394,21 +419,24 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
         seg_start, seg_end = segments[index]
         if seg_start > state.next_step:
             continue
+        shared = None  # update seg_start's per-sample gradients, from the audit side's pass at θ_start
         if state.h_start != seg_start:  # set this segment up: ∇q at its start, quadrature
-            theta_start, theta_end = plan.theta(plan.checkpoint(seg_start)), plan.theta(plan.checkpoint(seg_end))
-            values, a_start = plan.audit_side(theta_start)
+            theta_start, theta_end = plan.theta(seg_start), plan.theta(seg_end)
+            rows = plan.audited_rows(seg_start)
+            if len(rows):
+                values, a_start, shared = plan.audit_and_training_side(theta_start, rows)
+            else:
+                values, a_start = plan.audit_side(theta_start)
             state.values[index] = values
             state.h = _quadrature(args.quadrature_points, a_start, state.a_boundary, theta_start,
                                   theta_end, plan.audit_side)
             state.a_boundary, state.h_start = a_start, seg_start
-        ck_next = plan.checkpoint(state.next_step + 1)
         for t in range(state.next_step, seg_start - 1, -1):
-            ck = plan.checkpoint(t)
-            _audit_update(plan, state, decomposition, t, ck, ck_next)
+            _audit_update(plan, state, decomposition, t, plan.trajectory.flat(t), plan.trajectory.flat(t + 1),
+                          shared if t == seg_start else None)
             if t == 0 or run.epoch_of(t - 1) != run.epoch_of(t):  # t is its epoch's first step
                 state.acc.close_epoch(run.epoch_of(t))
             state.next_step = t - 1
-            ck_next = ck
             bar.update(1)
             since_commit += 1
             now = time.monotonic()
@@ -422,12 +450,13 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
                                   f"to {progress_file}: continue with --resume")
 
 
-def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ck, ck_next) -> None:
-    """One update t -> t+1: adjoint step, per-sample credit, residual, update check."""
+def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, step: FlatStep,
+                  step_next: FlatStep, sample_grads: torch.Tensor | None = None) -> None:
+    """One update t -> t+1: adjoint step, per-sample credit, residual, update check.
+    ``sample_grads``: the audited rows' loss gradients at θ_t when already computed."""
     layout, device, compute, run = plan.layout, plan.device, plan.compute, plan.run
-    theta_t, theta_next = plan.theta(ck), plan.theta(ck_next)
-    before = flat_state(layout, ck.optim_state, f"{run.path}/step_{t:08d}", device)
-    after = flat_state(layout, ck_next.optim_state, f"{run.path}/step_{t + 1:08d}", device)
+    theta_t, theta_next, before, after = step.theta, step_next.theta, step.state, step_next.state
+    ck_next = step_next.checkpoint
     batch = ck_next.batch.to(device)
     lr, clip, step_after = ck_next.lr, ck_next.clip_coef, ck_next.optim_step
 
@@ -437,10 +466,10 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ck,
 
     acc = state.acc
     audited = batch[acc.row_of[batch] >= 0]
-    if len(audited):
-        g, _ = plan.gradients.loss_gradients(theta_t.to(compute), plan.x_train[audited],
-                                             plan.y_train[audited])
-        g = g.to(torch.float64)
+    if sample_grads is not None:
+        g = sample_grads
+    elif len(audited):
+        g = plan.training_side(theta_t, audited)
     else:  # partial audit: none of this batch is audited
         g = torch.zeros(0, layout.size, dtype=torch.float64, device=device)
     if len(audited) == len(batch):
@@ -463,11 +492,13 @@ def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audi
     """h over the segment: euler (0), or the composite trapezoid on `sub_intervals` pieces."""
     if sub_intervals == 0:
         return a_start
-    h = 0.5 * (a_start + a_end)
+    if sub_intervals == 1:  # the trapezoid rule, in one pass over P x N*Q
+        return torch.lerp(a_start, a_end, 0.5)
+    h = torch.add(a_start, a_end).mul_(0.5)
     for j in range(1, sub_intervals):
         theta = theta_start + (j / sub_intervals) * (theta_end - theta_start)
-        h = h + audit_side(theta)[1]
-    return h / sub_intervals
+        h.add_(audit_side(theta)[1])
+    return h.div_(sub_intervals)
 
 
 def _target_results(state: WalkState, plan: ReplayPlan) -> list:

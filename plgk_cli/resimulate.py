@@ -11,13 +11,30 @@ the two (against the block's own motion) is the drift, reported in the output.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 import torch
 
-from plgk_cli.trajectory import Checkpoint
+from plgk_cli.errors import TrajectoryError
+from plgk_cli.trajectory import Checkpoint, checkpoint_path
 
 BLOCKS_CACHED = 2  # the walk's block and the audit side's segment start may lie in different blocks
+# The walk reads θ_t and θ_{t+1} for update t and the segment ends for the audit side: with three
+# flattened steps kept, every step is read and flattened once.
+FLAT_CACHED = 3
+PREFETCH_MIN_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class FlatStep:
+    """Step t as the walk uses it: θ_t and the optimizer state after t updates as flat float64
+    vectors in layout order, and the checkpoint (with the record of update t-1 -> t)."""
+
+    checkpoint: Checkpoint
+    theta: torch.Tensor
+    state: dict  # torch state key -> flat float64 vector
 
 
 class TrajectoryView:
@@ -29,12 +46,34 @@ class TrajectoryView:
         self._blocks: dict[int, dict] = {}
         # The walk goes backwards: while step t is computed, step t-1 is read in the background.
         self._reader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="plgk-prefetch")
+        # Handing a read to the thread costs about a millisecond of contention (measured on the
+        # digits demo: 2.3 ms per step with prefetch against 1.3 ms without); it pays for itself
+        # only where reading a step takes longer than that.
+        final = checkpoint_path(run.path, run.steps[-1])
+        self._prefetch = final.is_file() and final.stat().st_size >= PREFETCH_MIN_BYTES
         self._ahead: dict = {}
+        self._flat: OrderedDict = OrderedDict()
+
+    def flat(self, t: int) -> FlatStep:
+        if t in self._flat:
+            self._flat.move_to_end(t)
+            return self._flat[t]
+        ck = self.checkpoint(t)
+        try:
+            state = self.layout.flatten_state(ck.optim_state, self.device)
+        except ValueError as exc:
+            raise TrajectoryError(f"{checkpoint_path(self.run.path, t)}: {exc}; the run's optimizer "
+                                  "state is inconsistent") from None
+        step = FlatStep(ck, self.layout.flatten(ck.params, device=self.device), state)
+        self._flat[t] = step
+        if len(self._flat) > FLAT_CACHED:
+            self._flat.popitem(last=False)
+        return step
 
     def _read(self, t: int) -> Checkpoint:
         future = self._ahead.pop(t, None)
         ck = future.result() if future is not None else self.run.checkpoint(t)
-        if t > 0 and t - 1 not in self._ahead:
+        if t > 0 and t - 1 not in self._ahead and self._prefetch:
             self._ahead = {t - 1: self._reader.submit(self.run.checkpoint, t - 1)}
         return ck
 

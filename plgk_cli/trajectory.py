@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, safe_open, save_file
+from safetensors.torch import safe_open, save_file
 
 from plgk_cli.errors import OutputError, TrajectoryError
 from plgk_cli.faults import fault_hook
@@ -134,7 +134,7 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Chec
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-        tensors = load_file(str(path))
+            tensors = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise TrajectoryError(f"{path}: cannot read checkpoint ({exc}); the file is truncated or "
                               "corrupt: restore it or re-run `plgk train`") from None

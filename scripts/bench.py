@@ -259,7 +259,7 @@ def child_main(task_path: str) -> None:
 
         torch.set_num_threads(int(task["threads"]))
     result = {"idle": _child_idle, "train": _child_train, "replay": _child_replay,
-              "captum": _child_captum}[kind](task)
+              "captum": _child_captum, "floor": _child_floor}[kind](task)
     Path(task["result"]).write_text(json.dumps(result))
 
 
@@ -387,6 +387,32 @@ def _child_captum(task: dict) -> dict:
     return {"captum_s": captum_s, "cpu_s": cpu_s, "checkpoints": len(paths)}
 
 
+def _child_floor(task: dict) -> dict:
+    """The least work of any exact TracIn on these checkpoints: at each θ_t one forward and
+    backward of every training and audit example (batched, no per-example gradients), with the
+    checkpoint reads. plgk and captum both do at least this much."""
+    import torch
+    import torch.nn.functional as F
+
+    from plgk_cli.arguments import resolve_audit_set
+    from plgk_cli.run import load_run
+
+    start, cpu = time.perf_counter(), time.process_time()
+    run = load_run(task["run"])
+    data = run.dataset
+    model = run.build_model().to(dtype=run.dtype)
+    audit = resolve_audit_set(task["audit_set"], data)
+    x = torch.cat([data.x_train, audit.x]).to(run.dtype)
+    y = torch.cat([data.y_train, audit.y])
+    batch = task.get("batch_size", 512)
+    for t in run.steps[:-1]:
+        model.load_state_dict(run.checkpoint(t).params, strict=True)
+        for begin in range(0, len(y), batch):
+            model.zero_grad()
+            F.cross_entropy(model(x[begin:begin + batch]), y[begin:begin + batch], reduction="sum").backward()
+    return {"floor_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
+
+
 # --------------------------------------------------------------------------------------------
 # Measurements
 
@@ -483,7 +509,10 @@ def captum_comparison(row: dict, workdir: Path, batch_size: int = 512, repeat: i
     m = ours.shape[0]
     expected = -scores.T / m  # full batch: K = -lr_t / |B| = -lr_t / M
     rel = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
+    floor = best_of(repeat, lambda i: {"kind": "floor", "run": row["run_dir"], "audit_set": row["audit_set"],
+                                       "batch_size": batch_size}, workdir, "floor", "floor_s")
     return {"captum_s": cap["captum_s"], "captum_cpu_s": cap["cpu_s"], "captum_peak_rss_mib": cap["peak_rss_mib"],
+            "floor_s": floor["floor_s"],
             "captum_checkpoints": cap["checkpoints"], "relative_error": rel,
             "speed_ratio": cap["captum_s"] / row["replay_s"], "captum_all_s": cap["all_times"],
             "convention": "plgk influence[m, n] = -captum_scores[n, m] / M"}
@@ -568,6 +597,10 @@ def format_notes(rows: list, comparisons: dict) -> str:
                        f"{cap['captum_peak_rss_mib']:.0f}M) vs plgk euler replay {cap['plgk_replay_s']:.2f} s "
                        f"-> captum/plgk time {cap['speed_ratio']:.2f}x; relative error of the influence "
                        f"matrices {cap['relative_error']:.2e} ({cap['convention']})")
+            out.append(f"captum-sgd: one plain forward + backward of every training and audit example at "
+                       f"every checkpoint (no per-example gradients) takes {cap['floor_s']:.2f} s: the least "
+                       f"any exact TracIn computes; captum takes {cap['captum_s'] / cap['floor_s']:.2f}x "
+                       f"that, plgk {cap['plgk_replay_s'] / cap['floor_s']:.2f}x")
     paper = comparisons.get("paper_a5")
     if paper:
         out.append(f"mnist-synthetic vs paper A.5 (MNIST/LeNet-5, {PAPER_A5['steps']:,} steps, their hardware): "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from plgk_cli.gradients import GradientComputer, ParameterLayout
 from plgk_cli.models import cnn, mlp
@@ -11,12 +13,12 @@ from plgk_cli.models import cnn, mlp
 NUM_CLASSES = 4
 
 
-def _setup(model):
+def _setup(model, method="auto"):
     torch.manual_seed(0)
     model = model.double()
     layout = ParameterLayout.of(model)
     theta = layout.flatten(dict(model.named_parameters())).detach()
-    return model, layout, theta, GradientComputer(model, layout, NUM_CLASSES, chunk_size=3)
+    return model, layout, theta, GradientComputer(model, layout, NUM_CLASSES, chunk_size=3, method=method)
 
 
 def _loop_gradient(model, layout, theta, quantity):
@@ -39,8 +41,9 @@ def test_layout_round_trip_and_layers():
     assert layout.layers[-1][1].stop == layout.size
 
 
-def test_loss_gradients_match_loop():
-    model, layout, theta, grads = _setup(cnn((1, 8, 8), NUM_CLASSES, channels=2, hidden=5))
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_loss_gradients_match_loop(method):
+    model, layout, theta, grads = _setup(cnn((1, 8, 8), NUM_CLASSES, channels=2, hidden=5), method)
     x, y = torch.randn(7, 1, 8, 8, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (7,))
     batched, losses = grads.loss_gradients(theta, x, y)  # chunk_size 3: exercises chunking
     for i in range(len(y)):
@@ -52,8 +55,9 @@ def test_loss_gradients_match_loop():
     assert losses.shape == (7,)
 
 
-def test_audit_targets_match_loop():
-    model, layout, theta, grads = _setup(mlp((6,), NUM_CLASSES, hidden=5))
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_audit_targets_match_loop(method):
+    model, layout, theta, grads = _setup(mlp((6,), NUM_CLASSES, hidden=5), method)
     x, y = torch.randn(5, 6, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (5,))
     targets = ("loss", "logit", "margin", "logits")
     values, g = grads.audit_gradients(theta, x, y, targets)
@@ -70,3 +74,97 @@ def test_audit_targets_match_loop():
             expected = _loop_gradient(model, layout, theta, lambda m: quantities(m, i)[column])
             torch.testing.assert_close(g[i, column], expected, rtol=1e-12, atol=1e-14)
             assert torch.isclose(values[i, column], quantities(model, i)[column].detach())
+
+
+class _Shared(nn.Module):
+    """One Linear applied twice: per-sample gradients by hooks would see only its last call."""
+
+    def __init__(self):
+        super().__init__()
+        self.inner = nn.Linear(NUM_CLASSES, NUM_CLASSES)
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.inner(torch.tanh(self.inner(self.head(x))))
+
+
+class _Tied(nn.Module):
+    """Two Linear layers holding the same weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.first = nn.Linear(6, 6)
+        self.second = nn.Linear(6, 6)
+        self.second.weight = self.first.weight
+        self.head = nn.Linear(6, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.second(torch.tanh(self.first(x)))))
+
+
+class _Sequence(nn.Module):
+    """A Linear layer on (B, L, F) inputs and a strided, dilated convolution without bias."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 3, 3, stride=2, dilation=2, padding=(1, 2), bias=False)
+        self.rows = nn.Linear(3, 5)
+        self.head = nn.LazyLinear(NUM_CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.conv(x))  # B x 3 x H' x W'
+        h = self.rows(h.flatten(2).transpose(1, 2))  # B x L x 5
+        return self.head(torch.relu(h).flatten(1))
+
+
+def _model(kind):
+    torch.manual_seed(1)
+    if kind == "shared":
+        return _Shared(), (6,)
+    if kind == "tied":
+        return _Tied(), (6,)
+    if kind == "inplace":  # ReLU(inplace) rewrites the Linear output the hook recorded
+        return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, NUM_CLASSES)), (6,)
+    if kind == "layernorm":
+        return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, NUM_CLASSES)), (6,)
+    model = _Sequence()
+    model(torch.zeros(1, 1, 9, 9))  # materialise the lazy head
+    return model, (1, 9, 9)
+
+
+@pytest.mark.parametrize("kind,method", [("shared", "vmap"), ("tied", "vmap"), ("inplace", "vmap"),
+                                         ("layernorm", "vmap"), ("sequence", "hooks")])
+def test_method_choice_and_fallback_match_loop(kind, method):
+    """Hooks where they are exact; vmap for reused, tied, in-place-modified or other layers."""
+    model, in_shape = _model(kind)
+    model, layout, theta, grads = _setup(model)
+    x, y = torch.randn(5, *in_shape, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (5,))
+    values, g = grads.audit_gradients(theta, x, y, ("loss", "margin"))
+    assert grads.method == method
+    for i in range(len(y)):
+        expected = _loop_gradient(model, layout, theta, lambda m: F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]))
+        torch.testing.assert_close(g[i, 0], expected, rtol=1e-12, atol=1e-14)
+        torch.testing.assert_close(values[i, 0], F.cross_entropy(model(x[i:i + 1]), y[i:i + 1]).detach())
+
+
+def test_hooks_refused_where_they_do_not_apply():
+    model, layout, _, _ = _setup(_model("layernorm")[0])
+    with pytest.raises(ValueError, match="Linear or Conv2d"):
+        GradientComputer(model, layout, NUM_CLASSES, method="hooks")
+
+
+@pytest.mark.parametrize("method", ["hooks", "vmap"])
+def test_audit_and_loss_gradients_share_a_pass(method):
+    """One forward over audit and training rows gives what two separate calls give."""
+    model, layout, theta, grads = _setup(cnn((1, 8, 8), NUM_CLASSES, channels=2, hidden=5), method)
+    grads.chunk_size = 16
+    x, y = torch.randn(4, 1, 8, 8, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (4,))
+    xt, yt = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (6,))
+    targets = ("margin", "loss", "logits")
+    values, g, train = grads.audit_and_loss_gradients(theta, x, y, targets, xt, yt)
+    expected_values, expected_g = grads.audit_gradients(theta, x, y, targets)
+    torch.testing.assert_close(values, expected_values, rtol=1e-13, atol=1e-15)
+    torch.testing.assert_close(g, expected_g, rtol=1e-12, atol=1e-14)
+    for i in range(len(yt)):
+        expected = _loop_gradient(model, layout, theta, lambda m: F.cross_entropy(m(xt[i:i + 1]), yt[i:i + 1]))
+        torch.testing.assert_close(train[i], expected, rtol=1e-12, atol=1e-14)

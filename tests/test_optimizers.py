@@ -12,7 +12,7 @@ from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.gradients import GradientComputer, ParameterLayout
 from plgk_cli.optimizers import StepCoefficients, decomposition_for
-from plgk_cli.replay import flat_state, replay
+from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 
 CONFIGS = {
@@ -62,7 +62,7 @@ def _worst_simulated_error(run, hyper_change: dict) -> float:
         current = run.checkpoint(t)
         theta = layout.flatten(previous.params)
         g = grads.mean_loss_gradient(theta, x[current.batch], y[current.batch])
-        before = flat_state(layout, previous.optim_state, "", "cpu")
+        before = layout.flatten_state(previous.optim_state)
         delta, _, _ = decomposition.simulate(before, theta, g, current.lr, current.clip_coef,
                                              current.optim_step)
         recorded = layout.flatten(current.params) - theta
