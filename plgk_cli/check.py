@@ -65,7 +65,8 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         return [Problem(str(exc), type(exc))]
     manifest = run.manifest
     problems: list[Problem] = []
-    steps = list_steps(run_dir)
+    every = int(manifest.get("checkpoint_every", 1))
+    steps = list_steps(run_dir, every)
     run_id = run.run_id
     other = _foreign_manifest(run_dir, run_id, steps)
     if other is not None:
@@ -78,7 +79,6 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
                                 f"last checkpoint step {steps[-1] if steps else None} of "
                                 f"{manifest.get('total_steps')}); replay needs a finished run: "
                                 "finish it with `plgk train --config ... --out DIR --resume`"))
-    every = int(manifest.get("checkpoint_every", 1))
     total = int(manifest.get("total_steps", steps[-1] if steps else 0))
     last = total if manifest.get("complete") else (steps[-1] if steps else 0)
     expected = list(range(0, last + 1))  # a sparse run records every step; θ every `every`
@@ -100,7 +100,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
     for step in sorted(set(steps) & set(expected)):
         path = checkpoint_path(run_dir, step)
         try:
-            ck = read_checkpoint(run_dir, step, run_id)
+            ck = read_checkpoint(run_dir, step, run_id, every)
         except PlgkError as exc:
             problems.append(Problem(str(exc), type(exc)))
             continue

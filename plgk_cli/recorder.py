@@ -229,6 +229,7 @@ class Recorder:
         # update record (batch, lr, clip coefficient, loss) of every step; replay re-simulates.
         self.checkpoint_every = checkpoint_every
         self._last_record: dict | None = None
+        self._block_records: list = []  # records of this block's steps, written with its last step
         self._max_norms: list[float] = []
         self._clip_coef = 1.0  # product of this update's clip coefficients
         self._lr_used: float | None = None
@@ -346,13 +347,21 @@ class Recorder:
     # ------------------------------------------------------------------ internals
 
     def _write(self, full: bool) -> None:
-        """Checkpoint of the last recorded update: θ_t and the optimizer state, or the record only."""
+        """Checkpoint of the last recorded update (θ_t, the optimizer state and its record, with
+        the records of its block's earlier steps), or, in a sparse run, keep its record for the
+        file that ends the block. A crash loses nothing needed: resume restarts at the last full
+        checkpoint and redoes the block."""
         record = self._last_record
         state, optim_step = optimizer_state(self.optimizer, self._named)
+        if not full:
+            self._block_records.append({**record, "optim_step": optim_step or record["step"]})
+            return
         trajectory.write_checkpoint(
-            self.out_dir, self.run_id, record["step"], self._named if full else {},
-            state if full else {}, optim_step or record["step"], batch=record["batch"], lr=record["lr"],
-            clip_coef=record["clip_coef"], loss=record["loss"], extra_metadata=record["extra_metadata"])
+            self.out_dir, self.run_id, record["step"], self._named, state, optim_step or record["step"],
+            batch=record["batch"], lr=record["lr"], clip_coef=record["clip_coef"], loss=record["loss"],
+            extra_metadata=record["extra_metadata"],
+            records=tuple(r for r in self._block_records if r["step"] != record["step"]))
+        self._block_records = []
 
     def _reopen(self) -> None:
         """Continue an interrupted run: the model and optimizer take θ_t and the optimizer state
@@ -372,7 +381,7 @@ class Recorder:
         if differs:
             raise RecorderError(f"{self.out_dir}: was recorded with other settings ({', '.join(differs)} "
                                 "differ); resume with the same config")
-        steps = trajectory.list_steps(self.out_dir)
+        steps = trajectory.list_steps(self.out_dir, self.checkpoint_every)
         last = 0
         while last + 1 in steps:  # the contiguous prefix; anything after a gap is not trusted
             last += 1

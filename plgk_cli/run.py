@@ -85,7 +85,7 @@ class Run:
         return check_steps(self.path, self.manifest)
 
     def checkpoint(self, t: int) -> Checkpoint:
-        ck = read_checkpoint(self.path, t, self.run_id)
+        ck = read_checkpoint(self.path, t, self.run_id, int(self.manifest.get("checkpoint_every", 1)))
         for p in self.manifest["parameters"] if ck.full else ():
             tensor = ck.params.get(p["name"])
             if tensor is None or list(tensor.shape) != p["shape"]:

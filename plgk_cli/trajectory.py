@@ -2,10 +2,17 @@
 
 Checkpoint t holds θ_t (``param/<name>``), the optimizer state after t updates
 (``optim/<name>/<key>``) and the record of the update t-1 -> t: the minibatch indices ``batch``
-(int64 indices into the training split), the learning rate ``lr`` and clip coefficient
-``clip_coef`` the step used, and the minibatch ``loss``. Its safetensors metadata names the run and
-the step so that a file from another run or a renamed file is caught. This module is the only
-place that knows these names.
+(indices into the training split, stored in the narrowest of int16/int32/int64 that holds them,
+read back as int64), the learning rate ``lr`` and clip coefficient ``clip_coef`` the step used,
+and the minibatch ``loss``. Its safetensors metadata names the run and the step so that a file
+from another run or a renamed file is caught. This module is the only place that knows these names.
+
+A sparse run (``checkpoint_every`` K > 1) has step files at the multiples of K and at the last
+step only; the records of the steps in between travel in the step file that ends their block:
+``record/batch`` (their minibatches, concatenated) and ``record/scalars`` (one row of lr,
+clip_coef, loss per step), with the metadata ``record/step``, ``record/size``,
+``record/optim_step`` and ``record/epoch`` (comma-separated, one entry per step). One file per
+block, not per step: a record of its own cost a file, its 4 KiB disk block and its header.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
 PARAM_PREFIX = "param/"
 OPTIM_PREFIX = "optim/"
 BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
+RECORD_PREFIX = "record/"
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
 
@@ -104,21 +112,41 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _indices(batch: torch.Tensor) -> torch.Tensor:
+    """Minibatch indices in the narrowest integer type that holds them."""
+    batch = batch.detach().cpu()
+    top = int(batch.max()) if batch.numel() else 0
+    dtype = torch.int16 if top < 2 ** 15 else torch.int32 if top < 2 ** 31 else torch.int64
+    return batch.to(dtype).contiguous()
+
+
 def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_state: dict,
                      optim_step: int, batch: torch.Tensor | None = None, lr: float | None = None,
                      clip_coef: float | None = None, loss: float | None = None,
-                     extra_metadata: dict | None = None) -> Path:
+                     extra_metadata: dict | None = None, records: tuple = ()) -> Path:
+    """Write step file ``step``; ``records``: the records of the steps before it that have no
+    file of their own (a sparse run's block), each a dict with step, batch, lr, clip_coef, loss,
+    optim_step and extra_metadata."""
     tensors = {PARAM_PREFIX + name: t.detach().cpu().contiguous() for name, t in params.items()}
     for name, state in optim_state.items():
         for key, t in state.items():
             tensors[f"{OPTIM_PREFIX}{name}/{key}"] = t.detach().cpu().contiguous()
     if batch is not None:
-        tensors[BATCH] = batch.detach().cpu().to(torch.int64).contiguous()
+        tensors[BATCH] = _indices(batch)
         tensors[LR] = torch.tensor([lr], dtype=torch.float64)
         tensors[CLIP_COEF] = torch.tensor([clip_coef], dtype=torch.float64)
         tensors[LOSS] = torch.tensor([loss], dtype=torch.float64)
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "run_id": run_id,
                 "step": str(step), "optim_step": str(optim_step), **(extra_metadata or {})}
+    if records:
+        tensors[RECORD_PREFIX + BATCH] = _indices(torch.cat([r["batch"].reshape(-1) for r in records]))
+        tensors[RECORD_PREFIX + "scalars"] = torch.tensor(
+            [[r["lr"], r["clip_coef"], r["loss"]] for r in records], dtype=torch.float64)
+        columns = {"step": [r["step"] for r in records], "size": [r["batch"].numel() for r in records],
+                   "optim_step": [r["optim_step"] for r in records]}
+        for key in (records[0].get("extra_metadata") or {}):
+            columns[key] = [r["extra_metadata"][key] for r in records]
+        metadata.update({RECORD_PREFIX + k: ",".join(map(str, v)) for k, v in columns.items()})
     path = checkpoint_path(run_dir, step)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -127,25 +155,70 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
     return path
 
 
-def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Checkpoint:
-    path = checkpoint_path(run_dir, step)
-    if not path.is_file():
-        raise TrajectoryError(f"{path}: checkpoint missing; the run has a gap at step {step}")
+def _block_holder(run_dir: Path, step: int, every: int) -> Path | None:
+    """The step file that carries the record of a sparse run's step without a file: the next
+    multiple of ``every``, or the run's last step file in the final, shorter block."""
+    candidate = checkpoint_path(run_dir, step - step % every + every)
+    if candidate.is_file():
+        return candidate
+    later = [s for s in list_steps(run_dir) if step < s < step - step % every + every]
+    return checkpoint_path(run_dir, later[-1]) if later else None
+
+
+def _open(path: Path, keys=None) -> tuple[dict, dict]:
+    """(metadata, tensors) of a step file: all tensors, or those whose names start with ``keys``."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: f.get_tensor(key) for key in f.keys() if keys is None or key.startswith(keys)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise TrajectoryError(f"{path}: cannot read checkpoint ({exc}); the file is truncated or "
                               "corrupt: restore it or re-run `plgk train`") from None
-    if metadata.get("step") != str(step):
-        raise TrajectoryError(f"{path}: holds step {metadata.get('step')!r}, not {step}; "
-                              "checkpoint files were renamed, copied or mixed: restore step "
-                              f"{step}'s file or re-run `plgk train`")
+    return metadata, tensors
+
+
+def _check_run_id(path: Path, metadata: dict, run_id: str | None) -> None:
     if run_id is not None and metadata.get("run_id") != run_id:
         raise TrajectoryError(f"{path}: belongs to run {metadata.get('run_id')!r}, not {run_id!r} "
                               "named by the manifest; checkpoints of two runs are mixed: restore "
                               "this run's file or re-run `plgk train`")
+
+
+def _read_block_record(run_dir: Path, step: int, every: int, run_id: str | None) -> Checkpoint:
+    holder = _block_holder(run_dir, step, every)
+    metadata, tensors = _open(holder, RECORD_PREFIX) if holder is not None else ({}, {})
+    try:
+        steps = [int(v) for v in metadata[RECORD_PREFIX + "step"].split(",")]
+        index = steps.index(step)
+        sizes = [int(v) for v in metadata[RECORD_PREFIX + "size"].split(",")]
+        optim_step = int(metadata[RECORD_PREFIX + "optim_step"].split(",")[index])
+        start = sum(sizes[:index])
+        batch = tensors[RECORD_PREFIX + BATCH][start:start + sizes[index]].to(torch.int64)
+        lr, clip_coef, loss = tensors[RECORD_PREFIX + "scalars"][index].tolist()
+    except (KeyError, ValueError, IndexError):
+        where = f"nor in {holder.name}, which ends its block" if holder is not None else \
+            "and no later step file of its block"
+        raise TrajectoryError(f"{checkpoint_path(run_dir, step)}: missing, {where}; the run has a "
+                              f"gap at step {step}: restore the files or re-run `plgk train`") from None
+    _check_run_id(holder, metadata, run_id)
+    return Checkpoint(step=step, params={}, optim_state={}, optim_step=optim_step, batch=batch, lr=lr,
+                      clip_coef=clip_coef, loss=loss)
+
+
+def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: int = 1) -> Checkpoint:
+    """Step ``step`` of a run; ``every``: the run's checkpoint_every, whose blocks carry the
+    records of the steps without a file."""
+    path = checkpoint_path(run_dir, step)
+    if not path.is_file() and every > 1 and step % every:
+        return _read_block_record(Path(run_dir), step, every, run_id)
+    if not path.is_file():
+        raise TrajectoryError(f"{path}: checkpoint missing; the run has a gap at step {step}")
+    metadata, tensors = _open(path)
+    if metadata.get("step") != str(step):
+        raise TrajectoryError(f"{path}: holds step {metadata.get('step')!r}, not {step}; "
+                              "checkpoint files were renamed, copied or mixed: restore step "
+                              f"{step}'s file or re-run `plgk train`")
+    _check_run_id(path, metadata, run_id)
     params, optim_state = {}, {}
     for key, t in tensors.items():
         if key.startswith(PARAM_PREFIX):
@@ -160,7 +233,7 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None) -> Chec
     return Checkpoint(
         step=step, params=params, optim_state=optim_state,
         optim_step=int(metadata.get("optim_step", step)),
-        batch=tensors[BATCH] if has_record else None,
+        batch=tensors[BATCH].to(torch.int64) if has_record else None,
         lr=float(tensors[LR][0]) if has_record else None,
         clip_coef=float(tensors[CLIP_COEF][0]) if has_record else None,
         loss=float(tensors[LOSS][0]) if has_record else None,
@@ -176,15 +249,21 @@ def checkpoint_run_id(run_dir: Path, step: int) -> str | None:
         return None
 
 
-def list_steps(run_dir: Path) -> list[int]:
-    return sorted(int(m.group(1)) for p in Path(run_dir).iterdir()
-                  if (m := STEP_PATTERN.match(p.name)))
+def list_steps(run_dir: Path, every: int = 1) -> list[int]:
+    """The recorded steps: those with a step file and, in a sparse run (``every`` > 1), the steps
+    of each block whose records travel in the file that ends it (checked when they are read)."""
+    files = sorted(int(m.group(1)) for p in Path(run_dir).iterdir() if (m := STEP_PATTERN.match(p.name)))
+    if every <= 1:
+        return files
+    implied = [s for a, b in zip(files, files[1:]) if a % every == 0 and b - a <= every
+               for s in range(a + 1, b)]
+    return sorted(set(files) | set(implied))
 
 
 def check_steps(run_dir: Path, manifest: dict) -> list[int]:
     """The step files, verified contiguous from 0 (a sparse run keeps a record file for every
     step and full checkpoints every `checkpoint_every` steps and at the end)."""
-    steps = list_steps(run_dir)
+    steps = list_steps(run_dir, int(manifest.get("checkpoint_every", 1)))
     if not steps:
         raise TrajectoryError(f"{run_dir}: no step_*.safetensors checkpoints")
     if steps[0] != 0:

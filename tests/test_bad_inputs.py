@@ -158,7 +158,8 @@ def test_inf_in_optimizer_state(run_copy, existing_out):
 
 @pytest.mark.parametrize("index", [20, -1, 10**6])
 def test_batch_index_outside_training_split(run_copy, existing_out, index):
-    def edit(tensors):
+    def edit(tensors):  # indices are stored narrow (int16 here): widen to hold any index
+        tensors["batch"] = tensors["batch"].to(torch.int64)
         tensors["batch"][3] = index
 
     rewrite_checkpoint(step_file(run_copy, 2), edit)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file, safe_open, save_file
 
 from conftest import train_tiny
@@ -58,3 +59,27 @@ def test_a_sparse_run_missing_a_stored_theta_is_refused(tmp_path, tiny_npz):
     save_file(kept, str(path), metadata=metadata)  # θ_4 dropped: the record alone remains
     problems = [p.message for p in validate_run(sparse)]
     assert any("step_00000004" in m and "holds no parameters" in m for m in problems)
+
+
+def test_block_records_travel_in_the_file_that_ends_the_block(tmp_path, tiny_npz):
+    """One step file per block: the steps in between have no file; their records are read from
+    the next stored step (the last one for the final, shorter block)."""
+    sparse = _train(tmp_path / "sparse", tiny_npz, 4, "float64")
+    assert sorted(p.name for p in sparse.glob("step_*")) == \
+        [f"step_{t:08d}.safetensors" for t in (0, 4, 8, 9)]
+    dense = load_run(_train(tmp_path / "dense", tiny_npz, 1, "float64"))
+    run = load_run(sparse)
+    assert run.steps == dense.steps == list(range(10))
+    for t in range(1, 10):
+        a, b = run.checkpoint(t), dense.checkpoint(t)
+        assert a.batch.dtype == torch.int64 and torch.equal(a.batch, b.batch)
+        assert (a.lr, a.clip_coef, a.optim_step) == (b.lr, b.clip_coef, b.optim_step)
+        assert a.loss == pytest.approx(b.loss, rel=1e-12)
+
+
+def test_a_sparse_run_missing_a_block_file_is_refused(tmp_path, tiny_npz):
+    sparse = _train(tmp_path / "sparse", tiny_npz, 4, "float64")
+    (sparse / "step_00000008.safetensors").unlink()  # θ_8 and the records of steps 5..7
+    problems = [p.message for p in validate_run(sparse)]
+    assert any("step_00000005.safetensors" in m and "gap" in m for m in problems), problems
+    assert any("step_00000008.safetensors" in m and "missing" in m for m in problems), problems

@@ -80,3 +80,26 @@ def test_resume_of_a_complete_run_is_refused(setup):
     config, reference = setup
     result = plgk_train(config, reference, "--resume")
     assert result.returncode != 0 and "complete" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sparse_run_resumes_at_its_last_stored_block(setup, tmp_path):
+    """every = 4: a kill after step file 4 (mid-block 5..8) loses the block's kept records; resume
+    redoes them from θ_4 and writes the same files as an uninterrupted sparse run."""
+    config, _ = setup
+    sparse = tmp_path / "sparse.toml"
+    sparse.write_text(config.read_text() + "[checkpoint]\nevery = 4\n")
+    reference = tmp_path / "reference"
+    assert plgk_train(sparse, reference).returncode == 0
+    out = tmp_path / "run"
+    killed = plgk_train(sparse, out, fault="after_checkpoint:2:KILL")  # step files 0 and 4 written
+    assert killed.returncode != 0
+    assert sorted(p.name for p in out.glob("step_*")) == ["step_00000000.safetensors", "step_00000004.safetensors"]
+    assert plgk_train(sparse, out, "--resume").returncode == 0
+    names = sorted(p.name for p in reference.glob("step_*"))
+    assert names == [f"step_{t:08d}.safetensors" for t in (0, 4, 8, 9)]
+    assert sorted(p.name for p in out.glob("step_*")) == names
+    for name in names:
+        a, b = load_file(reference / name), load_file(out / name)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert torch.equal(a[key], b[key]), (name, key)
