@@ -316,26 +316,28 @@ class GradientComputer:
     def target_columns(self, targets: tuple) -> int:
         return target_columns(targets, self.num_classes)
 
-    def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple):
-        """Values (N x Q) and gradients (N x Q x P) of the audited quantities at θ.
-
-        Q stacks the targets in order; ``logits`` contributes one column per class.
+    def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
+                        out: torch.Tensor | None = None):
+        """Values (N x Q) and gradients (N x Q x P) of the audited quantities at θ, the gradients
+        written into ``out`` if given. Q stacks the targets in order; ``logits`` contributes one
+        column per class.
         """
-        return self._batched(theta, x, y, targets)
+        return self._batched(theta, x, y, targets, out)
 
     def audit_and_loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                                  targets: tuple, x_loss: torch.Tensor, y_loss: torch.Tensor,
-                                 loss_out: torch.Tensor | None = None):
+                                 loss_out: torch.Tensor | None = None, out: torch.Tensor | None = None):
         """audit_gradients(θ, x, y, targets) and loss_gradients(θ, x_loss, y_loss, loss_out)[0]
         together: from one forward and backward when both fit one chunk (the audit side and the
         training side of an update that share θ)."""
         if self.method == "hooks" and len(x) + len(x_loss) <= self.chunk_size:
             kwargs = dict(dtype=theta.dtype, device=theta.device)
-            grads = torch.empty(len(x), target_columns(targets, self.num_classes), self.layout.size, **kwargs)
+            grads = out if out is not None else \
+                torch.empty(len(x), target_columns(targets, self.num_classes), self.layout.size, **kwargs)
             loss_grads = loss_out if loss_out is not None else torch.empty(len(x_loss), self.layout.size, **kwargs)
             values = self._hooked_pass(theta, x, y, targets, grads, (x_loss, y_loss), loss_grads)
             if values is not None:
                 return values, grads, loss_grads
             self._hooks_failed()
-        values, grads = self.audit_gradients(theta, x, y, targets)
+        values, grads = self.audit_gradients(theta, x, y, targets, out)
         return values, grads, self.loss_gradients(theta, x_loss, y_loss, loss_out)[0]

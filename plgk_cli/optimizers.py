@@ -51,19 +51,25 @@ class StepCoefficients:
         delta = -self.lr * (self.p * buf_next + self.e * d) - self.lr * self.decoupled * theta
         return delta, buf_next
 
-    def adjoint(self, w_next: torch.Tensor, decay_next: float, h: torch.Tensor):
+    def adjoint(self, w_next: torch.Tensor, decay_next: float, h: torch.Tensor,
+                out: torch.Tensor | None = None):
         """One step of the backward walk for audit columns h (P x Q).
 
         With W(s) = Σ_{t≥s} (Π_{s<j≤t} μ_j) lr_t p_t ⊙ h(t), the recursion is
         W(s) = lr_s p_s ⊙ h(s) + μ_{s+1} W(s+1), and the coefficient of d_s in Σ_t Δθ_t·h(t) is
         v_s = −(a_s ⊙ W(s) + lr_s e_s ⊙ h(s)). Returns (W(s), v_s); a sample m in B_s adds
         (c_s g_{m,s}/|B_s|)·v_s to its influence (paper eq. 31 and 37, summed exactly).
-        W(s) is computed in place in ``w_next``: the walk's largest tensors are P x Q, and
-        terms whose coefficient is exactly 0 (Adam's e, plain SGD's a and p) are skipped.
+        W(s) is computed in place in ``w_next`` and v_s into ``out`` if given: the walk's largest
+        tensors are P x Q, and terms whose coefficient is exactly 0 (Adam's e, plain SGD's a and p)
+        are skipped.
         """
         w = w_next.mul_(decay_next)
         _add_scaled(w, _scaled(self.lr, self.p), h)
-        v = torch.zeros_like(h) if _is_zero(self.a) else w * _col(_scaled(-1.0, self.a))
+        v = torch.empty_like(w) if out is None else out
+        if _is_zero(self.a):
+            v.zero_()
+        else:
+            torch.mul(w, _col(_scaled(-1.0, self.a)), out=v)
         _add_scaled(v, _scaled(-self.lr, self.e), h)
         return w, v
 
