@@ -2,7 +2,7 @@
 
     python scripts/bench.py                                  # the default set (fits ~10 min on 2 cores)
     python scripts/bench.py --workload digits                # one workload (repeatable)
-    python scripts/bench.py --workload mnist-synthetic --steps-scale 0.02   # one epoch
+    python scripts/bench.py --workload mnist-synthetic --steps-scale 0.1    # five epochs
     python scripts/bench.py --workload captum-sgd            # plgk euler vs captum TracInCP
     python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
@@ -57,10 +57,10 @@ PAPER_A5 = {"steps": 10_000, "train_s": 226.5, "audit_s": 4040.0, "ratio": 4040.
 MNIST_STEPS_PER_EPOCH = 200
 MNIST_BATCH = 256
 # Measured on the 2-core CPU machine (docs/performance.md): a LeNet-5 replay step (batch 256, 256
-# audit points) takes 2.0-2.2 s wall (~4 CPU-s) on a quiet machine, so one epoch (200 steps,
-# --steps-scale 0.02) is ~7 min of replay alone, and 2-3x that under other load; the default runs
-# 50 steps so that the default set (digits, captum-sgd, mnist-synthetic) stays well inside 10 min.
-DEFAULT_STEPS_SCALE = 0.005
+# audit points) takes about 0.6 s on a quiet machine, so the default, one full epoch of the
+# paper's run (200 steps, M = 51,200), is about 2 minutes of replay and the default set (digits,
+# captum-sgd, mnist-synthetic) stays inside 10 minutes.
+DEFAULT_STEPS_SCALE = 0.02
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
 ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
