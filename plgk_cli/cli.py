@@ -47,6 +47,21 @@ def reports_errors(fn):
     return wrapper
 
 
+def set_threads(threads: int | None, error: type) -> None:
+    """--threads: torch's CPU threads. On a CPU shared with other work, one thread is often much
+    faster for a small model than torch's default (docs/performance.md)."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise error(f"--threads: must be >= 1, got {threads}")
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+THREADS_HELP = "CPU threads for torch (default: torch's choice; 1 is often fastest for a small model on a busy CPU)."
+
+
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="plgk")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
@@ -60,12 +75,16 @@ def main(debug):
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Run directory to create (must be new or empty).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def train(config_path, out, resume, quiet):
+def train(config_path, out, resume, threads, quiet):
     """Train a model and record its trajectory."""
     from plgk_cli.config import load_config
+    from plgk_cli.errors import ConfigError
     from plgk_cli.train import train as run_training
+
+    set_threads(threads, ConfigError)
 
     manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume)
     final = manifest["final"]
@@ -110,14 +129,18 @@ def train(config_path, out, resume, quiet):
               "default: the final checkpoint).")
 @click.option("--modes-method", default="svd", show_default=True, type=click.Choice(["svd", "oja"]))
 @click.option("--save-modes", is_flag=True, help="Store the modes' parameter-space vectors V (P x K).")
+@click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
            memory_budget, overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
-           precondition, modes, modes_at, modes_method, save_modes, quiet):
+           precondition, modes, modes_at, modes_method, save_modes, threads, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
+    from plgk_cli.errors import AuditSpecError
     from plgk_cli.replay import replay as run_replay
+
+    set_threads(threads, AuditSpecError)
 
     targets = tuple(t.strip() for spec in targets for t in spec.split(",") if t.strip())
     args = ReplayArguments(ckpts=ckpts, audit_set=audit_set, out=out, targets=targets, rule=rule,

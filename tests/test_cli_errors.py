@@ -277,6 +277,7 @@ def test_bad_audit_slice(base, out, spec, needles):
     (("--rule", "supersample:0"), ("--rule", "'supersample:0'", "K >= 1")),
     (("--stride", "0"), ("--stride", ">= 1", "0")),
     (("--chunk-size", "0"), ("--chunk-size", ">= 1")),
+    (("--threads", "0"), ("--threads", ">= 1", "0")),
     (("--train-subset", "0:99"), ("--train-subset", "'0:99'", "out of range")),
 ])
 def test_bad_replay_option(base, out, extra, needles):
@@ -450,3 +451,21 @@ def test_dataset_not_an_npz(tmp_path):
     assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
                           DataError.exit_code, str(npz), "not an .npz archive")
     assert not out.exists()
+
+
+def test_threads_option_sets_torch_threads(base, tmp_path):
+    """--threads N is passed to torch; 0 is refused in one line before anything is written."""
+    import torch
+
+    before = torch.get_num_threads()
+    try:
+        result = invoke("train", "--config", base["config"], "--out", tmp_path / "run", "--quiet",
+                        "--threads", "1")
+        assert result.exit_code == 0, result.output
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    assert_one_line_error(invoke("train", "--config", base["config"], "--out", tmp_path / "other",
+                                 "--quiet", "--threads", "0"),
+                          ConfigError.exit_code, "--threads", ">= 1")
+    assert not (tmp_path / "other").exists()
