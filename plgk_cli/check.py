@@ -17,7 +17,7 @@ import torch
 from plgk_cli.errors import DataError, PlgkError, TrajectoryError
 from plgk_cli.run import load_run
 from plgk_cli.trajectory import (MANIFEST, checkpoint_path, checkpoint_run_id, list_steps,
-                                 read_checkpoint)
+                                 missing_block_file, read_checkpoint)
 
 
 @dataclass(frozen=True)
@@ -84,7 +84,12 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
     expected = list(range(0, last + 1))  # a sparse run records every step; θ every `every`
     full_at = set(range(0, last + 1, every)) | {last}
     present = sorted(set(steps))
-    for missing in sorted(set(expected) - set(steps)):
+    files = set(list_steps(run_dir))
+    covered = set()  # steps whose block file is reported missing below
+    for block_end in sorted(full_at - files) if every > 1 else ():
+        problems.append(Problem(missing_block_file(run_dir, block_end, every)))
+        covered |= set(range(block_end - (block_end - 1) % every if block_end else 0, block_end + 1))
+    for missing in sorted(set(expected) - set(steps) - covered):
         below = max((s for s in present if s < missing), default=None)
         above = min((s for s in present if s > missing), default=None)
         where = f"between steps {below} and {above}" if below is not None and above is not None \

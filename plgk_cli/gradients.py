@@ -3,9 +3,11 @@
 Two methods give the same numbers. ``hooks`` (the default where it applies): one forward records
 each Linear / Conv2d layer's input a_m and one backward of Σ_m q_m gives each layer output's
 gradient δ_m; the per-sample weight gradient is δ_m a_mᵀ (for convolutions over the unfolded
-input patches), as in opacus and captum. ``vmap``: torch.func's vmap(grad) / vmap(jacrev) over a
-functional call, for any per-sample separable model; used when a trainable parameter belongs to
-another kind of layer, or a layer runs more or less than once per forward (shared weights).
+input patches), as in opacus and captum. ``vmap``: torch.func's vmap(jacrev) over a functional
+call, for any per-sample separable model; used when a trainable parameter belongs to another kind
+of layer, when a layer runs more or less than once per forward (shared weights), sees the batch
+other than along dimension 0 (a folded or sequence-first batch) or has its recorded input or
+output changed in place, and when a first comparison of the two on a few examples disagrees.
 
 Everything downstream works on flat vectors of all P trainable parameters in the model's
 ``named_parameters`` order; :class:`ParameterLayout` maps between the flat vector, the named
@@ -19,7 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch.func import functional_call, jacrev, vmap
 
 from plgk_cli.models import layer_of
 
@@ -108,6 +110,12 @@ def target_columns(targets: tuple, num_classes: int) -> int:
     return sum(num_classes if t == "logits" else 1 for t in targets)
 
 
+# Relative distance between hooks and vmap on the probe examples above which hooks are dropped:
+# both compute the same sums in the same dtype (float32 differs in the last bits), while a layer
+# whose batch is not along dimension 0 gives O(1) differences.
+HOOKS_AGREEMENT = 1e-3
+
+
 def _hookable(module: nn.Module) -> bool:
     """Layers whose per-sample gradient is an outer product of recorded input and output gradient."""
     if type(module) is nn.Linear:
@@ -158,9 +166,11 @@ class _LayerRecorder:
         for handle in self.handles:
             handle.remove()
 
-    def unchanged(self) -> bool:
-        """Each layer ran once and nothing recorded was modified in place afterwards."""
+    def per_sample(self, batch: int) -> bool:
+        """Each layer ran once, on the batch along dimension 0 (``batch`` rows in and out), and
+        nothing recorded was modified in place afterwards: what the outer products assume."""
         return all(self.calls.get(name) == 1 and self.versions[name] == self._version(name)
+                   and self.inputs[name].shape[0] == batch == self.outputs[name].shape[0]
                    for name in self.modules)
 
     def _version(self, name):
@@ -206,6 +216,7 @@ class GradientComputer:
             raise ValueError("per-sample gradients by hooks need every trainable parameter in a "
                              "Linear or Conv2d layer (groups 1, zero padding)")
         self.method = "vmap" if self._hooked is None else "hooks"
+        self._hooks_checked = False
 
     def _hooked_layers(self) -> dict | None:
         """{layer name: [(weight|bias, slice of the flat vector)]}, or None where hooks do not apply."""
@@ -228,14 +239,14 @@ class GradientComputer:
                      loss_out: torch.Tensor | None = None) -> torch.Tensor | None:
         """Per-sample gradients by hooks, written into ``out`` (B x Q x P) and, for the rows
         (x_loss, y_loss), their loss gradients into ``loss_out``, all from one forward; returns
-        the values (B x Q), or None if the forward did not run each hooked layer exactly once or
-        changed a recorded tensor in place."""
+        the values (B x Q), or None if the forward did not run each hooked layer exactly once on
+        the batch along dimension 0 or changed a recorded tensor in place."""
         modules = {name: self.model.get_submodule(name) for name in self._hooked}
         params = self.layout.unflatten(theta.detach().requires_grad_(True))
         n = len(x)
         with _LayerRecorder(modules) as recorder:
             logits = functional_call(self.model, params, (x if x_loss is None else torch.cat([x, x_loss[0]]),))
-        if not recorder.unchanged():
+        if not recorder.per_sample(len(logits)):
             return None
         values = batched_targets(logits[:n], y, targets)
         names = list(modules)
@@ -266,9 +277,31 @@ class GradientComputer:
                         loss_out[:, sl] = g[n:]
         return values.detach()
 
+    def _check_hooks(self, theta, x, y, targets: tuple) -> None:
+        """Once, before hooks are used: compare them with vmap on the first few examples. The shape
+        checks of each pass miss a layout that puts another axis of the batch's size first (a
+        sequence-first layer with as many steps as examples); this catches it."""
+        if self._hooks_checked or self.method != "hooks":
+            return
+        self._hooks_checked = True
+        rows = slice(0, min(3, len(x)))
+        width = target_columns(targets, self.num_classes)
+        probe = torch.empty(len(x[rows]), width, self.layout.size, dtype=theta.dtype, device=theta.device)
+        if self._hooked_pass(theta, x[rows], y[rows], targets, probe) is None:
+            self._hooks_failed()  # a layer that does not see these few examples along dimension 0
+            return
+        try:
+            expected = self._vmap_pass(theta, x[rows], y[rows], targets)[1]
+        except RuntimeError:  # vmap cannot run this model: the hooks' own checks stand
+            return
+        scale = expected.norm()
+        if (probe - expected).norm() > HOOKS_AGREEMENT * max(float(scale), 1e-30):
+            self._hooks_failed()
+
     def _batched(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None):
         """Values (B x Q) and per-sample gradients (B x Q x P), chunked into one preallocated
         output (for a large batch, concatenating chunks costs as much as computing them)."""
+        self._check_hooks(theta, x, y, targets)
         width = target_columns(targets, self.num_classes)
         values = torch.empty(len(x), width, dtype=theta.dtype, device=theta.device)
         grads = out if out is not None else \
@@ -285,7 +318,7 @@ class GradientComputer:
         return values, grads
 
     def _hooks_failed(self) -> None:
-        self.method = "vmap"  # a shared or in-place-modified layer: hooks would be wrong
+        self.method = "vmap"  # shared, folded-batch or in-place-modified layers: hooks would be wrong
 
     def _logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         return functional_call(self.model, self.layout.unflatten(theta), (x.unsqueeze(0),))[0]
@@ -330,6 +363,7 @@ class GradientComputer:
         """audit_gradients(θ, x, y, targets) and loss_gradients(θ, x_loss, y_loss, loss_out)[0]
         together: from one forward and backward when both fit one chunk (the audit side and the
         training side of an update that share θ)."""
+        self._check_hooks(theta, x, y, targets)
         if self.method == "hooks" and len(x) + len(x_loss) <= self.chunk_size:
             kwargs = dict(dtype=theta.dtype, device=theta.device)
             grads = out if out is not None else \

@@ -130,7 +130,8 @@ def hyper_from_optimizer(optimizer: torch.optim.Optimizer, named_params: dict) -
 
 class Recorder:
     """Writes the run directory of one training run: the manifest and checkpoint 0 now, one
-    checkpoint per ``step()``, the completed manifest at ``finish()`` (or the end of a ``with``
+    checkpoint per ``step()`` (with ``checkpoint_every`` K > 1: one per K steps, carrying the
+    records of its block), the completed manifest at ``finish()`` (or the end of a ``with``
     block; an exception leaves ``complete: false``: replay refuses the run until a Recorder with
     ``resume=True`` finishes it).
 
@@ -277,7 +278,8 @@ class Recorder:
         split of its minibatch, in the order used (tensor, array or list of ints), ``loss`` its
         mean loss at the parameters before the update (tensor or float), ``logits`` optionally
         the model's outputs on the batch, for the train accuracy in the manifest.
-        Returns t, the number of the checkpoint written (θ_t after t updates)."""
+        Returns t, the number of the update recorded (θ_t after t updates; in a sparse run its
+        record waits for the step file that ends its block)."""
         if self._finished:
             raise RecorderError("step() after finish(): the run is closed; start a new Recorder")
         if not self._unrecorded:
@@ -437,7 +439,9 @@ class Recorder:
         if int(indices.min()) < 0 or int(indices.max()) >= m:
             raise RecorderError(f"step(): batch holds indices outside the training split "
                                 f"(0..{m - 1}): min {int(indices.min())}, max {int(indices.max())}")
-        return indices.to(torch.int64)
+        # A copy: a sparse run keeps the record until its block's file is written, and a loop may
+        # reuse its index buffer in place (numpy's shuffle of one permutation each epoch).
+        return indices.to(torch.int64, copy=True)
 
     def _test_accuracy(self) -> float:
         x, y = self.dataset.x_test, self.dataset.y_test

@@ -42,6 +42,7 @@ from plgk_cli.store import TargetResult, check_free_space, check_writable, write
 from plgk_cli.train import resolve_device
 
 ROUNDINGS_PER_UPDATE = 2
+WALK_BUFFERS = 5  # P x columns float64 tensors the walk keeps: W, h, v, ∇q at a boundary, a spare
 
 
 @dataclass(frozen=True)
@@ -110,9 +111,6 @@ class ReplayPlan:
     boundaries: tuple  # checkpoints where the audit side is evaluated (stride)
     trajectory: TrajectoryView  # θ_t at every step, re-simulated between sparse checkpoints
     workspace: Workspace  # the walk's per-sample gradient buffers, reused step to step
-
-    def checkpoint(self, t: int):
-        return self.trajectory.checkpoint(t)
 
     @property
     def n_audit(self) -> int:
@@ -183,17 +181,18 @@ class ReplayPlan:
 def chunk_for_budget(args: ReplayArguments, num_params: int, columns: int,
                      gradients_per_example: int) -> int:
     """Examples per batched gradient pass: --chunk-size, or what --memory-budget leaves after the
-    walk's fixed tensors (adjoint W, quadrature h and ∇q at a boundary: 3 x P x columns, float64).
+    walk's fixed tensors (W, h, v, ∇q at a boundary and a spare for the next one: 5 x P x
+    columns, float64).
     A chunk holds up to Q per-example gradients of P floats, a float64 copy and vmap's
     intermediates: about 4 x 8 bytes per gradient entry."""
     if not args.memory_budget:
         return args.chunk_size
     budget = args.memory_budget * 1e6
-    fixed = 3 * num_params * columns * 8
+    fixed = WALK_BUFFERS * num_params * columns * 8
     per_example = 4 * 8 * num_params * max(gradients_per_example, 1)
     if budget < fixed + per_example:
         raise AuditSpecError(f"--memory-budget: {args.memory_budget:g} MB is too small; the adjoints "
-                             f"alone need {(fixed + per_example) / 1e6:.1f} MB (3 x {num_params} "
+                             f"alone need {(fixed + per_example) / 1e6:.1f} MB ({WALK_BUFFERS} x {num_params} "
                              f"parameters x {columns} audited quantities in float64)")
     return max(1, int((budget - fixed) // per_example))
 
@@ -245,10 +244,6 @@ def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:
     return torch.zeros(plan.columns, plan.layout.size, dtype=torch.float64, device=plan.device).T
 
 
-def _column_major(t: torch.Tensor) -> torch.Tensor:
-    return t.T.contiguous().T
-
-
 class WalkState:
     """What the backward walk carries from one update to the next (float64, mutable).
 
@@ -289,7 +284,9 @@ class WalkState:
         return state
 
     def tensors(self) -> dict:
-        return {"walk/w": self.w, "walk/h": self.h, "walk/a_boundary": self.a_boundary,
+        # Under euler h is ∇q at the boundary itself; a commit stores each tensor on its own.
+        h = self.h.clone() if self.h is self.a_boundary else self.h
+        return {"walk/w": self.w, "walk/h": h, "walk/a_boundary": self.a_boundary,
                 "walk/values": self.values, **self.acc.state_tensors()}
 
     def scalars(self) -> dict:
@@ -302,8 +299,9 @@ class WalkState:
             if saved.shape != getattr(self, name).shape:
                 raise StoreError(f"progress: walk/{name} has shape {tuple(saved.shape)}, expected "
                                  f"{tuple(getattr(self, name).shape)}; start over with --overwrite")
-            saved = saved.to(device)
-            setattr(self, name, saved if name == "values" else _column_major(saved))
+            # Into the walk's own buffers, so that the layout (and with it every rounding) is the
+            # one an uninterrupted walk has.
+            getattr(self, name).copy_(saved.to(device))
         self.acc.load_state_tensors(tensors)
         self.next_step, self.h_start = int(scalars["next_step"]), int(scalars["h_start"])
         self.decay_next = float(scalars["decay_next"])
@@ -454,7 +452,10 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
         shared = None  # update seg_start's per-sample gradients, from the audit side's pass at θ_start
         if state.h_start != seg_start:  # set this segment up: ∇q at its start, quadrature
             theta_start, theta_end = plan.theta(seg_start), plan.theta(seg_end)
-            rows = plan.audited_rows(seg_start)
+            # Shared only where the segment is its single update: a longer one resumed in the
+            # middle would compute update seg_start in a separate pass, which rounds differently,
+            # and a resumed replay must equal an uninterrupted one bit for bit.
+            rows = plan.audited_rows(seg_start) if seg_end - seg_start == 1 else ()
             if len(rows):
                 values, a_start, shared = plan.audit_and_training_side(theta_start, rows, state.spare)
             else:

@@ -22,7 +22,8 @@ from plgk_cli.trajectory import Checkpoint, checkpoint_path
 
 BLOCKS_CACHED = 2  # the walk's block and the audit side's segment start may lie in different blocks
 # The walk reads θ_t and θ_{t+1} for update t and the segment ends for the audit side: with three
-# flattened steps kept, every step is read and flattened once.
+# flattened steps kept, every step is read and flattened once at --stride 1 (a segment start
+# twice with a longer stride).
 FLAT_CACHED = 3
 PREFETCH_MIN_BYTES = 1 << 20
 

@@ -191,6 +191,8 @@ def _read_block_record(run_dir: Path, step: int, every: int, run_id: str | None)
         steps = [int(v) for v in metadata[RECORD_PREFIX + "step"].split(",")]
         index = steps.index(step)
         sizes = [int(v) for v in metadata[RECORD_PREFIX + "size"].split(",")]
+        if len(sizes) != len(steps) or sum(sizes) != len(tensors[RECORD_PREFIX + BATCH]):
+            raise ValueError("record sizes do not match record/batch")
         optim_step = int(metadata[RECORD_PREFIX + "optim_step"].split(",")[index])
         start = sum(sizes[:index])
         batch = tensors[RECORD_PREFIX + BATCH][start:start + sizes[index]].to(torch.int64)
@@ -260,16 +262,28 @@ def list_steps(run_dir: Path, every: int = 1) -> list[int]:
     return sorted(set(files) | set(implied))
 
 
+def missing_block_file(run_dir: Path, step: int, every: int) -> str:
+    """The message for a sparse run's missing step file ``step`` (a multiple of ``every`` or the
+    last step), which held θ and the records of the steps before it in its block."""
+    first = step - (step - 1) % every if step > 0 else 0
+    records = f" and the update records of steps {first}-{step - 1}" if step - first > 0 else ""
+    return (f"{checkpoint_path(run_dir, step)}: missing; with checkpoints every {every} steps it "
+            f"holds θ_{step}{records}: restore the file or re-run `plgk train`")
+
+
 def check_steps(run_dir: Path, manifest: dict) -> list[int]:
-    """The step files, verified contiguous from 0 (a sparse run keeps a record file for every
-    step and full checkpoints every `checkpoint_every` steps and at the end)."""
-    steps = list_steps(run_dir, int(manifest.get("checkpoint_every", 1)))
+    """The recorded steps, verified contiguous from 0 (a sparse run: its files at multiples of
+    `checkpoint_every` and at the end, and the steps whose records they carry)."""
+    every = int(manifest.get("checkpoint_every", 1))
+    steps = list_steps(run_dir, every)
     if not steps:
         raise TrajectoryError(f"{run_dir}: no step_*.safetensors checkpoints")
     if steps[0] != 0:
         raise TrajectoryError(f"{checkpoint_path(run_dir, 0)}: missing; the trajectory must start "
                               "at step 0 (θ_0)")
     for previous, current in zip(steps, steps[1:]):
+        if current - previous != 1 and every > 1:
+            raise TrajectoryError(missing_block_file(run_dir, previous - previous % every + every, every))
         if current - previous != 1:
             raise TrajectoryError(f"{checkpoint_path(run_dir, previous + 1)}: missing; the run has a "
                                   f"gap between steps {previous} and {current}")

@@ -168,3 +168,45 @@ def test_audit_and_loss_gradients_share_a_pass(method):
     for i in range(len(yt)):
         expected = _loop_gradient(model, layout, theta, lambda m: F.cross_entropy(m(xt[i:i + 1]), yt[i:i + 1]))
         torch.testing.assert_close(train[i], expected, rtol=1e-12, atol=1e-14)
+
+
+class _Folded(nn.Module):
+    """Per-sample separable, but the Linear sees the batch folded with a sequence axis."""
+
+    def __init__(self, length=3, features=4):
+        super().__init__()
+        self.length, self.features = length, features
+        self.step = nn.Linear(features, features)
+        self.head = nn.Linear(length * features, NUM_CLASSES)
+
+    def forward(self, x):
+        b = len(x)
+        h = torch.tanh(self.step(x.reshape(b * self.length, self.features)))
+        return self.head(h.reshape(b, -1))
+
+
+class _SequenceFirst(nn.Module):
+    """The Linear sees (L, B, F): with L == B only the first comparison with vmap can tell."""
+
+    def __init__(self, length, features=4):
+        super().__init__()
+        self.length, self.features = length, features
+        self.step = nn.Linear(features, features)
+        self.head = nn.Linear(length * features, NUM_CLASSES)
+
+    def forward(self, x):
+        h = torch.tanh(self.step(x.reshape(len(x), self.length, self.features).transpose(0, 1)))
+        return self.head(h.transpose(0, 1).reshape(len(x), -1))
+
+
+@pytest.mark.parametrize("model, batch", [(_Folded(), 5), (_SequenceFirst(5), 5), (_SequenceFirst(3), 5)])
+def test_batch_not_along_dimension_0_falls_back_to_vmap(model, batch):
+    model, layout, theta, grads = _setup(model)
+    grads.chunk_size = 8
+    x, y = torch.randn(batch, 12 if isinstance(model, _Folded) else model.length * 4,
+                       dtype=torch.float64), torch.randint(0, NUM_CLASSES, (batch,))
+    g, _ = grads.loss_gradients(theta, x, y)
+    assert grads.method == "vmap"
+    for i in range(batch):
+        expected = _loop_gradient(model, layout, theta, lambda m: F.cross_entropy(m(x[i:i + 1]), y[i:i + 1]))
+        torch.testing.assert_close(g[i], expected, rtol=1e-12, atol=1e-14)

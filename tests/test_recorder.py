@@ -501,3 +501,27 @@ def test_example_script(tmp_path, capsys, monkeypatch):
     with InfluenceFile(f"{out}.h5") as f:
         assert f.metrics("loss")["lc"] > 0.99
     assert record_own_loop.main(["--epochs", "1", "--out", str(out)]) == OutputError.exit_code
+
+
+def test_sparse_run_keeps_batches_a_loop_reuses_in_place(tmp_path, tiny_npz):
+    """checkpoint_every=4 keeps a block's records until its file: the batch indices must be copied,
+    since this loop shuffles one numpy permutation in place each epoch."""
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    torch.manual_seed(SEED)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).to(torch.float64)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)
+    permutation, rng, used = np.arange(len(data.y_train)), np.random.default_rng(0), []
+    with Recorder(tmp_path / "run", model, optimizer, model_name="test_recorder:user_mlp",
+                  model_kwargs={"hidden": HIDDEN}, dataset=f"npz:{tiny_npz}", batch_size=BATCH_SIZE,
+                  epochs=EPOCHS, checkpoint_every=4) as recorder:
+        for _ in range(EPOCHS):
+            rng.shuffle(permutation)
+            for start in range(0, len(permutation), BATCH_SIZE):
+                batch = permutation[start:start + BATCH_SIZE]  # a view of the reused buffer
+                used.append(batch.copy())
+                optimizer.zero_grad()
+                F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+                optimizer.step()
+                recorder.step(batch, 0.0)
+    run = load_run(tmp_path / "run")
+    assert [run.checkpoint(t).batch.tolist() for t in range(1, STEPS + 1)] == [b.tolist() for b in used]

@@ -24,12 +24,12 @@ def run_dir(tmp_path_factory, tiny_npz):
     return train_tiny(tmp_path_factory.mktemp("run") / "run", tiny_npz, ADAM_MOMENTUM, epochs=3)
 
 
-def plgk_replay(run_dir, out, *extra, fault=None):
+def plgk_replay(run_dir, out, *extra, fault=None, audit_set="test[0:4]", targets="loss,margin"):
     env = {k: v for k, v in os.environ.items() if not k.startswith("PLGK_FAULT")}
     if fault:
         env["PLGK_FAULT"] = fault
     cmd = [sys.executable, "-m", "plgk_cli", "replay", "--ckpts", str(run_dir), "--audit-set",
-           "test[0:4]", "--out", str(out), "--target", "loss", "--target", "margin", "--quiet",
+           audit_set, "--out", str(out), "--target", targets, "--quiet",
            "--device", "cpu", "--commit-every", "1", *extra]
     return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
 
@@ -77,6 +77,22 @@ def test_resume_after_fault_matches_uninterrupted(run_dir, reference, tmp_path, 
     resumed = plgk_replay(run_dir, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert not progress_path(out).exists()
+    assert_same_file(reference, out)
+
+
+@pytest.mark.parametrize("extra, audit_set, targets", [
+    (("--stride", "3"), "test[0:4]", "loss,margin"),  # killed inside a segment of three updates
+    (("--rule", "euler"), "test[0:1]", "loss"),  # one column: h is ∇q at the boundary itself
+])
+def test_resume_matches_uninterrupted_for_strides_and_rules(run_dir, tmp_path, extra, audit_set, targets):
+    kwargs = dict(audit_set=audit_set, targets=targets)
+    reference = tmp_path / "reference.h5"
+    assert plgk_replay(run_dir, reference, *extra, **kwargs).returncode == 0
+    out = tmp_path / "out.h5"
+    broken = plgk_replay(run_dir, out, *extra, fault="after_commit:4:KILL", **kwargs)
+    assert broken.returncode != 0 and progress_path(out).exists()
+    resumed = plgk_replay(run_dir, out, "--resume", *extra, **kwargs)
+    assert resumed.returncode == 0, resumed.stderr
     assert_same_file(reference, out)
 
 

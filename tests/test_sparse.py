@@ -12,6 +12,7 @@ from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.check import validate_run
 from plgk_cli.config import parse_config
+from plgk_cli.errors import TrajectoryError
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
@@ -81,5 +82,9 @@ def test_a_sparse_run_missing_a_block_file_is_refused(tmp_path, tiny_npz):
     sparse = _train(tmp_path / "sparse", tiny_npz, 4, "float64")
     (sparse / "step_00000008.safetensors").unlink()  # θ_8 and the records of steps 5..7
     problems = [p.message for p in validate_run(sparse)]
-    assert any("step_00000005.safetensors" in m and "gap" in m for m in problems), problems
-    assert any("step_00000008.safetensors" in m and "missing" in m for m in problems), problems
+    assert problems[0] == (f"{sparse / 'step_00000008.safetensors'}: missing; with checkpoints every 4 "
+                           "steps it holds θ_8 and the update records of steps 5-7: restore the file "
+                           "or re-run `plgk train`"), problems
+    assert not any("step_00000005" in m for m in problems), problems
+    with pytest.raises(TrajectoryError, match="step_00000008.safetensors: missing; with checkpoints every 4"):
+        load_run(sparse).steps  # noqa: B018
