@@ -45,6 +45,7 @@ class ReplayArguments:
     modes_at: tuple = ()  # reference checkpoints of the SVD modes; (): the final one
     modes_method: str = "svd"  # svd (streamed randomized SVD) or oja (online, paper A.8)
     save_modes: bool = False  # store V (P x K)
+    ghost: bool = False  # ghost dot products for Linear layers (plain SGD, euler, stride 1)
 
     def __post_init__(self):
         targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
@@ -79,6 +80,10 @@ class ReplayArguments:
             raise AuditSpecError(f"--memory-budget: must be >= 0 MB, got {self.memory_budget!r}")
         if self.chunk_size < 1:
             raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
+        if self.ghost and (self.rule != "euler" or self.stride != 1):
+            raise AuditSpecError(f"--ghost: needs --rule euler and --stride 1 (got --rule {self.rule} "
+                                 f"--stride {self.stride}): the ghost products pair each update's "
+                                 "examples with the audit gradients at the same θ")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

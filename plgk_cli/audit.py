@@ -50,12 +50,13 @@ class AuditAccumulator:
         self.epoch_tail = torch.zeros(num_epochs, num_rows, num_columns, **f64)
 
     def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float,
-                    v: torch.Tensor, epoch: int) -> None:
-        """Credit the step's per-sample terms (scale·g_m)·v to their rows, layer by layer."""
+                    v: torch.Tensor, epoch: int, parts: dict | None = None) -> None:
+        """Credit the step's per-sample terms (scale·g_m)·v to their rows, layer by layer;
+        ``parts`` {layer index: g_m·v over that layer} replaces the product for those layers."""
         rows = self.row_of[batch]
         total = torch.zeros(len(batch), v.shape[1], dtype=torch.float64, device=v.device)
         for layer, (_, sl) in enumerate(self.layers):
-            part = scale * (per_sample_grads[:, sl] @ v[sl])
+            part = scale * (parts[layer] if parts and layer in parts else per_sample_grads[:, sl] @ v[sl])
             total += part
             self.layer_epoch_signed[epoch, layer] += part.sum(0)
             self.layer_epoch_abs[epoch, layer] += part.abs().sum(0)

@@ -129,12 +129,14 @@ def train(config_path, out, resume, threads, quiet):
               "default: the final checkpoint).")
 @click.option("--modes-method", default="svd", show_default=True, type=click.Choice(["svd", "oja"]))
 @click.option("--save-modes", is_flag=True, help="Store the modes' parameter-space vectors V (P x K).")
+@click.option("--ghost", is_flag=True, help="Plain SGD, euler: credit Linear layers by ghost dot "
+              "products, without their per-example gradients (paper A.2.8).")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
            memory_budget, overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
-           precondition, modes, modes_at, modes_method, save_modes, threads, quiet):
+           precondition, modes, modes_at, modes_method, save_modes, ghost, threads, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
     from plgk_cli.errors import AuditSpecError
@@ -150,7 +152,7 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
                            commit_every=commit_every, commit_seconds=commit_seconds, kernel=kernel,
                            kernel_stride=kernel_stride, kernel_train=kernel_train,
                            precondition=precondition, modes=modes, modes_at=tuple(modes_at),
-                           modes_method=modes_method, save_modes=save_modes)
+                           modes_method=modes_method, save_modes=save_modes, ghost=ghost)
     result = run_replay(args, progress=not quiet)
     if result.rank != 0:
         return

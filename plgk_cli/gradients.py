@@ -78,6 +78,28 @@ class ParameterLayout:
         return tuple(out)
 
 
+class GhostError(ValueError):
+    """Ghost dot products cannot be formed for this model."""
+
+
+def ghost_products(train: tuple, audit: tuple, has_bias: bool) -> torch.Tensor:
+    """[b, n, q] = g_b · ∇q_{n,q} over one Linear layer's parameters, without either per-example
+    gradient (paper A.2.8, the ghost dot product): a Linear layer's per-example gradient is
+    δ aᵀ (and δ for its bias), so g_b · g'_n = (a_b · a'_n + [bias]) (δ_b · δ'_n).
+    ``train`` = (inputs B x I, [output gradients B x O]); ``audit`` = (inputs N x I, Q x [N x O])."""
+    (a, (d,)), (a_audit, d_audit) = train, audit
+    inputs = a @ a_audit.T
+    if has_bias:
+        inputs = inputs + 1
+    return torch.stack([inputs * (d @ dq.T) for dq in d_audit], dim=2)
+
+
+def ghost_batch_gradient(train: tuple, kind: str) -> torch.Tensor:
+    """Σ_b of one Linear layer's per-example weight (δ_b a_bᵀ) or bias (δ_b) gradients, flat."""
+    a, (d,) = train
+    return (d.T @ a).reshape(-1) if kind == "weight" else d.sum(0)
+
+
 class Workspace:
     """Output tensors reused from one step to the next. A fresh large tensor is paid for again in
     page faults on its first write: filling 1438 x 3658 float64 per-sample gradients took 25 ms
@@ -236,11 +258,16 @@ class GradientComputer:
 
     def _hooked_pass(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
                      out: torch.Tensor, x_loss: torch.Tensor | None = None,
-                     loss_out: torch.Tensor | None = None) -> torch.Tensor | None:
+                     loss_out: torch.Tensor | None = None, factors: dict | None = None,
+                     skip_factored: bool = False) -> torch.Tensor | None:
         """Per-sample gradients by hooks, written into ``out`` (B x Q x P) and, for the rows
         (x_loss, y_loss), their loss gradients into ``loss_out``, all from one forward; returns
         the values (B x Q), or None if the forward did not run each hooked layer exactly once on
-        the batch along dimension 0 or changed a recorded tensor in place."""
+        the batch along dimension 0 or changed a recorded tensor in place.
+
+        ``factors``: {Linear layer name: None} to fill with (inputs B x I, [output gradients
+        B x O for each of the Q columns]) of the x rows, the layer's factors for ghost dot
+        products; ``skip_factored``: leave those layers' per-sample gradients out (zeros)."""
         modules = {name: self.model.get_submodule(name) for name in self._hooked}
         params = self.layout.unflatten(theta.detach().requires_grad_(True))
         n = len(x)
@@ -263,6 +290,12 @@ class GradientComputer:
             deltas = torch.autograd.grad(total, outputs, retain_graph=q + 1 < width, allow_unused=True)
             for name, delta in zip(names, deltas):
                 module = modules[name]
+                if factors is not None and name in factors:
+                    self._record_factors(factors, name, module, recorder.inputs[name][:n], delta, n)
+                    if skip_factored:
+                        for _, sl in self._hooked[name]:
+                            out[:, q, sl] = 0
+                        continue
                 for kind, sl in self._hooked[name]:
                     if delta is None:  # the layer does not reach this quantity
                         out[:, q, sl] = 0
@@ -298,23 +331,46 @@ class GradientComputer:
         if (probe - expected).norm() > HOOKS_AGREEMENT * max(float(scale), 1e-30):
             self._hooks_failed()
 
-    def _batched(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None):
+    @staticmethod
+    def _record_factors(factors: dict, name: str, module: nn.Module, inputs: torch.Tensor, delta,
+                        n: int) -> None:
+        if inputs.dim() != 2:
+            raise GhostError(f"layer {name!r} sees inputs of shape {tuple(inputs.shape)}; ghost dot "
+                             "products need (batch, features)")
+        if factors[name] is None:
+            factors[name] = (inputs, [])
+        factors[name][1].append(delta[:n] if delta is not None else torch.zeros(
+            n, module.out_features, dtype=inputs.dtype, device=inputs.device))
+
+    def _batched(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None,
+                 factors: dict | None = None, skip_factored: bool = False):
         """Values (B x Q) and per-sample gradients (B x Q x P), chunked into one preallocated
-        output (for a large batch, concatenating chunks costs as much as computing them)."""
+        output (for a large batch, concatenating chunks costs as much as computing them);
+        ``factors`` and ``skip_factored`` as in _hooked_pass, over all chunks."""
         self._check_hooks(theta, x, y, targets)
         width = target_columns(targets, self.num_classes)
         values = torch.empty(len(x), width, dtype=theta.dtype, device=theta.device)
         grads = out if out is not None else \
             torch.empty(len(x), width, self.layout.size, dtype=theta.dtype, device=theta.device)
+        chunks = []
         for start in range(0, len(x), self.chunk_size):
             rows = slice(start, start + self.chunk_size)
-            chunk_values = self._hooked_pass(theta, x[rows], y[rows], targets, grads[rows]) \
+            chunk = None if factors is None else dict.fromkeys(factors)
+            chunk_values = self._hooked_pass(theta, x[rows], y[rows], targets, grads[rows],
+                                             factors=chunk, skip_factored=skip_factored) \
                 if self.method == "hooks" else None
             if chunk_values is None:
                 self._hooks_failed()
+                if factors is not None:
+                    raise GhostError("this model's per-example gradients cannot come from layer "
+                                     "hooks (see `plgk replay --ghost`), which ghost dot products need")
                 chunk_values, chunk_grads = self._vmap_pass(theta, x[rows], y[rows], targets)
                 grads[rows] = chunk_grads
             values[rows] = chunk_values
+            chunks.append(chunk)
+        for name in factors or ():
+            factors[name] = (torch.cat([c[name][0] for c in chunks]),
+                             [torch.cat([c[name][1][q] for c in chunks]) for q in range(width)])
         return values, grads
 
     def _hooks_failed(self) -> None:
@@ -334,10 +390,23 @@ class GradientComputer:
         return v, g
 
     def loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
-                       out: torch.Tensor | None = None):
-        """Per-sample loss gradients (B x P) and losses (B) at θ; written into ``out`` if given."""
-        losses, grads = self._batched(theta, x, y, ("loss",), None if out is None else out[:, None])
+                       out: torch.Tensor | None = None, factors: dict | None = None):
+        """Per-sample loss gradients (B x P) and losses (B) at θ; written into ``out`` if given.
+        ``factors`` ({Linear layer name: None}): fill in those layers' ghost factors (inputs,
+        [output gradients]) and leave their per-sample gradients out (zeros)."""
+        losses, grads = self._batched(theta, x, y, ("loss",), None if out is None else out[:, None],
+                                      factors, skip_factored=True)
         return grads[:, 0], losses[:, 0]
+
+    def linear_layers(self) -> tuple:
+        """The hooked Linear layers (ghost dot products apply to them), in layout order."""
+        if self._hooked is None:
+            return ()
+        return tuple(name for name in self._hooked if type(self.model.get_submodule(name)) is nn.Linear)
+
+    def layer_parameters(self, name: str) -> list:
+        """[(weight|bias, slice of the flat vector)] of a hooked layer."""
+        return self._hooked[name]
 
     def mean_loss_gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
         """Gradient of the batch-mean loss (P), as the optimizer saw it, without per-sample work."""
@@ -350,12 +419,12 @@ class GradientComputer:
         return target_columns(targets, self.num_classes)
 
     def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
-                        out: torch.Tensor | None = None):
+                        out: torch.Tensor | None = None, factors: dict | None = None):
         """Values (N x Q) and gradients (N x Q x P) of the audited quantities at θ, the gradients
         written into ``out`` if given. Q stacks the targets in order; ``logits`` contributes one
-        column per class.
+        column per class. ``factors``: also fill in those Linear layers' ghost factors.
         """
-        return self._batched(theta, x, y, targets, out)
+        return self._batched(theta, x, y, targets, out, factors)
 
     def audit_and_loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,
                                  targets: tuple, x_loss: torch.Tensor, y_loss: torch.Tensor,

@@ -32,7 +32,8 @@ from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
 from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
-from plgk_cli.gradients import GradientComputer, ParameterLayout, Workspace, target_columns
+from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
+                                ghost_products, target_columns)
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
@@ -111,6 +112,7 @@ class ReplayPlan:
     boundaries: tuple  # checkpoints where the audit side is evaluated (stride)
     trajectory: TrajectoryView  # θ_t at every step, re-simulated between sparse checkpoints
     workspace: Workspace  # the walk's per-sample gradient buffers, reused step to step
+    ghost_layers: tuple = ()  # --ghost: the Linear layers credited by ghost dot products
 
     @property
     def n_audit(self) -> int:
@@ -126,11 +128,12 @@ class ReplayPlan:
         """θ_t, flat float64 on the replay's device."""
         return self.trajectory.flat(t).theta
 
-    def audit_side(self, theta: torch.Tensor, out: torch.Tensor | None = None):
+    def audit_side(self, theta: torch.Tensor, out: torch.Tensor | None = None, factors: dict | None = None):
         """Values (N*Q) and gradients (P x N*Q, column-major) of the audited quantities at θ,
-        float64; the gradients are written into ``out`` (P x N*Q, column-major) if given."""
+        float64; the gradients are written into ``out`` (P x N*Q, column-major) if given, and the
+        ghost factors of the layers named in ``factors`` filled in."""
         values, grads = self.gradients.audit_gradients(theta.to(self.compute), self.x_audit, self.y_audit,
-                                                       self.args.targets, self._audit_out(out))
+                                                       self.args.targets, self._audit_out(out), factors)
         return self._columns(values, grads, out)
 
     def audit_and_training_side(self, theta: torch.Tensor, rows: torch.Tensor, out: torch.Tensor | None = None):
@@ -148,10 +151,11 @@ class ReplayPlan:
             return None
         return out.T.view(self.n_audit, self.columns // self.n_audit, -1)
 
-    def training_side(self, theta: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        """Loss gradients of training rows at θ (B x P, float64, in the workspace under "train")."""
+    def training_side(self, theta: torch.Tensor, rows: torch.Tensor, factors: dict | None = None) -> torch.Tensor:
+        """Loss gradients of training rows at θ (B x P, float64, in the workspace under "train");
+        the layers named in ``factors`` get their ghost factors there instead (zeros in g)."""
         g, _ = self.gradients.loss_gradients(theta.to(self.compute), self.x_train[rows], self.y_train[rows],
-                                             self._buffer("train", len(rows), self.compute))
+                                             self._buffer("train", len(rows), self.compute), factors)
         return self._float64("train", g)
 
     def _buffer(self, name: str, rows: int, dtype) -> torch.Tensor:
@@ -220,6 +224,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=per_point)
     gradients = GradientComputer(model, layout, data.num_classes, chunk)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
+    ghost_layers = _ghost_layers(args, run, gradients)
     if args.precondition and run.hyper.name == "sgd":
         raise AuditSpecError("--precondition: the run's optimizer is sgd, whose preconditioner is the "
                              "identity; drop --precondition")
@@ -233,7 +238,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
         boundaries=tuple(range(0, total, args.stride)) + (total,),
         trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute),
-        workspace=Workspace())
+        workspace=Workspace(), ghost_layers=ghost_layers)
 
 
 def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:
@@ -242,6 +247,24 @@ def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:
     combine W, h and ∇q; with one layout for all of them they stream memory (measured on LeNet-5
     with 256 columns: the adjoint update took 63 ms with W row-major, 33 ms column-major)."""
     return torch.zeros(plan.columns, plan.layout.size, dtype=torch.float64, device=plan.device).T
+
+
+def _ghost_layers(args: ReplayArguments, run: Run, gradients: GradientComputer) -> tuple:
+    """--ghost: the Linear layers whose credit comes from ghost dot products; refuses runs where
+    the products would not be the audit (paper A.2.8: plain SGD, where each update's v_s is a
+    multiple of the audit gradients at θ_s)."""
+    if not args.ghost:
+        return ()
+    hyper = run.hyper
+    if hyper.name != "sgd" or hyper.momentum:
+        raise AuditSpecError(f"--ghost: the run's optimizer is {hyper.name}"
+                             f"{f' with momentum {hyper.momentum:g}' if hyper.momentum else ''}; ghost "
+                             "dot products apply to plain SGD without momentum: drop --ghost")
+    layers = gradients.linear_layers()
+    if not layers:
+        raise AuditSpecError("--ghost: the model has no Linear layer whose per-example gradients come "
+                             "from layer hooks; drop --ghost")
+    return layers
 
 
 class WalkState:
@@ -455,11 +478,12 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             # Shared only where the segment is its single update: a longer one resumed in the
             # middle would compute update seg_start in a separate pass, which rounds differently,
             # and a resumed replay must equal an uninterrupted one bit for bit.
-            rows = plan.audited_rows(seg_start) if seg_end - seg_start == 1 else ()
+            rows = plan.audited_rows(seg_start) if seg_end - seg_start == 1 and not plan.ghost_layers else ()
+            ghost_audit = dict.fromkeys(plan.ghost_layers) if plan.ghost_layers else None
             if len(rows):
                 values, a_start, shared = plan.audit_and_training_side(theta_start, rows, state.spare)
             else:
-                values, a_start = plan.audit_side(theta_start, state.spare)
+                values, a_start = plan.audit_side(theta_start, state.spare, ghost_audit)
             state.values[index] = values
             previous_h, a_end = state.h, state.a_boundary
             free = previous_h if previous_h is not a_end else None  # the finished segment's h
@@ -469,7 +493,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             state.spare = a_end if a_end is not state.h else None
         for t in range(state.next_step, seg_start - 1, -1):
             _audit_update(plan, state, decomposition, t, plan.trajectory.flat(t), plan.trajectory.flat(t + 1),
-                          shared if t == seg_start else None)
+                          shared if t == seg_start else None, ghost_audit)
             if t == 0 or run.epoch_of(t - 1) != run.epoch_of(t):  # t is its epoch's first step
                 state.acc.close_epoch(run.epoch_of(t))
             state.next_step = t - 1
@@ -487,9 +511,11 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
 
 
 def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, step: FlatStep,
-                  step_next: FlatStep, sample_grads: torch.Tensor | None = None) -> None:
+                  step_next: FlatStep, sample_grads: torch.Tensor | None = None,
+                  ghost_audit: dict | None = None) -> None:
     """One update t -> t+1: adjoint step, per-sample credit, residual, update check.
-    ``sample_grads``: the audited rows' loss gradients at θ_t when already computed."""
+    ``sample_grads``: the audited rows' loss gradients at θ_t when already computed;
+    ``ghost_audit``: the audit side's ghost factors at θ_t (--ghost)."""
     layout, device, compute, run = plan.layout, plan.device, plan.compute, plan.run
     theta_t, theta_next, before, after = step.theta, step_next.theta, step.state, step_next.state
     ck_next = step_next.checkpoint
@@ -502,18 +528,26 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 
     acc = state.acc
     audited = batch[acc.row_of[batch] >= 0]
+    ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None and len(audited) else None
     if sample_grads is not None:
         g = sample_grads
     elif len(audited):
-        g = plan.training_side(theta_t, audited)
+        g = plan.training_side(theta_t, audited, ghost_train)
     else:  # partial audit: none of this batch is audited
         g = torch.zeros(0, layout.size, dtype=torch.float64, device=device)
+    parts = None
+    if ghost_train is not None:
+        ghost_train = {name: _float64_factors(f) for name, f in ghost_train.items()}
+        parts = _ghost_parts(plan, coeffs, ghost_train, ghost_audit)
     if len(audited) == len(batch):
         batch_grad = g.sum(0) / len(batch)
+        for name, factors in (ghost_train or {}).items():  # those layers are not in g
+            for kind, sl in plan.gradients.layer_parameters(name):
+                batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
     else:  # partial audit: the update still saw the whole batch
         batch_grad = plan.gradients.mean_loss_gradient(theta_t.to(compute), plan.x_train[batch],
                                                        plan.y_train[batch]).to(torch.float64)
-    acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t))
+    acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t), parts)
     acc.add_residual(coeffs.residual(theta_t, v, state.h))
 
     delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, lr, clip, step_after)
@@ -522,6 +556,26 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
                for k in predicted_state if k in after]
     acc.record_step(t, recorded_delta, state.h, max(errors))
+
+
+def _float64_factors(factors: tuple) -> tuple:
+    inputs, deltas = factors
+    return inputs.to(torch.float64), [d.to(torch.float64) for d in deltas]
+
+
+def _ghost_parts(plan: ReplayPlan, coeffs, train: dict, audit: dict) -> dict:
+    """{layer index: g_m · v_s over that layer (B x N*Q)} for the ghost layers. With plain SGD the
+    walk's W(s) = lr_s p_s h(s) (no momentum carries later steps), so v_s = κ h(s) with
+    κ = −(a_s lr_s p_s + lr_s e_s), and under euler h(s) is the audit gradient at θ_s, whose
+    factors the audit side recorded."""
+    kappa = -(coeffs.a * coeffs.lr * coeffs.p + coeffs.lr * coeffs.e)
+    index = {name: i for i, (name, _) in enumerate(plan.layout.layers)}
+    parts = {}
+    for name, factors in train.items():
+        has_bias = any(kind == "bias" for kind, _ in plan.gradients.layer_parameters(name))
+        products = ghost_products(factors, _float64_factors(audit[name]), has_bias)
+        parts[index[name]] = kappa * products.reshape(len(products), -1)
+    return parts
 
 
 def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audit_side, out=None):

@@ -482,6 +482,7 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
     rep = best_of(repeat, lambda i: task, workdir, "replay", "replay_s")
     metrics = rep["metrics"]["loss"]
     row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set,
+           "_replay_arguments": arguments,
            "device": device, "notes": list(w.notes), **trained, "num_audit": rep["num_audit"],
            "replay_s": rep["replay_s"], "replay_ratio": rep["replay_s"] / trained["train_s"],
            "replay_cpu_s": rep["cpu_s"], "replay_cpu_ratio": rep["cpu_s"] / max(trained["train_cpu_s"], 1e-12),
@@ -511,8 +512,14 @@ def captum_comparison(row: dict, workdir: Path, batch_size: int = 512, repeat: i
     rel = float(np.linalg.norm(ours - expected) / np.linalg.norm(expected))
     floor = best_of(repeat, lambda i: {"kind": "floor", "run": row["run_dir"], "audit_set": row["audit_set"],
                                        "batch_size": batch_size}, workdir, "floor", "floor_s")
+    ghost_scores = workdir / f"ghost-{uuid.uuid4().hex[:6]}.npy"
+    ghost_arguments = dict(row["_replay_arguments"], ghost=True, out=str(ghost_scores.with_suffix(".h5")))
+    ghost = best_of(repeat, lambda i: {"kind": "replay", "arguments": ghost_arguments, "scores": str(ghost_scores)},
+                    workdir, "replay-ghost", "replay_s")
+    ghost_rel = float(np.linalg.norm(np.load(ghost_scores) - expected) / np.linalg.norm(expected))
     return {"captum_s": cap["captum_s"], "captum_cpu_s": cap["cpu_s"], "captum_peak_rss_mib": cap["peak_rss_mib"],
-            "floor_s": floor["floor_s"],
+            "floor_s": floor["floor_s"], "ghost_replay_s": ghost["replay_s"], "ghost_relative_error": ghost_rel,
+            "ghost_speed_ratio": cap["captum_s"] / ghost["replay_s"],
             "captum_checkpoints": cap["checkpoints"], "relative_error": rel,
             "speed_ratio": cap["captum_s"] / row["replay_s"], "captum_all_s": cap["all_times"],
             "convention": "plgk influence[m, n] = -captum_scores[n, m] / M"}
@@ -597,6 +604,9 @@ def format_notes(rows: list, comparisons: dict) -> str:
                        f"{cap['captum_peak_rss_mib']:.0f}M) vs plgk euler replay {cap['plgk_replay_s']:.2f} s "
                        f"-> captum/plgk time {cap['speed_ratio']:.2f}x; relative error of the influence "
                        f"matrices {cap['relative_error']:.2e} ({cap['convention']})")
+            out.append(f"captum-sgd: plgk replay --ghost (ghost dot products for the Linear layers) "
+                       f"{cap['ghost_replay_s']:.2f} s -> captum/plgk-ghost time {cap['ghost_speed_ratio']:.2f}x; "
+                       f"relative error {cap['ghost_relative_error']:.2e}")
             out.append(f"captum-sgd: one plain forward + backward of every training and audit example at "
                        f"every checkpoint (no per-example gradients) takes {cap['floor_s']:.2f} s: the least "
                        f"any exact TracIn computes; captum takes {cap['captum_s'] / cap['floor_s']:.2f}x "

@@ -125,7 +125,8 @@ def test_captum_tracincp_agrees(tiny):
     cmp = bench.captum_comparison(row, work)
     assert cmp["captum_checkpoints"] == STEPS
     assert cmp["relative_error"] <= 1e-5, cmp
-    assert cmp["captum_s"] > 0 and cmp["speed_ratio"] > 0
+    assert cmp["ghost_relative_error"] <= 1e-5, cmp  # plgk --ghost on the same checkpoints
+    assert cmp["captum_s"] > 0 and cmp["speed_ratio"] > 0 and cmp["floor_s"] > 0
 
 
 def test_synthetic_mnist_is_mnist_shaped_and_class_structured(tmp_path):

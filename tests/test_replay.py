@@ -135,3 +135,47 @@ def test_memory_budget_picks_small_chunks_with_the_same_result(run_dir, tmp_path
 
     with pytest.raises(AuditSpecError, match="--memory-budget: .* too small"):
         _replay(run_dir, tmp_path, "tiny.h5", memory_budget=1e-4)
+
+
+def _image_npz(path):
+    rng = np.random.default_rng(5)
+    np.savez(path, x_train=rng.normal(size=(24, 1, 6, 6)), y_train=np.arange(24) % 3,
+             x_test=rng.normal(size=(8, 1, 6, 6)), y_test=np.arange(8) % 3)
+    return path
+
+
+@pytest.mark.parametrize("model", [{"name": "mlp", "kwargs": {"hidden": 6, "depth": 3}},
+                                   {"name": "cnn", "kwargs": {"channels": 2, "hidden": 5}}])
+def test_ghost_dot_products_give_the_materialised_audit(tmp_path, tiny_npz, model):
+    """Plain SGD (L2, clipping), euler: crediting the Linear layers by ghost dot products gives the
+    audit of the per-example gradients, layer by layer, for every target (float64)."""
+    npz = tiny_npz if model["name"] == "mlp" else _image_npz(tmp_path / "images.npz")
+    run = train_tiny(tmp_path / "run", npz, {"name": "sgd", "lr": 0.2, "weight_decay": 0.01,
+                                             "clip_grad_norm": 0.5}, model=model)
+    files = {}
+    for ghost in (False, True):
+        out = tmp_path / f"ghost{ghost}.h5"
+        replay(ReplayArguments(ckpts=str(run), audit_set="test[0:4]", out=str(out), rule="euler",
+                               targets=("loss", "margin", "logits"), device="cpu", ghost=ghost),
+               progress=False)
+        files[ghost] = InfluenceFile(out)
+    plain, ghost = files[False], files[True]
+    for target in ("loss", "margin", "logits"):
+        for name in ("influence", "residual", "by_layer_epoch/signed", "by_layer_epoch/abs", "trace/reconstructed"):
+            a, b = plain.array(target, name), ghost.array(target, name)
+            np.testing.assert_allclose(b, a, rtol=1e-6, atol=1e-12 * max(1.0, np.abs(a).max()),
+                                       err_msg=f"{target} {name}")
+        assert ghost.metrics(target)["mre"] == pytest.approx(plain.metrics(target)["mre"], rel=1e-6)
+    np.testing.assert_allclose(ghost.update_error, plain.update_error, atol=1e-14)
+
+
+def test_ghost_is_refused_where_it_is_not_the_audit(run_dir, tmp_path, tiny_npz):
+    from plgk_cli.errors import AuditSpecError
+
+    with pytest.raises(AuditSpecError, match="--ghost: needs --rule euler and --stride 1"):
+        ReplayArguments(ckpts=str(run_dir), audit_set="test[0:4]", out=str(tmp_path / "a.h5"), ghost=True)
+    momentum = train_tiny(tmp_path / "momentum", tiny_npz, {"name": "sgd", "lr": 0.1, "momentum": 0.9})
+    with pytest.raises(AuditSpecError, match="--ghost: the run's optimizer is sgd with momentum 0.9"):
+        replay(ReplayArguments(ckpts=str(momentum), audit_set="test[0:4]", out=str(tmp_path / "b.h5"),
+                               rule="euler", device="cpu", ghost=True), progress=False)
+    assert not (tmp_path / "b.h5").exists()
