@@ -473,13 +473,15 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
         if seg_start > state.next_step:
             continue
         shared = None  # update seg_start's per-sample gradients, from the audit side's pass at θ_start
+        ghost_audit = None  # --ghost: the audit side's factors at θ_start (stride 1: set up below)
         if state.h_start != seg_start:  # set this segment up: ∇q at its start, quadrature
             theta_start, theta_end = plan.theta(seg_start), plan.theta(seg_end)
             # Shared only where the segment is its single update: a longer one resumed in the
             # middle would compute update seg_start in a separate pass, which rounds differently,
             # and a resumed replay must equal an uninterrupted one bit for bit.
             rows = plan.audited_rows(seg_start) if seg_end - seg_start == 1 and not plan.ghost_layers else ()
-            ghost_audit = dict.fromkeys(plan.ghost_layers) if plan.ghost_layers else None
+            if plan.ghost_layers:
+                ghost_audit = dict.fromkeys(plan.ghost_layers)
             if len(rows):
                 values, a_start, shared = plan.audit_and_training_side(theta_start, rows, state.spare)
             else:
