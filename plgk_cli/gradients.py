@@ -311,9 +311,10 @@ class GradientComputer:
         return values.detach()
 
     def _check_hooks(self, theta, x, y, targets: tuple) -> None:
-        """Once, before hooks are used: compare them with vmap on the first few examples. The shape
-        checks of each pass miss a layout that puts another axis of the batch's size first (a
-        sequence-first layer with as many steps as examples); this catches it."""
+        """Once, before hooks are used: compare them with plain autograd, one example at a time,
+        on the first few examples. The shape checks of each pass miss a layout that puts another
+        axis of the batch's size first (a sequence-first layer with as many steps as examples);
+        this catches it. (Not vmap: its first call costs about a second of tracing.)"""
         if self._hooks_checked or self.method != "hooks":
             return
         self._hooks_checked = True
@@ -323,13 +324,20 @@ class GradientComputer:
         if self._hooked_pass(theta, x[rows], y[rows], targets, probe) is None:
             self._hooks_failed()  # a layer that does not see these few examples along dimension 0
             return
-        try:
-            expected = self._vmap_pass(theta, x[rows], y[rows], targets)[1]
-        except RuntimeError:  # vmap cannot run this model: the hooks' own checks stand
-            return
-        scale = expected.norm()
-        if (probe - expected).norm() > HOOKS_AGREEMENT * max(float(scale), 1e-30):
+        expected = torch.stack([self._example_gradients(theta, x[i:i + 1], y[i:i + 1], targets)
+                                for i in range(len(probe))])
+        if (probe - expected).norm() > HOOKS_AGREEMENT * max(float(expected.norm()), 1e-30):
             self._hooks_failed()
+
+    def _example_gradients(self, theta, x, y, targets: tuple) -> torch.Tensor:
+        """Q x P gradients of one example's audited quantities by plain autograd."""
+        theta = theta.detach().requires_grad_(True)
+        values = batched_targets(functional_call(self.model, self.layout.unflatten(theta), (x,)), y, targets)[0]
+        rows = []
+        for value in values:
+            (g,) = torch.autograd.grad(value, theta, retain_graph=True, allow_unused=True)
+            rows.append(torch.zeros_like(theta) if g is None else g)
+        return torch.stack(rows)
 
     @staticmethod
     def _record_factors(factors: dict, name: str, module: nn.Module, inputs: torch.Tensor, delta,
