@@ -279,6 +279,7 @@ def test_bad_audit_slice(base, out, spec, needles):
     (("--chunk-size", "0"), ("--chunk-size", ">= 1")),
     (("--threads", "0"), ("--threads", ">= 1", "0")),
     (("--train-subset", "0:99"), ("--train-subset", "'0:99'", "out of range")),
+    (("--ghost",), ("--ghost", "--rule euler", "--stride 1")),
 ])
 def test_bad_replay_option(base, out, extra, needles):
     assert_one_line_error(replay(base["run"], *extra, out=out), AuditSpecError.exit_code, *needles)
