@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
+from plgk_cli.errors import AuditSpecError
 from plgk_cli.models import layer_of
 
 TARGETS = ("loss", "logit", "margin", "logits")
@@ -78,20 +79,19 @@ class ParameterLayout:
         return tuple(out)
 
 
-class GhostError(ValueError):
-    """Ghost dot products cannot be formed for this model."""
+class GhostError(AuditSpecError):
+    """--ghost cannot form ghost dot products for this model (a one-line error, exit 13)."""
 
 
-def ghost_products(train: tuple, audit: tuple, has_bias: bool) -> torch.Tensor:
-    """[b, n, q] = g_b · ∇q_{n,q} over one Linear layer's parameters, without either per-example
-    gradient (paper A.2.8, the ghost dot product): a Linear layer's per-example gradient is
-    δ aᵀ (and δ for its bias), so g_b · g'_n = (a_b · a'_n + [bias]) (δ_b · δ'_n).
+def ghost_products(train: tuple, audit: tuple) -> dict:
+    """{"weight": [b, n, q], "bias": [b, n, q]}: g_b · ∇q_{n,q} over one Linear layer's weight and
+    over its bias, without either per-example gradient (paper A.2.8, the ghost dot product): a
+    Linear layer's per-example gradient is δ aᵀ for the weight and δ for the bias, so over the
+    weight g_b · g'_n = (a_b · a'_n)(δ_b · δ'_n) and over the bias δ_b · δ'_n.
     ``train`` = (inputs B x I, [output gradients B x O]); ``audit`` = (inputs N x I, Q x [N x O])."""
     (a, (d,)), (a_audit, d_audit) = train, audit
-    inputs = a @ a_audit.T
-    if has_bias:
-        inputs = inputs + 1
-    return torch.stack([inputs * (d @ dq.T) for dq in d_audit], dim=2)
+    bias = torch.stack([d @ dq.T for dq in d_audit], dim=2)
+    return {"weight": (a @ a_audit.T)[:, :, None] * bias, "bias": bias}
 
 
 def ghost_batch_gradient(train: tuple, kind: str) -> torch.Tensor:
@@ -343,8 +343,8 @@ class GradientComputer:
     def _record_factors(factors: dict, name: str, module: nn.Module, inputs: torch.Tensor, delta,
                         n: int) -> None:
         if inputs.dim() != 2:
-            raise GhostError(f"layer {name!r} sees inputs of shape {tuple(inputs.shape)}; ghost dot "
-                             "products need (batch, features)")
+            raise GhostError(f"--ghost: layer {name!r} sees inputs of shape {tuple(inputs.shape)}; ghost "
+                             "dot products need (batch, features) inputs: drop --ghost")
         if factors[name] is None:
             factors[name] = (inputs, [])
         factors[name][1].append(delta[:n] if delta is not None else torch.zeros(
@@ -370,8 +370,9 @@ class GradientComputer:
             if chunk_values is None:
                 self._hooks_failed()
                 if factors is not None:
-                    raise GhostError("this model's per-example gradients cannot come from layer "
-                                     "hooks (see `plgk replay --ghost`), which ghost dot products need")
+                    raise GhostError("--ghost: this model's per-example gradients cannot come from "
+                                     "layer hooks (a layer runs twice, sees a folded batch or is "
+                                     "changed in place), which ghost dot products need: drop --ghost")
                 chunk_values, chunk_grads = self._vmap_pass(theta, x[rows], y[rows], targets)
                 grads[rows] = chunk_grads
             values[rows] = chunk_values

@@ -566,17 +566,19 @@ def _float64_factors(factors: tuple) -> tuple:
 
 
 def _ghost_parts(plan: ReplayPlan, coeffs, train: dict, audit: dict) -> dict:
-    """{layer index: g_m · v_s over that layer (B x N*Q)} for the ghost layers. With plain SGD the
-    walk's W(s) = lr_s p_s h(s) (no momentum carries later steps), so v_s = κ h(s) with
-    κ = −(a_s lr_s p_s + lr_s e_s), and under euler h(s) is the audit gradient at θ_s, whose
-    factors the audit side recorded."""
+    """{layer index: g_m · v_s over that layer (B x N*Q)} for the ghost layers' trainable weights and
+    biases. With plain SGD the walk's W(s) = lr_s p_s h(s) (no momentum carries later steps), so
+    v_s = κ h(s) with κ = −(a_s lr_s p_s + lr_s e_s), and under euler h(s) is the audit gradient at
+    θ_s, whose factors the audit side recorded."""
     kappa = -(coeffs.a * coeffs.lr * coeffs.p + coeffs.lr * coeffs.e)
-    index = {name: i for i, (name, _) in enumerate(plan.layout.layers)}
-    parts = {}
+    starts = [(sl.start, sl.stop, i) for i, (_, sl) in enumerate(plan.layout.layers)]
+    parts: dict = {}
     for name, factors in train.items():
-        has_bias = any(kind == "bias" for kind, _ in plan.gradients.layer_parameters(name))
-        products = ghost_products(factors, _float64_factors(audit[name]), has_bias)
-        parts[index[name]] = kappa * products.reshape(len(products), -1)
+        products = ghost_products(factors, _float64_factors(audit[name]))
+        for kind, sl in plan.gradients.layer_parameters(name):  # only the trainable ones
+            layer = next(i for start, stop, i in starts if start <= sl.start < stop)
+            part = kappa * products[kind].reshape(len(products[kind]), -1)
+            parts[layer] = part if layer not in parts else parts[layer] + part
     return parts
 
 

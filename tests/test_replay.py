@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import numpy as np
+import torch
+from torch import nn
 import pytest
 
 from conftest import train_tiny
@@ -179,3 +181,54 @@ def test_ghost_is_refused_where_it_is_not_the_audit(run_dir, tmp_path, tiny_npz)
         replay(ReplayArguments(ckpts=str(momentum), audit_set="test[0:4]", out=str(tmp_path / "b.h5"),
                                rule="euler", device="cpu", ghost=True), progress=False)
     assert not (tmp_path / "b.h5").exists()
+
+
+def logreg(in_shape, num_classes):
+    """A model that is one Linear layer (its parameters are named weight and bias)."""
+    return nn.Linear(in_shape[0], num_classes)
+
+
+def bias_only(in_shape, num_classes):
+    """BitFit-style: the hidden Linear's weight is frozen (and seeded, so that replay rebuilds
+    it identically), its bias trains."""
+    body = nn.Linear(in_shape[0], 5)
+    with torch.no_grad():
+        body.weight.copy_(torch.randn(body.weight.shape, generator=torch.Generator().manual_seed(7)))
+    body.weight.requires_grad_(False)
+    return nn.Sequential(body, nn.Tanh(), nn.Linear(5, num_classes))
+
+
+def sequence_head(in_shape, num_classes):
+    """A Linear applied to (batch, 2, 3) inputs."""
+    return nn.Sequential(nn.Unflatten(1, (2, 3)), nn.Linear(3, 4), nn.Flatten(), nn.Linear(8, num_classes))
+
+
+@pytest.mark.parametrize("builder", ["logreg", "bias_only"])
+def test_ghost_on_a_bare_linear_and_a_frozen_weight(tmp_path, tiny_npz, builder):
+    run = train_tiny(tmp_path / "run", tiny_npz, {"name": "sgd", "lr": 0.2},
+                     model={"name": f"test_replay:{builder}"})
+    arrays = []
+    for ghost in (False, True):
+        out = tmp_path / f"ghost{ghost}.h5"
+        replay(ReplayArguments(ckpts=str(run), audit_set="test[0:4]", out=str(out), rule="euler",
+                               targets=("loss", "logits"), device="cpu", ghost=ghost), progress=False)
+        with InfluenceFile(out) as f:
+            arrays.append([f.array(t, n) for t in ("loss", "logits")
+                           for n in ("influence", "by_layer_epoch/signed", "residual")])
+    for plain, ghost in zip(*arrays):
+        np.testing.assert_allclose(ghost, plain, rtol=1e-6, atol=1e-12 * max(1.0, np.abs(plain).max()))
+
+
+def test_ghost_refuses_a_linear_on_sequences_in_one_line(tmp_path, tiny_npz):
+    from click.testing import CliRunner
+
+    from plgk_cli.cli import main
+
+    run = train_tiny(tmp_path / "run", tiny_npz, {"name": "sgd", "lr": 0.2},
+                     model={"name": "test_replay:sequence_head"})
+    result = CliRunner().invoke(main, ["replay", "--ckpts", str(run), "--audit-set", "test[0:4]", "--out",
+                                       str(tmp_path / "out.h5"), "--rule", "euler", "--ghost", "--quiet"])
+    assert result.exit_code == 13, result.output
+    assert "Traceback" not in result.output
+    assert "--ghost: layer '1' sees inputs of shape" in result.output and "drop --ghost" in result.output
+    assert not (tmp_path / "out.h5").exists()
