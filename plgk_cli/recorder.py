@@ -245,7 +245,11 @@ class Recorder:
             trajectory.write_manifest(out_dir, self.manifest)
             # Looked up on the module at each call (not imported by name) so that scripts/bench.py
             # can time or skip the writes by patching trajectory.write_checkpoint.
-            trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0)
+            # Frozen parameters and buffers: replay rebuilds the model from its code, which would
+            # draw them anew.
+            fixed = {k: v for k, v in model.state_dict().items() if k not in named}
+            trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
+                                        fixed=fixed)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step)]
 

@@ -15,7 +15,7 @@ from plgk_cli.errors import DataError, TrajectoryError
 from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model
 from plgk_cli.optimizers import Decomposition, Hyper, decomposition_for
-from plgk_cli.trajectory import Checkpoint, check_steps, read_checkpoint, read_manifest
+from plgk_cli.trajectory import Checkpoint, check_steps, read_checkpoint, read_fixed, read_manifest
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -62,6 +62,15 @@ class Run:
         if layout.names != recorded or layout.shapes != shapes:
             raise TrajectoryError(f"{self.path}: the model {self.manifest['model']['name']} now builds "
                                   "parameters that differ from the recorded ones; restore its code")
+        fixed = read_fixed(self.path)  # whose run step 0 belongs to is checked with the checkpoints
+        if fixed:  # frozen parameters and buffers as training had them, not freshly drawn
+            try:
+                unexpected = model.load_state_dict(fixed, strict=False).unexpected_keys
+            except RuntimeError as exc:  # a shape that changed
+                unexpected = [str(exc).splitlines()[-1].strip()]
+            if unexpected:
+                raise TrajectoryError(f"{self.path}: the model {self.manifest['model']['name']} no longer "
+                                      f"holds the recorded frozen state ({unexpected[0]}); restore its code")
         return model
 
     @staticmethod

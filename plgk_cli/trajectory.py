@@ -38,6 +38,7 @@ PARAM_PREFIX = "param/"
 OPTIM_PREFIX = "optim/"
 BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
 RECORD_PREFIX = "record/"
+FIXED_PREFIX = "fixed/"  # step 0 only: the model's frozen parameters and buffers
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
 
@@ -123,11 +124,13 @@ def _indices(batch: torch.Tensor) -> torch.Tensor:
 def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_state: dict,
                      optim_step: int, batch: torch.Tensor | None = None, lr: float | None = None,
                      clip_coef: float | None = None, loss: float | None = None,
-                     extra_metadata: dict | None = None, records: tuple = ()) -> Path:
+                     extra_metadata: dict | None = None, records: tuple = (), fixed: dict | None = None) -> Path:
     """Write step file ``step``; ``records``: the records of the steps before it that have no
     file of their own (a sparse run's block), each a dict with step, batch, lr, clip_coef, loss,
-    optim_step and extra_metadata."""
+    optim_step and extra_metadata; ``fixed``: (step 0) the model's state that training does not
+    change, frozen parameters and buffers by state_dict name."""
     tensors = {PARAM_PREFIX + name: t.detach().cpu().contiguous() for name, t in params.items()}
+    tensors.update({FIXED_PREFIX + name: t.detach().cpu().contiguous() for name, t in (fixed or {}).items()})
     for name, state in optim_state.items():
         for key, t in state.items():
             tensors[f"{OPTIM_PREFIX}{name}/{key}"] = t.detach().cpu().contiguous()
@@ -205,6 +208,15 @@ def _read_block_record(run_dir: Path, step: int, every: int, run_id: str | None)
     _check_run_id(holder, metadata, run_id)
     return Checkpoint(step=step, params={}, optim_state={}, optim_step=optim_step, batch=batch, lr=lr,
                       clip_coef=clip_coef, loss=loss)
+
+
+def read_fixed(run_dir: Path, run_id: str | None = None) -> dict:
+    """The frozen parameters and buffers recorded with step 0 (empty for runs without any, and for
+    runs written before they were recorded)."""
+    path = checkpoint_path(run_dir, 0)
+    metadata, tensors = _open(path, FIXED_PREFIX)
+    _check_run_id(path, metadata, run_id)
+    return {key[len(FIXED_PREFIX):]: t for key, t in tensors.items()}
 
 
 def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: int = 1) -> Checkpoint:

@@ -232,3 +232,28 @@ def test_ghost_refuses_a_linear_on_sequences_in_one_line(tmp_path, tiny_npz):
     assert "Traceback" not in result.output
     assert "--ghost: layer '1' sees inputs of shape" in result.output and "drop --ghost" in result.output
     assert not (tmp_path / "out.h5").exists()
+
+
+def frozen_body(in_shape, num_classes):
+    """A frozen, randomly drawn first layer (and a buffer): replay must use the drawn values."""
+    model = nn.Sequential(nn.Linear(in_shape[0], 5), nn.Tanh(), nn.Linear(5, num_classes))
+    model[0].requires_grad_(False)
+    model.register_buffer("offset", torch.randn(in_shape[0]))
+    return model
+
+
+def test_frozen_parameters_and_buffers_replay_as_trained(tmp_path, tiny_npz):
+    from plgk_cli.run import load_run
+    from plgk_cli.trajectory import read_fixed
+
+    run_dir = train_tiny(tmp_path / "run", tiny_npz, {"name": "adam", "lr": 0.05},
+                         model={"name": "test_replay:frozen_body"})
+    run = load_run(run_dir)
+    torch.manual_seed(12345)  # a different draw than training's: the record must win
+    rebuilt = run.build_model()
+    trained_state = run.checkpoint(0)
+    assert {n for n, p in rebuilt.named_parameters() if p.requires_grad} == set(trained_state.params)
+    assert torch.equal(rebuilt.offset, read_fixed(run_dir)["offset"])
+    summary = replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[0:4]", out=str(tmp_path / "a.h5"),
+                                     device="cpu"), progress=False)
+    assert summary.max_update_error < 1e-10  # float64: the update check sees training's frozen layer
