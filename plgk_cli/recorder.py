@@ -246,8 +246,12 @@ class Recorder:
             # Looked up on the module at each call (not imported by name) so that scripts/bench.py
             # can time or skip the writes by patching trajectory.write_checkpoint.
             # Frozen parameters and buffers: replay rebuilds the model from its code, which would
-            # draw them anew.
-            fixed = {k: v for k, v in model.state_dict().items() if k not in named}
+            # draw them anew. A tensor reached under two names (tied weights) is stored once.
+            fixed, seen = {}, {id(p) for p in named.values()}
+            for key, value in model.state_dict(keep_vars=True).items():
+                if id(value) not in seen:
+                    seen.add(id(value))
+                    fixed[key] = value
             trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
                                         fixed=fixed)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),

@@ -257,3 +257,33 @@ def test_frozen_parameters_and_buffers_replay_as_trained(tmp_path, tiny_npz):
     summary = replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[0:4]", out=str(tmp_path / "a.h5"),
                                      device="cpu"), progress=False)
     assert summary.max_update_error < 1e-10  # float64: the update check sees training's frozen layer
+
+
+class _Tied(nn.Module):
+    def __init__(self, features, num_classes):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(features, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(),
+                                  nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, num_classes))
+        self.body[4].weight = self.body[2].weight
+        self.frozen = nn.Linear(features, features)
+        self.frozen.requires_grad_(False)
+        self.alias = self.frozen
+
+    def forward(self, x):
+        return self.body(x + 0.1 * self.alias(x))
+
+
+def tied_layers(in_shape, num_classes):
+    """Two Linear layers sharing one trainable weight, and a frozen Linear under two names."""
+    return _Tied(in_shape[0], num_classes)
+
+
+def test_tied_weights_train_and_replay(tmp_path, tiny_npz):
+    """A weight shared by two layers is one trainable parameter; a frozen module registered twice
+    is recorded once; replay falls back to vmap for the shared layer and stays exact."""
+    run_dir = train_tiny(tmp_path / "run", tiny_npz, {"name": "sgd", "lr": 0.1},
+                         model={"name": "test_replay:tied_layers"})
+    summary = replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[0:4]", out=str(tmp_path / "a.h5"),
+                                     device="cpu"), progress=False)
+    assert summary.max_update_error < 1e-10
+    assert summary.metrics["loss"]["lc"] > 0.99
