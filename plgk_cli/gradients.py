@@ -7,7 +7,8 @@ input patches), as in opacus and captum. ``vmap``: torch.func's vmap(jacrev) ove
 call, for any per-sample separable model; used when a trainable parameter belongs to another kind
 of layer, when a layer runs more or less than once per forward (shared weights), sees the batch
 other than along dimension 0 (a folded or sequence-first batch) or has its recorded input or
-output changed in place, and when a first comparison of the two on a few examples disagrees.
+output changed in place, and when a first comparison of hooks with plain per-example autograd on
+a few examples disagrees.
 
 Everything downstream works on flat vectors of all P trainable parameters in the model's
 ``named_parameters`` order; :class:`ParameterLayout` maps between the flat vector, the named
@@ -132,9 +133,9 @@ def target_columns(targets: tuple, num_classes: int) -> int:
     return sum(num_classes if t == "logits" else 1 for t in targets)
 
 
-# Relative distance between hooks and vmap on the probe examples above which hooks are dropped:
-# both compute the same sums in the same dtype (float32 differs in the last bits), while a layer
-# whose batch is not along dimension 0 gives O(1) differences.
+# Relative distance between hooks and per-example autograd on the probe examples above which hooks
+# are dropped: both compute the same sums in the same dtype (float32 differs in the last bits),
+# while a layer whose batch is not along dimension 0 gives O(1) differences.
 HOOKS_AGREEMENT = 1e-3
 
 

@@ -176,11 +176,6 @@ class ReplayPlan:
             columns = out
         return values.reshape(-1).to(torch.float64), columns
 
-    def audited_rows(self, t: int) -> torch.Tensor:
-        """The training indices of update t's minibatch that the audit credits."""
-        batch = self.trajectory.flat(t + 1).checkpoint.batch.to(self.device)
-        return batch[self.row_of.to(self.device)[batch] >= 0]
-
 
 def chunk_for_budget(args: ReplayArguments, num_params: int, columns: int,
                      gradients_per_example: int) -> int:
@@ -479,7 +474,8 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             # Shared only where the segment is its single update: a longer one resumed in the
             # middle would compute update seg_start in a separate pass, which rounds differently,
             # and a resumed replay must equal an uninterrupted one bit for bit.
-            rows = plan.audited_rows(seg_start) if seg_end - seg_start == 1 and not plan.ghost_layers else ()
+            rows = _audited(plan.trajectory.flat(seg_start + 1).checkpoint.batch.to(plan.device),
+                            state.acc.row_of) if seg_end - seg_start == 1 and not plan.ghost_layers else ()
             if plan.ghost_layers:
                 ghost_audit = dict.fromkeys(plan.ghost_layers)
             if len(rows):
@@ -529,7 +525,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     state.decay_next = coeffs.decay
 
     acc = state.acc
-    audited = batch[acc.row_of[batch] >= 0]
+    audited = _audited(batch, acc.row_of)
     ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None and len(audited) else None
     if sample_grads is not None:
         g = sample_grads
@@ -558,6 +554,11 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
                for k in predicted_state if k in after]
     acc.record_step(t, recorded_delta, state.h, max(errors))
+
+
+def _audited(batch: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
+    """The training indices of a minibatch that the audit credits (all but a partial audit's others)."""
+    return batch[row_of[batch] >= 0]
 
 
 def _float64_factors(factors: tuple) -> tuple:
