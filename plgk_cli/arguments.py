@@ -46,14 +46,15 @@ class ReplayArguments:
     modes_method: str = "svd"  # svd (streamed randomized SVD) or oja (online, paper A.8)
     save_modes: bool = False  # store V (P x K)
     ghost: bool = False  # ghost dot products for Linear layers (plain SGD, euler, stride 1)
+    max_update_error: float | None = None  # the update check's gate; None: by the run's dtype
 
     def __post_init__(self):
         targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
         object.__setattr__(self, "targets", targets)
         if not targets:
             raise AuditSpecError("--target: give at least one of " + ", ".join(TARGETS))
-        for t in targets:
-            if t not in TARGETS:
+        for t in targets:  # which of them the run's task offers is checked with the run
+            if not (isinstance(t, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t)):
                 raise AuditSpecError(f"--target: unknown target {t!r}; expected one of {', '.join(TARGETS)}")
         parse_rule(self.rule)
         if self.group_by not in (None, "label"):
@@ -78,6 +79,9 @@ class ReplayArguments:
             raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
         if self.memory_budget < 0:
             raise AuditSpecError(f"--memory-budget: must be >= 0 MB, got {self.memory_budget!r}")
+        if self.max_update_error is not None and not (
+                isinstance(self.max_update_error, (int, float)) and self.max_update_error > 0):
+            raise AuditSpecError(f"--max-update-error: must be a number > 0, got {self.max_update_error!r}")
         if self.chunk_size < 1:
             raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
         if self.ghost and (self.rule != "euler" or self.stride != 1):
@@ -153,7 +157,9 @@ def _slice(spec: str, split: str, start: str | None, stop: str | None, length: i
     return range(lo, hi)
 
 
-def resolve_audit_set(spec: str, dataset) -> AuditSet:
+def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
+    """The audit points: a slice of a split, or an .npz of points (targets checked by ``task``,
+    default classification)."""
     m = SLICE_SPEC.fullmatch(spec)
     if m:
         split, start, stop = m.group(1), m.group(2), m.group(3)
@@ -178,18 +184,27 @@ def resolve_audit_set(spec: str, dataset) -> AuditSet:
         with np.load(path, allow_pickle=False) as f:
             if "x" not in f or "y" not in f:
                 raise AuditSpecError(f"--audit-set: {spec}: needs arrays x and y, has {', '.join(f.files)}")
-            x, y = _as_images(f["x"]), np.asarray(f["y"])
+            x, y = f["x"], np.asarray(f["y"])
+            x = x if np.issubdtype(x.dtype, np.integer) and dataset.x_train.dtype == torch.int64 else _as_images(x)
     except AuditSpecError:
         raise
     except Exception as exc:
         raise AuditSpecError(f"--audit-set: {spec}: cannot read ({exc})") from None
-    if x.shape[1:] != tuple(dataset.in_shape) or len(x) != len(y) or y.ndim != 1 or len(y) == 0:
+    y_shape = tuple(dataset.y_train.shape[1:])
+    if x.shape[1:] != tuple(dataset.in_shape) or len(x) != len(y) or y.shape[1:] != y_shape or len(y) == 0:
         raise AuditSpecError(f"--audit-set: {spec}: x has shape {x.shape} and y {y.shape}; expected "
-                             f"x (N, {', '.join(map(str, dataset.in_shape))}) and y (N,) with N >= 1")
-    if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= dataset.num_classes:
-        raise AuditSpecError(f"--audit-set: {spec}: labels must be integers in 0..{dataset.num_classes - 1}")
-    return AuditSet(torch.as_tensor(x, dtype=dataset.x_train.dtype), torch.as_tensor(y, dtype=torch.int64),
-                    str(path), None, None)
+                             f"x (N, {', '.join(map(str, dataset.in_shape))}) and y "
+                             f"{(('N',) + y_shape)} with N >= 1".replace("'", ""))
+    if task is None or task.label_kind == "class":
+        if not np.issubdtype(y.dtype, np.integer) or y.min() < 0 or y.max() >= dataset.num_classes:
+            raise AuditSpecError(f"--audit-set: {spec}: labels must be integers in 0..{dataset.num_classes - 1}")
+        labels = torch.as_tensor(y, dtype=torch.int64)
+    else:
+        try:
+            labels = task.check_labels(y, "y").to(dataset.y_train.dtype)
+        except ValueError as exc:
+            raise AuditSpecError(f"--audit-set: {spec}: {exc}") from None
+    return AuditSet(torch.as_tensor(x, dtype=dataset.x_train.dtype), labels, str(path), None, None)
 
 
 def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | None:

@@ -88,8 +88,10 @@ def train(config_path, out, resume, threads, quiet):
 
     manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume)
     final = manifest["final"]
+    accuracy = final["test_accuracy"]
     click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "
-               f"{final['train_loss']:.4f}, test accuracy {final['test_accuracy']:.4f}")
+               f"{final['train_loss']:.4f}, test loss {final['test_loss']:.4f}"
+               + ("" if accuracy != accuracy else f", test accuracy {accuracy:.4f}"))
 
 
 @main.command()
@@ -131,12 +133,15 @@ def train(config_path, out, resume, threads, quiet):
 @click.option("--save-modes", is_flag=True, help="Store the modes' parameter-space vectors V (P x K).")
 @click.option("--ghost", is_flag=True, help="Plain SGD, euler: credit Linear layers by ghost dot "
               "products, without their per-example gradients (paper A.2.8).")
+@click.option("--max-update-error", default=None, type=float,
+              help="The update check's gate: stop where a re-derived update differs from the recorded "
+                   "one by more (relative; default 1e-3 for float32 runs, 1e-8 for float64).")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
            memory_budget, overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
-           precondition, modes, modes_at, modes_method, save_modes, ghost, threads, quiet):
+           precondition, modes, modes_at, modes_method, save_modes, ghost, max_update_error, threads, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
     from plgk_cli.errors import AuditSpecError
@@ -152,7 +157,8 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
                            commit_every=commit_every, commit_seconds=commit_seconds, kernel=kernel,
                            kernel_stride=kernel_stride, kernel_train=kernel_train,
                            precondition=precondition, modes=modes, modes_at=tuple(modes_at),
-                           modes_method=modes_method, save_modes=save_modes, ghost=ghost)
+                           modes_method=modes_method, save_modes=save_modes, ghost=ghost,
+                           max_update_error=max_update_error)
     result = run_replay(args, progress=not quiet)
     if result.rank != 0:
         return

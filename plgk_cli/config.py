@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from plgk_cli.errors import ConfigError
+from plgk_cli.tasks import BUILTIN_TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine")
-BUILTIN_MODELS = ("mlp", "cnn", "lenet5")
+BUILTIN_MODELS = ("mlp", "cnn", "lenet5", "transformer")
+BUILTIN_DATASETS = ("digits", "diabetes", "synthetic-text")
 DATASET_PREFIXES = ("npz:", "mnist:", "svhn:", "py:")
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    name: str = "classification"  # or regression, or py:package.module:Name (plgk_cli.tasks)
 
 
 @dataclass(frozen=True)
@@ -80,6 +87,7 @@ class CheckpointConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    task: TaskConfig = field(default_factory=TaskConfig)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -92,6 +100,7 @@ class RunConfig:
 
 
 SECTIONS = {
+    "task": TaskConfig,
     "data": DataConfig,
     "model": ModelConfig,
     "optim": OptimConfig,
@@ -147,12 +156,20 @@ def _validate_section(source: str, section: str, raw: dict) -> dict:
     s = section
     out: dict[str, Any] = {}
     for key, value in raw.items():
-        if s == "data":
+        if s == "task":
+            if key == "name":
+                if not isinstance(value, str) or not (value in BUILTIN_TASKS or (
+                        value.startswith("py:") and all(value[3:].partition(":")[::2]))):
+                    raise _fail(source, s, key, f"expected one of {', '.join(BUILTIN_TASKS)} or "
+                                                f'"py:package.module:Name"; got {value!r}')
+                out[key] = value
+        elif s == "data":
             if key == "dataset":
                 if not isinstance(value, str) or not (
-                        value == "digits" or value.startswith(DATASET_PREFIXES)):
-                    raise _fail(source, s, key, 'expected "digits", "npz:PATH", "mnist:DIR", '
-                                f'"svhn:DIR" or "py:package.module:function"; got {value!r}')
+                        value in BUILTIN_DATASETS or value.startswith(DATASET_PREFIXES)):
+                    raise _fail(source, s, key, 'expected "digits", "diabetes", "synthetic-text", '
+                                '"npz:PATH", "mnist:DIR", "svhn:DIR" or "py:package.module:function"; '
+                                f'got {value!r}')
                 if value.startswith(("npz:", "mnist:", "svhn:")) and not value.split(":", 1)[1]:
                     raise _fail(source, s, key, f"{value!r} names no path")
                 if value.startswith("py:") and not all(value[3:].partition(":")[::2]):
@@ -286,7 +303,7 @@ def load_config(path: str | Path) -> RunConfig:
 
 def config_from_dict(d: dict) -> RunConfig:
     """Inverse of RunConfig.to_dict (used when reading a manifest)."""
-    d = {k: dict(v) for k, v in d.items()}
+    d = {k: dict(v) for k, v in d.items()}  # a manifest written before [task] existed lacks it
     if "betas" in d.get("optim", {}):
         d["optim"]["betas"] = tuple(d["optim"]["betas"])
     return RunConfig(**{name: SECTIONS[name](**body) for name, body in d.items()})

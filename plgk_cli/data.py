@@ -1,11 +1,15 @@
 """Datasets as training sees them: split tensors, class count, input shape and a fingerprint.
 
-Specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``npz:PATH`` (arrays x_train,
+Specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``diabetes`` (scikit-learn's
+bundled diabetes regression data, targets standardised), ``synthetic-text`` (generated token
+sequences for text classification, see :func:`synthetic_text`), ``npz:PATH`` (arrays x_train,
 y_train, x_test, y_test), ``mnist:DIR`` (the four standard IDX files, gzipped or not),
 ``svhn:DIR`` (train_32x32.mat and test_32x32.mat) and ``py:package.module:function`` (a function
 of the user's that returns x_train, y_train, x_test, y_test).
 Images from files get a channel axis (N, C, H, W) and integer pixels are scaled to [0, 1]; arrays
-returned by a ``py:`` function are used as they are.
+returned by a ``py:`` function are used as they are: integer inputs (token ids) stay int64, float
+inputs take the run's dtype. What the targets are is the task's business (plgk_cli.tasks):
+integer class labels for classification, floats of any shape for regression.
 """
 
 from __future__ import annotations
@@ -29,10 +33,10 @@ DIGITS_TEST_FRACTION = 0.2
 class Dataset:
     spec: str
     x_train: torch.Tensor
-    y_train: torch.Tensor  # int64 class labels
+    y_train: torch.Tensor  # the task's targets: int64 class labels, or floats for regression
     x_test: torch.Tensor
     y_test: torch.Tensor
-    num_classes: int
+    num_classes: int  # the model's output width: classes, or the regression target's width
 
     @property
     def in_shape(self) -> tuple:
@@ -75,6 +79,46 @@ def _load_digits(seed: int):
     n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
     test, train = order[:n_test], order[n_test:]
     return x[train], y[train], x[test], y[test]
+
+
+def _load_diabetes(seed: int):
+    try:
+        from sklearn.datasets import load_diabetes
+    except ImportError:
+        raise DataError("dataset diabetes needs scikit-learn: pip install scikit-learn") from None
+    bunch = load_diabetes()  # 442 x 10 features, already centred and scaled
+    x, y = bunch.data.astype(np.float64), bunch.target.astype(np.float64)
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_test = int(round(DIGITS_TEST_FRACTION * len(y)))
+    test, train = order[:n_test], order[n_test:]
+    # Standardised with the training split's statistics, so that an MSE of 1 is the variance.
+    mean, std = y[train].mean(), y[train].std()
+    y = (y - mean) / std
+    return x[train], y[train], x[test], y[test]
+
+
+SYNTHETIC_TEXT = dict(vocab=32, length=16, classes=3, train=480, test=120)
+
+
+def synthetic_text(seed: int):
+    """Token sequences (int64 ids in 0..31, length 16) labelled by which of the keyword tokens 1,
+    2, 3 occurs most often (ties: the first); generated from ``seed``, nothing is downloaded.
+    Token 0 pads the tail of shorter sequences."""
+    s = SYNTHETIC_TEXT
+    rng = np.random.default_rng(seed)
+    n = s["train"] + s["test"]
+    x = rng.integers(4, s["vocab"], size=(n, s["length"]))
+    y = rng.integers(0, s["classes"], size=n)
+    for i in range(n):
+        positions = rng.permutation(s["length"])
+        count = rng.integers(2, 5)
+        x[i, positions[:count]] = 1 + y[i]
+        others = [c for c in range(s["classes"]) if c != y[i]]
+        x[i, positions[count:count + rng.integers(0, count)]] = 1 + rng.choice(others)
+        x[i, s["length"] - rng.integers(0, 4):] = 0  # padding
+    counts = np.stack([(x == 1 + c).sum(1) for c in range(s["classes"])], 1)
+    y = counts.argmax(1)  # the label is what the sequence shows, padding included
+    return x[:s["train"]], y[:s["train"]], x[s["train"]:], y[s["train"]:]
 
 
 def _load_npz(path: Path):
@@ -201,9 +245,30 @@ def _load_py(target: str):
     return tuple(arrays)
 
 
-def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -> Dataset:
+def as_inputs(x, dtype: torch.dtype) -> torch.Tensor:
+    """Model inputs: integer arrays (token ids) as int64, anything else in the run's dtype."""
+    x = torch.as_tensor(x)
+    if x.dtype == torch.bool or not (x.is_floating_point() or x.is_complex()):
+        return x.to(torch.int64)
+    return x.to(dtype)
+
+
+def to_device(x: torch.Tensor, device, dtype: torch.dtype) -> torch.Tensor:
+    """Inputs or targets on ``device``; floats in ``dtype``, integers (ids, labels) as they are."""
+    return x.to(device=device, dtype=dtype) if x.is_floating_point() else x.to(device)
+
+
+def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, task=None) -> Dataset:
+    """The named dataset with targets checked by ``task`` (default: classification)."""
+    if task is None:
+        from plgk_cli.tasks import task_for
+        task = task_for("classification")
     if spec == "digits":
         arrays = _load_digits(seed)
+    elif spec == "diabetes":
+        arrays = _load_diabetes(seed)
+    elif spec == "synthetic-text":
+        arrays = synthetic_text(seed)
     elif spec.startswith("npz:"):
         arrays = _load_npz(Path(spec[4:]))
     elif spec.startswith("mnist:"):
@@ -213,27 +278,33 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32) -
     elif spec.startswith("py:"):
         arrays = _load_py(spec[3:])
     else:
-        raise DataError(f"unknown dataset {spec!r}; expected digits, npz:PATH, mnist:DIR, svhn:DIR or "
-                        "py:package.module:function")
+        raise DataError(f"unknown dataset {spec!r}; expected digits, diabetes, synthetic-text, npz:PATH, "
+                        "mnist:DIR, svhn:DIR or py:package.module:function")
     x_train, y_train, x_test, y_test = arrays
+    labels = []
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if len(x) != len(y):
             raise DataError(f"dataset {spec}: x_{name} has {len(x)} rows but y_{name} has {len(y)}")
-        if not np.issubdtype(np.asarray(y).dtype, np.integer):
-            raise DataError(f"dataset {spec}: y_{name} must hold integer class labels")
-        if len(y) and np.asarray(y).min() < 0:
-            raise DataError(f"dataset {spec}: y_{name} has negative labels")
+        try:
+            labels.append(task.check_labels(y, f"y_{name}"))
+        except ValueError as exc:
+            raise DataError(f"dataset {spec}: {exc} (task {task.name})") from None
+    y_train, y_test = labels
     if len(y_train) == 0:
         raise DataError(f"dataset {spec}: the training split is empty")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"dataset {spec}: x_train rows {x_train.shape[1:]} and x_test rows "
                         f"{x_test.shape[1:]} differ in shape")
-    num_classes = int(max(np.max(y_train), np.max(y_test, initial=0))) + 1
+    if y_train.shape[1:] != y_test.shape[1:]:
+        raise DataError(f"dataset {spec}: y_train rows {tuple(y_train.shape[1:])} and y_test rows "
+                        f"{tuple(y_test.shape[1:])} differ in shape")
+    if y_train.is_floating_point():
+        y_train, y_test = y_train.to(dtype), y_test.to(dtype)
     return Dataset(
         spec=spec,
-        x_train=torch.as_tensor(x_train, dtype=dtype),
-        y_train=torch.as_tensor(np.asarray(y_train), dtype=torch.int64),
-        x_test=torch.as_tensor(x_test, dtype=dtype),
-        y_test=torch.as_tensor(np.asarray(y_test), dtype=torch.int64),
-        num_classes=num_classes,
+        x_train=as_inputs(x_train, dtype),
+        y_train=y_train,
+        x_test=as_inputs(x_test, dtype),
+        y_test=y_test,
+        num_classes=task.output_width(y_train, y_test),
     )

@@ -50,6 +50,13 @@ class DependencyError(PlgkError):
     exit_code = 17
 
 
+class UpdateCheckError(PlgkError):
+    """Replay re-derived an update from the per-example gradients and the optimizer's recorded
+    state, and it differs from the recorded update: the audit would not describe this run."""
+
+    exit_code = 18
+
+
 class Interrupted(PlgkError):
     """Stopped by SIGINT/SIGTERM after committing progress."""
 

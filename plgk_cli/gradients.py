@@ -3,12 +3,20 @@
 Two methods give the same numbers. ``hooks`` (the default where it applies): one forward records
 each Linear / Conv2d layer's input a_m and one backward of Σ_m q_m gives each layer output's
 gradient δ_m; the per-sample weight gradient is δ_m a_mᵀ (for convolutions over the unfolded
-input patches), as in opacus and captum. ``vmap``: torch.func's vmap(jacrev) over a functional
+input patches), as in opacus and captum; other layers (Embedding, LayerNorm, RMSNorm, GroupNorm,
+InstanceNorm, Conv1d, BatchNorm in eval mode) by their rule in plgk_cli.per_example. ``vmap``: torch.func's vmap(jacrev) over a functional
 call, for any per-sample separable model; used when a trainable parameter belongs to another kind
 of layer, when a layer runs more or less than once per forward (shared weights), sees the batch
 other than along dimension 0 (a folded or sequence-first batch) or has its recorded input or
 output changed in place, and when a first comparison of hooks with plain per-example autograd on
 a few examples disagrees.
+
+``generic`` (runs whose training forward is random or couples its batch: dropout, BatchNorm):
+rows of the Jacobian of the vector of per-example terms (ℓ_m, or the audited q_n) with respect to
+θ, from one batched forward, by a batched backward (``is_grads_batched``). The training forward is
+then the recorded one itself: train mode, the random state it started from, the buffers it saw,
+the whole minibatch; each example owns the gradient of its own loss term within its batch
+(DESIGN.md v2). Audited quantities are evaluated in eval mode.
 
 Everything downstream works on flat vectors of all P trainable parameters in the model's
 ``named_parameters`` order; :class:`ParameterLayout` maps between the flat vector, the named
@@ -26,8 +34,10 @@ from torch.func import functional_call, jacrev, vmap
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.models import layer_of
+from plgk_cli.per_example import rule_for
+from plgk_cli.tasks import Task, task_for
 
-TARGETS = ("loss", "logit", "margin", "logits")
+TARGETS = ("loss", "logit", "margin", "logits", "output")  # the built-in tasks' (plgk_cli.tasks)
 
 
 @dataclass(frozen=True)
@@ -128,9 +138,64 @@ def _concatenate(tensors: list, dtype, device) -> torch.Tensor:
     return torch.cat(flat).to(dtype=dtype, device=device)
 
 
-def target_columns(targets: tuple, num_classes: int) -> int:
-    """Audited quantities per audit point: one per target, one per class for ``logits``."""
-    return sum(num_classes if t == "logits" else 1 for t in targets)
+def target_columns(targets: tuple, num_classes: int, task: Task | None = None) -> int:
+    """Audited quantities per audit point: one per target, one per class for ``logits`` (the
+    task says how wide each target is; ``num_classes`` is the model's output width)."""
+    task = task or task_for("classification")
+    return sum(task.target_width(t, num_classes) for t in targets)
+
+
+@dataclass(frozen=True)
+class TrainingPass:
+    """The recorded training forward of one update, replayed (generic method): per-example loss
+    term gradients of the rows asked for, the batch gradient ∇L_B the optimizer saw, the loss
+    terms, the batch loss and the buffers as the forward left them."""
+
+    sample_grads: torch.Tensor  # rows x P
+    batch_grad: torch.Tensor  # P, by autograd of L_B on the same graph: what the optimizer saw
+    terms: torch.Tensor  # B
+    loss: float
+    buffers: dict
+
+
+def restored_rng(states: dict, device: torch.device):
+    """A context in which torch's generators start from the recorded ``states`` ("cpu", "cuda")
+    and are put back as they were afterwards."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def context():
+        cuda = [device] if device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            if "cpu" in states:
+                torch.set_rng_state(states["cpu"])
+            if "cuda" in states and cuda:
+                torch.cuda.set_rng_state(states["cuda"], device)
+            yield
+    return context()
+
+
+def jacobian_rows(values: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor, chunk: int,
+                  out: torch.Tensor) -> torch.Tensor:
+    """out[i] = ∂ values[rows[i]] / ∂θ from the graph that computed ``values`` (1-D), by batched
+    backward passes of ``chunk`` one-hot rows; a loop of single backwards where an operation has
+    no batched backward."""
+    for start in range(0, len(rows), chunk):
+        picked = rows[start:start + chunk]
+        onehot = torch.zeros(len(picked), len(values), dtype=values.dtype, device=values.device)
+        onehot[torch.arange(len(picked)), picked] = 1
+        try:
+            (g,) = torch.autograd.grad(values, theta, grad_outputs=onehot, is_grads_batched=True,
+                                       retain_graph=True, allow_unused=True)
+        except RuntimeError:
+            g = torch.stack([_row_gradient(values[int(r)], theta) for r in picked])
+        out[start:start + len(picked)] = 0 if g is None else g
+    return out
+
+
+def _row_gradient(value: torch.Tensor, theta: torch.Tensor) -> torch.Tensor:
+    (g,) = torch.autograd.grad(value, theta, retain_graph=True, allow_unused=True)
+    return torch.zeros_like(theta) if g is None else g
 
 
 # Relative distance between hooks and per-example autograd on the probe examples above which hooks
@@ -200,40 +265,27 @@ class _LayerRecorder:
         return self.inputs[name]._version, self.outputs[name]._version
 
 
-def batched_targets(logits: torch.Tensor, y: torch.Tensor, targets: tuple) -> torch.Tensor:
-    """The audited quantities of a batch (B x Q), targets stacked in order; ``margin`` is the
-    true-class logit minus the best other logit at this θ."""
-    true_logit = logits.gather(1, y[:, None])
-    columns = []
-    for t in targets:
-        if t == "loss":
-            columns.append(F.cross_entropy(logits, y, reduction="none")[:, None])
-        elif t == "logit":
-            columns.append(true_logit)
-        elif t == "margin":
-            is_true = torch.arange(logits.shape[1], device=logits.device) == y[:, None]
-            other = torch.where(is_true, torch.full_like(logits, -torch.inf), logits).amax(1, keepdim=True)
-            columns.append(true_logit - other)
-        elif t == "logits":
-            columns.append(logits)
-    return torch.cat(columns, 1)
-
-
 class GradientComputer:
     """Loss and audit-target values and per-sample gradients of one model at a flat θ.
 
-    ``method``: "hooks", "vmap", or "auto" (hooks when every trainable parameter belongs to a
-    Linear or Conv2d layer, see the module docstring; vmap otherwise).
+    ``method``: "hooks", "vmap", "generic", or "auto" (hooks when every trainable parameter
+    belongs to a Linear or Conv2d layer, see the module docstring; vmap otherwise).
+    ``num_classes`` is the model's output width; ``task`` (default classification) says what the
+    loss terms and audited quantities are.
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParameterLayout, num_classes: int,
-                 chunk_size: int = 256, method: str = "auto"):
+                 chunk_size: int = 256, method: str = "auto", task: Task | None = None):
         self.model = model
         self.layout = layout
         self.num_classes = num_classes
         self.chunk_size = chunk_size
-        if method not in ("auto", "hooks", "vmap"):
+        self.task = task or task_for("classification")
+        if method not in ("auto", "hooks", "vmap", "generic"):
             raise ValueError(f"unknown per-sample gradient method {method!r}")
+        if method == "generic":
+            self.method, self._hooked, self._hooks_checked = "generic", None, True
+            return
         self._hooked = None if method == "vmap" else self._hooked_layers()
         if method == "hooks" and self._hooked is None:
             raise ValueError("per-sample gradients by hooks need every trainable parameter in a "
@@ -252,7 +304,8 @@ class GradientComputer:
         hooked: dict = {}
         for i, name in enumerate(self.layout.names):
             owner, _, kind = name.rpartition(".")
-            if not _hookable(modules[owner]) or kind not in ("weight", "bias"):
+            module = modules[owner]
+            if not ((_hookable(module) and kind in ("weight", "bias")) or rule_for(module) is not None):
                 return None
             hooked.setdefault(owner, []).append((kind, slice(self.layout.offsets[i], self.layout.offsets[i + 1])))
         return hooked
@@ -276,7 +329,7 @@ class GradientComputer:
             logits = functional_call(self.model, params, (x if x_loss is None else torch.cat([x, x_loss[0]]),))
         if not recorder.per_sample(len(logits)):
             return None
-        values = batched_targets(logits[:n], y, targets)
+        values = self.task.audited(logits[:n], y, targets)
         names = list(modules)
         outputs = [recorder.outputs[name] for name in names]
         width = values.shape[1]
@@ -286,7 +339,7 @@ class GradientComputer:
             total = values[:, q].sum()
             rows = n
             if q == 0 and x_loss is not None:
-                total = total + F.cross_entropy(logits[n:], x_loss[1], reduction="sum")
+                total = total + self.task.loss_terms(logits[n:], x_loss[1]).sum()
                 rows = len(logits)
             deltas = torch.autograd.grad(total, outputs, retain_graph=q + 1 < width, allow_unused=True)
             for name, delta in zip(names, deltas):
@@ -297,6 +350,11 @@ class GradientComputer:
                         for _, sl in self._hooked[name]:
                             out[:, q, sl] = 0
                         continue
+                ruled = None  # Embedding, LayerNorm, ...: plgk_cli.per_example's rule, once per layer
+                if delta is not None and not _hookable(module):
+                    ruled = rule_for(module).gradients(module, recorder.inputs[name][:rows], delta[:rows])
+                    if ruled is None:  # not exact in this mode (BatchNorm in train mode)
+                        return None
                 for kind, sl in self._hooked[name]:
                     if delta is None:  # the layer does not reach this quantity
                         out[:, q, sl] = 0
@@ -304,8 +362,8 @@ class GradientComputer:
                             loss_out[:, sl] = 0
                         continue
                     a, d = recorder.inputs[name][:rows], delta[:rows]
-                    g = (_sample_weight_gradient(module, a, d) if kind == "weight"
-                         else _sample_bias_gradient(module, d)).reshape(rows, -1)
+                    g = (ruled[kind] if ruled is not None else _sample_weight_gradient(module, a, d)
+                         if kind == "weight" else _sample_bias_gradient(module, d)).reshape(rows, -1)
                     out[:, q, sl] = g[:n]
                     if rows > n:
                         loss_out[:, sl] = g[n:]
@@ -320,7 +378,7 @@ class GradientComputer:
             return
         self._hooks_checked = True
         rows = slice(0, min(3, len(x)))
-        width = target_columns(targets, self.num_classes)
+        width = self.target_columns(targets)
         probe = torch.empty(len(x[rows]), width, self.layout.size, dtype=theta.dtype, device=theta.device)
         if self._hooked_pass(theta, x[rows], y[rows], targets, probe) is None:
             self._hooks_failed()  # a layer that does not see these few examples along dimension 0
@@ -333,7 +391,7 @@ class GradientComputer:
     def _example_gradients(self, theta, x, y, targets: tuple) -> torch.Tensor:
         """Q x P gradients of one example's audited quantities by plain autograd."""
         theta = theta.detach().requires_grad_(True)
-        values = batched_targets(functional_call(self.model, self.layout.unflatten(theta), (x,)), y, targets)[0]
+        values = self.task.audited(functional_call(self.model, self.layout.unflatten(theta), (x,)), y, targets)[0]
         rows = []
         for value in values:
             (g,) = torch.autograd.grad(value, theta, retain_graph=True, allow_unused=True)
@@ -353,11 +411,22 @@ class GradientComputer:
 
     def _batched(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None,
                  factors: dict | None = None, skip_factored: bool = False):
+        """Values (B x Q) and per-sample gradients (B x Q x P) in eval mode (dropout off,
+        BatchNorm on its buffers: how audited quantities are defined)."""
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            return self._batched_pass(theta, x, y, targets, out, factors, skip_factored)
+        finally:
+            self.model.train(was_training)
+
+    def _batched_pass(self, theta, x, y, targets: tuple, out: torch.Tensor | None = None,
+                      factors: dict | None = None, skip_factored: bool = False):
         """Values (B x Q) and per-sample gradients (B x Q x P), chunked into one preallocated
         output (for a large batch, concatenating chunks costs as much as computing them);
         ``factors`` and ``skip_factored`` as in _hooked_pass, over all chunks."""
         self._check_hooks(theta, x, y, targets)
-        width = target_columns(targets, self.num_classes)
+        width = self.target_columns(targets)
         values = torch.empty(len(x), width, dtype=theta.dtype, device=theta.device)
         grads = out if out is not None else \
             torch.empty(len(x), width, self.layout.size, dtype=theta.dtype, device=theta.device)
@@ -365,6 +434,9 @@ class GradientComputer:
         for start in range(0, len(x), self.chunk_size):
             rows = slice(start, start + self.chunk_size)
             chunk = None if factors is None else dict.fromkeys(factors)
+            if self.method == "generic":
+                values[rows] = self._generic_pass(theta, x[rows], y[rows], targets, grads[rows])
+                continue
             chunk_values = self._hooked_pass(theta, x[rows], y[rows], targets, grads[rows],
                                              factors=chunk, skip_factored=skip_factored) \
                 if self.method == "hooks" else None
@@ -390,8 +462,40 @@ class GradientComputer:
         return functional_call(self.model, self.layout.unflatten(theta), (x.unsqueeze(0),))[0]
 
     def _sample_targets(self, theta, x, y, targets: tuple):
-        out = batched_targets(self._logits(theta, x)[None], y[None], targets)[0]
+        out = self.task.audited(self._logits(theta, x)[None], y[None], targets)[0]
         return out, out.detach()
+
+    def _generic_pass(self, theta, x, y, targets: tuple, out: torch.Tensor) -> torch.Tensor:
+        """Values (B x Q) and, into ``out`` (B x Q x P), their gradients as Jacobian rows of one
+        batched forward (the model in whatever mode the caller set)."""
+        theta = theta.detach().requires_grad_(True)
+        values = self.task.audited(functional_call(self.model, self.layout.unflatten(theta), (x,)), y, targets)
+        flat = values.reshape(-1)
+        jacobian_rows(flat, theta, torch.arange(len(flat), device=flat.device), self.chunk_size,
+                      out.view(len(flat), -1))
+        return values.detach()
+
+    def training_pass(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, rng: dict,
+                      buffers: dict, rows: torch.Tensor, out: torch.Tensor) -> TrainingPass:
+        """The recorded training forward of one update, replayed: the whole minibatch (x, y) in
+        train mode from the generator states ``rng`` with the buffers ``buffers`` (copies: the
+        forward updates running statistics in place). Per-example loss-term gradients of the
+        batch positions ``rows`` go into ``out`` (rows x P)."""
+        theta = theta.detach().requires_grad_(True)
+        state = {**self.layout.unflatten(theta), **{n: b.clone() for n, b in buffers.items()}}
+        was_training = self.model.training
+        self.model.train()
+        try:
+            with restored_rng(rng, theta.device):
+                output = functional_call(self.model, state, (x,))
+        finally:
+            self.model.train(was_training)
+        terms = self.task.loss_terms(output, y)
+        weights = self.task.weights(y)
+        jacobian_rows(terms, theta, rows, self.chunk_size, out)
+        (batch_grad,) = torch.autograd.grad(self.task.batch_loss(output, y), theta)
+        loss = float(terms.detach().mean() if weights is None else (weights * terms.detach()).sum())
+        return TrainingPass(out, batch_grad, terms.detach(), loss, {n: state[n].detach() for n in buffers})
 
     def _vmap_pass(self, theta, x, y, targets: tuple):
         fn = vmap(jacrev(lambda th, xi, yi: self._sample_targets(th, xi, yi, targets), has_aux=True),
@@ -419,14 +523,14 @@ class GradientComputer:
         return self._hooked[name]
 
     def mean_loss_gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor):
-        """Gradient of the batch-mean loss (P), as the optimizer saw it, without per-sample work."""
+        """Gradient of the batch loss (P), as the optimizer saw it, without per-sample work."""
         theta = theta.detach().requires_grad_(True)
         logits = functional_call(self.model, self.layout.unflatten(theta), (x,))
-        (g,) = torch.autograd.grad(F.cross_entropy(logits, y), theta)
+        (g,) = torch.autograd.grad(self.task.batch_loss(logits, y), theta)
         return g
 
     def target_columns(self, targets: tuple) -> int:
-        return target_columns(targets, self.num_classes)
+        return target_columns(targets, self.num_classes, self.task)
 
     def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
                         out: torch.Tensor | None = None, factors: dict | None = None):
@@ -446,7 +550,7 @@ class GradientComputer:
         if self.method == "hooks" and len(x) + len(x_loss) <= self.chunk_size:
             kwargs = dict(dtype=theta.dtype, device=theta.device)
             grads = out if out is not None else \
-                torch.empty(len(x), target_columns(targets, self.num_classes), self.layout.size, **kwargs)
+                torch.empty(len(x), self.target_columns(targets), self.layout.size, **kwargs)
             loss_grads = loss_out if loss_out is not None else torch.empty(len(x_loss), self.layout.size, **kwargs)
             values = self._hooked_pass(theta, x, y, targets, grads, (x_loss, y_loss), loss_grads)
             if values is not None:

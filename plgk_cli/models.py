@@ -1,7 +1,9 @@
-"""Model builders. Every builder takes ``in_shape`` (C, H, W or features) and ``num_classes``.
+"""Model builders. Every builder takes ``in_shape`` (C, H, W, features, or sequence length for
+token inputs) and ``num_classes`` (the output width the task needs).
 
-Models must be per-sample separable (no BatchNorm, no dropout): the audit decomposes each update
-into per-example gradients, which batch statistics would couple.
+Dropout and BatchNorm are allowed: replay restores the random state each training forward
+started from, and credits each example with the gradient of its own loss term within its batch
+(DESIGN.md v2; docs/decisions.md).
 """
 
 from __future__ import annotations
@@ -30,11 +32,15 @@ def mlp(in_shape: tuple, num_classes: int, hidden: int = 64, depth: int = 2) -> 
     return nn.Sequential(*layers)
 
 
-def cnn(in_shape: tuple, num_classes: int, channels: int = 8, hidden: int = 32) -> nn.Module:
-    features = nn.Sequential(
-        nn.Conv2d(in_shape[0], channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(channels, 2 * channels, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-    )
+def cnn(in_shape: tuple, num_classes: int, channels: int = 8, hidden: int = 32,
+        batch_norm: bool = False) -> nn.Module:
+    def block(c_in, c_out):
+        # No convolution bias before a BatchNorm: the normalisation removes it, so its gradient
+        # is float rounding alone, which Adam scales up to full-size steps that no example owns.
+        norm = [nn.BatchNorm2d(c_out)] if batch_norm else []
+        return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batch_norm), *norm, nn.ReLU(), nn.MaxPool2d(2)]
+
+    features = nn.Sequential(*block(in_shape[0], channels), *block(channels, 2 * channels))
     width = _flat_features(features, in_shape)
     return nn.Sequential(features, nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(),
                          nn.Linear(hidden, num_classes))
@@ -51,9 +57,46 @@ def lenet5(in_shape: tuple, num_classes: int) -> nn.Module:
                          nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, num_classes))
 
 
-BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5}
-# Batch statistics couple the examples of a batch; dropout draws randomness the record lacks.
-UNSUPPORTED_LAYERS = (nn.modules.batchnorm._BatchNorm, nn.modules.dropout._DropoutNd)
+class TextTransformer(nn.Module):
+    """A small transformer text classifier: token and position embeddings, pre-norm encoder
+    blocks (multi-head self-attention, GELU MLP, dropout), a final LayerNorm, mean pooling over
+    the non-padding positions (token ``pad``) and a linear head."""
+
+    def __init__(self, length: int, num_classes: int, vocab: int, width: int, heads: int,
+                 layers: int, dropout: float, pad: int):
+        super().__init__()
+        self.pad = pad
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(
+            nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=dropout, activation="gelu",
+                                       batch_first=True, norm_first=True)
+            for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, num_classes)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        keep = (ids != self.pad)
+        h = self.dropout(self.tokens(ids) + self.positions.weight[:ids.shape[1]])
+        for block in self.blocks:
+            # A float mask (not a bool one): the bool path of MultiheadAttention turns fully
+            # masked rows into NaN; padding queries are dropped by the pooling below anyway.
+            h = block(h, src_key_padding_mask=torch.zeros_like(keep, dtype=h.dtype).masked_fill(~keep, -1e4))
+        h = self.norm(h)
+        weights = keep.to(h.dtype)[..., None]
+        return self.head((h * weights).sum(1) / weights.sum(1).clamp_min(1))
+
+
+def transformer(in_shape: tuple, num_classes: int, vocab: int = 32, width: int = 32, heads: int = 4,
+                layers: int = 2, dropout: float = 0.1, pad: int = 0) -> nn.Module:
+    """Text classifier on int64 token ids of shape (B, in_shape[0])."""
+    if len(in_shape) != 1:
+        raise ValueError(f"transformer takes token sequences (B, length); the inputs have rows {in_shape}")
+    return TextTransformer(in_shape[0], num_classes, vocab, width, heads, layers, dropout, pad)
+
+
+BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5, "transformer": transformer}
 
 
 def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> nn.Module:
@@ -71,11 +114,23 @@ def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> n
         raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"[model] name: {name} returned {type(model).__name__}, not a torch.nn.Module")
-    for sub_name, sub in model.named_modules():
-        if isinstance(sub, UNSUPPORTED_LAYERS):
-            raise ConfigError(f"[model] name: layer {sub_name!r} is {type(sub).__name__}, which couples "
-                              "examples in a batch or is random; plgk audits need per-sample separable models")
     return model
+
+
+def mode_dependent(model: nn.Module) -> list:
+    """Names of the submodules whose forward differs between train and eval mode (dropout with
+    p > 0, batch normalisation): their runs are replayed with the training forward's own random
+    state and batch, and audited in eval mode."""
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.p > 0:
+            found.append(name)
+        elif isinstance(module, nn.modules.batchnorm._BatchNorm) or (
+                isinstance(module, nn.modules.instancenorm._InstanceNorm) and module.track_running_stats):
+            found.append(name)
+        elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
+            found.append(name)
+    return found
 
 
 def layer_of(parameter_name: str) -> str:

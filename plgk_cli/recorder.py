@@ -20,15 +20,20 @@ file and tensor names, this module decides what goes into them.
                 recorder.step(batch, loss, logits)  # logits optional (train accuracy)
 
 What replay assumes, and what is checked here:
-- the model is what ``model_name(in_shape=..., num_classes=..., **model_kwargs)`` builds, per-sample
-  separable (checked: same parameter names and shapes, no BatchNorm or dropout);
+- the model is what ``model_name(in_shape=..., num_classes=..., **model_kwargs)`` builds (checked:
+  same parameter names and shapes). Dropout and BatchNorm are fine: the random state each training
+  forward starts from is recorded when that forward draws random numbers, and buffers that
+  training changes are recorded with every checkpoint; a buffer changed between updates, outside
+  the forward, is refused (replay re-creates buffers from the training forward only), and so is a
+  second random or buffer-changing training forward in one update;
 - the optimizer is torch's SGD, Adam, AdamW, RMSprop or Adagrad with one parameter group over
   exactly the model's trainable parameters, single-tensor arithmetic (checked); only its lr may
   change during the run, e.g. by a scheduler (checked before every step);
 - every optimizer.step() is followed by one recorder.step() (checked);
-- the loss is the mean cross-entropy over the training rows ``batch`` and nothing else (not
-  checkable here: a different loss, or gradients not zeroed, shows up as a large "worst update
-  error" in `plgk replay`, which re-derives every recorded update).
+- the loss is the task's Σ_m w_m ℓ_m over the training rows ``batch`` (``task``, default
+  classification: the mean cross-entropy) and nothing else (not checkable here: `plgk replay`
+  compares the recorded loss with the task's and re-derives every recorded update, and stops where
+  either differs).
 """
 
 from __future__ import annotations
@@ -49,6 +54,7 @@ from plgk_cli.errors import ConfigError, DataError, RecorderError
 from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model
 from plgk_cli.optimizers import Hyper
+from plgk_cli.tasks import Task, task_for
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
 DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
@@ -147,8 +153,13 @@ class Recorder:
                  *, model_name: str, dataset: str | Dataset, batch_size: int, epochs: int,
                  model_kwargs: dict | None = None, data_seed: int = 0,
                  steps_per_epoch: int | None = None, config: dict | None = None,
-                 schedule: dict | None = None, resume: bool = False, checkpoint_every: int = 1):
+                 schedule: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
+                 task: str | Task = "classification"):
         out_dir = Path(out_dir)
+        task = task_for(task) if isinstance(task, str) else task
+        if not isinstance(task, Task):
+            raise ConfigError(f"Recorder: task must be a task name or a plgk_cli.tasks.Task, got "
+                              f"{type(task).__name__}")
         if not resume:
             trajectory.check_new_run_dir(out_dir)
         for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch),
@@ -170,11 +181,11 @@ class Recorder:
             raise RecorderError("optimizer: has already taken steps; create the Recorder before the "
                                 "first optimizer.step(), so that the trajectory starts at θ_0")
 
-        data = load_dataset(dataset, data_seed, dtype) if isinstance(dataset, str) else dataset
+        data = load_dataset(dataset, data_seed, dtype, task) if isinstance(dataset, str) else dataset
         if not isinstance(data, Dataset):
             raise ConfigError(f"Recorder: dataset must be a spec such as 'npz:PATH' or a Dataset from "
                               f"plgk_cli.data.load_dataset, got {type(dataset).__name__}")
-        if data.x_train.dtype != dtype:
+        if data.x_train.is_floating_point() and data.x_train.dtype != dtype:
             raise DataError(f"dataset {data.spec}: x_train is {data.x_train.dtype} but the model is "
                             f"{dtype}; load it with load_dataset(spec, seed, {dtype})")
 
@@ -201,6 +212,7 @@ class Recorder:
         group = optimizer.param_groups[0]
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
             out_dir, model, optimizer, data, hyper)
+        self.task = task
         self.steps_per_epoch = steps_per_epoch
         self.run_id = uuid.uuid4().hex
         self.step_count = 0  # updates recorded so far: the last checkpoint is step_count
@@ -213,7 +225,8 @@ class Recorder:
                         "num_train": m, "num_test": len(data.y_test), "num_classes": data.num_classes,
                         "in_shape": list(data.in_shape)},
             "model": {"name": model_name, "kwargs": model_kwargs},
-            "loss": "cross_entropy",
+            "task": {"name": task.name},
+            "loss": {"classification": "cross_entropy", "regression": "mse"}.get(task.name, task.name),
             # a scheduler keeps the base rate as initial_lr; clip_grad_norm is filled in when used
             "optimizer": dataclasses.asdict(hyper) | {"lr": float(group.get("initial_lr", group["lr"])),
                                                       "clip_grad_norm": None},
@@ -237,6 +250,16 @@ class Recorder:
         self._unrecorded = False  # an optimizer.step() ran that no checkpoint holds yet
         self._finished = False
         self._epoch, self._loss_sum, self._seen, self._correct = 0, 0.0, 0, 0
+        # The training forward of the update being made: the generator states it started from
+        # (kept where it drew random numbers), how many ran, and the buffers' versions after it.
+        self._rng_before: dict | None = None
+        self._rng_used: dict | None = None
+        self._forwards = 0
+        self._buffer_versions: dict | None = None
+        self._buffers = {n: b for n, b in model.named_buffers()
+                         if n in model.state_dict(keep_vars=True)}  # persistent ones
+        self._buffers_at_0 = {n: b.detach().clone() for n, b in self._buffers.items()}
+        self._random_forward, self._changed = False, set()  # over the run, for the manifest
 
         if resume:
             self._reopen()
@@ -255,7 +278,9 @@ class Recorder:
             trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
                                         fixed=fixed)
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
-                       optimizer.register_step_post_hook(self._after_step)]
+                       optimizer.register_step_post_hook(self._after_step),
+                       model.register_forward_pre_hook(self._before_forward),
+                       model.register_forward_hook(self._after_forward)]
 
     # ------------------------------------------------------------------ the loop's calls
 
@@ -297,10 +322,23 @@ class Recorder:
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         t = self.step_count + 1
         epoch = (t - 1) // self.steps_per_epoch
+        buffers = self._changed_buffers()
+        if self._forwards > 1 and (self._rng_used or buffers):
+            raise RecorderError(f"step(): update {t} ran {self._forwards} training forwards of a model "
+                                "with dropout or changing buffers; replay reproduces one training "
+                                "forward per update: forward the whole batch once")
+        if self.checkpoint_every > 1 and (self._rng_used or buffers):
+            raise RecorderError("checkpoint_every > 1: the model draws random numbers or changes "
+                                "buffers in its forward (dropout, BatchNorm), which sparse runs do "
+                                "not re-simulate yet; record with checkpoint_every = 1")
         self._last_record = dict(step=t, batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
-                                 loss=loss_value, extra_metadata={"epoch": str(epoch)})
+                                 loss=loss_value, extra_metadata={"epoch": str(epoch)},
+                                 rng=self._rng_used or {}, buffers=buffers)
+        self._random_forward |= bool(self._rng_used)
+        self._changed |= set(buffers)
         self._write(full=t % self.checkpoint_every == 0)
         self.step_count, self._unrecorded, self._clip_coef = t, False, 1.0
+        self._rng_before, self._rng_used, self._forwards = None, None, 0
         if epoch != self._epoch:
             self._epoch, self._loss_sum, self._seen, self._correct = epoch, 0.0, 0, 0
         self._loss_sum += loss_value * len(indices)
@@ -308,8 +346,8 @@ class Recorder:
         if logits is None or self._correct is None:
             self._correct = None  # the accuracy of this epoch is unknown
         else:
-            predicted = logits.detach().argmax(1).cpu()
-            self._correct += int((predicted == self.dataset.y_train[indices]).sum())
+            correct = self.task.correct(logits, self.dataset.y_train[indices])
+            self._correct = None if correct is None else self._correct + correct
         return t
 
     def finish(self) -> dict:
@@ -328,11 +366,13 @@ class Recorder:
         if self.step_count % self.checkpoint_every:  # replay needs θ_T itself
             self._write(full=True)
         last_epoch = self.epoch_metrics()
+        test_loss, test_accuracy = self._test_metrics()
         final = {"train_loss": last_epoch["train_loss"], "train_accuracy": last_epoch["train_accuracy"],
-                 "test_accuracy": self._test_accuracy()}
+                 "test_loss": test_loss, "test_accuracy": test_accuracy}
         self.manifest.update(total_steps=self.step_count,
                              epochs=math.ceil(self.step_count / self.steps_per_epoch),
-                             complete=True, final=final)
+                             complete=True, final=final,
+                             forward={"random": self._random_forward, "buffers": sorted(self._changed)})
         trajectory.write_manifest(self.out_dir, self.manifest)
         self._finished = True
         return self.manifest
@@ -369,7 +409,7 @@ class Recorder:
         trajectory.write_checkpoint(
             self.out_dir, self.run_id, record["step"], self._named, state, optim_step or record["step"],
             batch=record["batch"], lr=record["lr"], clip_coef=record["clip_coef"], loss=record["loss"],
-            extra_metadata=record["extra_metadata"],
+            extra_metadata=record["extra_metadata"], rng=record["rng"], buffers=record["buffers"],
             records=tuple(r for r in self._block_records if r["step"] != record["step"]))
         self._block_records = []
 
@@ -408,6 +448,9 @@ class Recorder:
                 state["step"] = torch.tensor(float(ck.optim_step), dtype=torch.float32)
             if state:
                 self.optimizer.state[p] = state
+        with torch.no_grad():  # buffers as they were at step `last`
+            for name, b in self._buffers.items():
+                b.copy_(ck.buffers.get(name, self._buffers_at_0[name]))
         self.run_id = old["run_id"]
         self.manifest = {**self.manifest, "run_id": old["run_id"], "created": old["created"]}
         self.step_count = last
@@ -432,6 +475,42 @@ class Recorder:
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._unrecorded = True
 
+    def _training_forward(self) -> bool:
+        return self.model.training and torch.is_grad_enabled() and not self._unrecorded
+
+    def _generator_states(self) -> dict:
+        states = {"cpu": torch.get_rng_state()}
+        if self._device.type == "cuda":
+            states["cuda"] = torch.cuda.get_rng_state(self._device)
+        return states
+
+    def _before_forward(self, module, args) -> None:
+        if not self._training_forward():
+            return
+        if self._buffer_versions is not None:
+            for name, b in self._buffers.items():
+                if b._version != self._buffer_versions[name]:
+                    raise RecorderError(f"buffer {name!r} changed between updates, outside the model's "
+                                        "forward; replay re-creates buffers from the training forward "
+                                        "only: change it inside forward() or make it a parameter")
+        self._forwards += 1
+        if self._forwards == 1:
+            self._rng_before = self._generator_states()
+
+    def _after_forward(self, module, args, output) -> None:
+        if not self._training_forward():
+            return
+        self._buffer_versions = {name: b._version for name, b in self._buffers.items()}
+        if self._forwards == 1:
+            after = self._generator_states()
+            if any(not torch.equal(after[k], v) for k, v in self._rng_before.items()):
+                self._rng_used = self._rng_before  # the forward drew random numbers (dropout)
+
+    def _changed_buffers(self) -> dict:
+        """The persistent buffers whose value differs from step 0's (recorded with the step)."""
+        return {name: b.detach().clone() for name, b in self._buffers.items()
+                if b.shape != self._buffers_at_0[name].shape or not torch.equal(b, self._buffers_at_0[name])}
+
     def _remove_hooks(self) -> None:
         for hook in self._hooks:
             hook.remove()
@@ -451,16 +530,25 @@ class Recorder:
         # reuse its index buffer in place (numpy's shuffle of one permutation each epoch).
         return indices.to(torch.int64, copy=True)
 
-    def _test_accuracy(self) -> float:
+    def _test_metrics(self) -> tuple[float, float]:
+        """Mean loss term and accuracy (NaN where the task has none) on the test split at θ_T."""
         x, y = self.dataset.x_test, self.dataset.y_test
         if not len(y):
-            return float("nan")
-        correct = 0
-        with torch.no_grad():
-            for start in range(0, len(y), EVAL_CHUNK):
-                logits = self.model(x[start:start + EVAL_CHUNK].to(self._device))
-                correct += int((logits.argmax(1).cpu() == y[start:start + EVAL_CHUNK]).sum())
-        return correct / len(y)
+            return float("nan"), float("nan")
+        loss, correct = 0.0, 0
+        was_training = self.model.training
+        self.model.eval()  # dropout off, BatchNorm on its running statistics (and left unchanged)
+        try:
+            with torch.no_grad():
+                for start in range(0, len(y), EVAL_CHUNK):
+                    rows = slice(start, start + EVAL_CHUNK)
+                    output = self.model(x[rows].to(self._device))
+                    loss += float(self.task.loss_terms(output, y[rows].to(self._device)).sum())
+                    c = self.task.correct(output, y[rows])
+                    correct = None if c is None or correct is None else correct + c
+        finally:
+            self.model.train(was_training)
+        return loss / len(y), float("nan") if correct is None else correct / len(y)
 
 
 def _describe(layout: ParameterLayout) -> str:

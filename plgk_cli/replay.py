@@ -6,7 +6,15 @@ updates from the last to the first carries one adjoint column per audited quanti
 W(s) = lr_s p_s ⊙ h(s) + μ_{s+1} W(s+1) (optimizers.StepCoefficients.adjoint), so that momentum is
 exact over the whole run and each step costs one GEMM between the minibatch's per-sample gradients
 and the adjoints (DESIGN.md). Each step also re-derives the recorded update from the same
-coefficients (the update check); what no sample owns goes to the residual.
+coefficients (the update check, a gate: a replay whose re-derived update differs from the recorded
+one stops and names the step); what no sample owns goes to the residual.
+
+Runs whose training forward is random or couples its batch (dropout, BatchNorm: ``Run.faithful``)
+replay each update's training side as the recorded forward itself (the whole minibatch, train
+mode, the recorded generator states and buffers) and credit example m with the gradient of its
+own loss term, weighted w_m as the task says. Buffers that training changes (BatchNorm running
+statistics b_s) are held at b_s over the segment θ_s -> θ_{s+1}, and the rest of the true change,
+q(θ_{s+1}, b_{s+1}) − q(θ_{s+1}, b_s), is the segment's buffer part (DESIGN.md v2).
 """
 
 from __future__ import annotations
@@ -15,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import dataclasses
+import functools
 import json
 import signal
 import threading
@@ -27,13 +36,15 @@ from tqdm import tqdm
 from plgk_cli.arguments import ReplayArguments, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
+from plgk_cli.data import to_device
 from plgk_cli.distributed import current_shard, gather_to_root
 from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
-from plgk_cli.errors import AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError
+from plgk_cli.errors import (AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError,
+                             UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
-                                ghost_products, target_columns)
+                                ghost_products, restored_rng, target_columns)
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
@@ -43,6 +54,10 @@ from plgk_cli.store import TargetResult, check_free_space, check_writable, write
 from plgk_cli.train import resolve_device
 
 ROUNDINGS_PER_UPDATE = 2
+# The update check's gate by training dtype: float32 updates re-derived from per-example gradients
+# agree to ~1e-7 (docs/results.md), a loss that is not the task's Σ w_m ℓ_m or masks that do not
+# match miss by O(1).
+MAX_UPDATE_ERROR = {torch.float32: 1e-3, torch.float64: 1e-8}
 WALK_BUFFERS = 5  # P x columns float64 tensors the walk keeps: W, h, v, ∇q at a boundary, a spare
 
 
@@ -113,6 +128,9 @@ class ReplayPlan:
     trajectory: TrajectoryView  # θ_t at every step, re-simulated between sparse checkpoints
     workspace: Workspace  # the walk's per-sample gradient buffers, reused step to step
     ghost_layers: tuple = ()  # --ghost: the Linear layers credited by ghost dot products
+    faithful: bool = False  # the training side is the recorded forward itself (Run.faithful)
+    buffered: bool = False  # training changed buffers: the audit side holds b_s per segment
+    max_update_error: float = 1e-3  # the update check's gate
 
     @property
     def n_audit(self) -> int:
@@ -128,10 +146,20 @@ class ReplayPlan:
         """θ_t, flat float64 on the replay's device."""
         return self.trajectory.flat(t).theta
 
-    def audit_side(self, theta: torch.Tensor, out: torch.Tensor | None = None, factors: dict | None = None):
-        """Values (N*Q) and gradients (P x N*Q, column-major) of the audited quantities at θ,
-        float64; the gradients are written into ``out`` (P x N*Q, column-major) if given, and the
-        ghost factors of the layers named in ``factors`` filled in."""
+    def buffers(self, t: int) -> dict:
+        """The buffers training had after t updates (empty unless it changed any)."""
+        return self.run.buffers(t, self.trajectory.flat(t).checkpoint) if self.buffered else {}
+
+    def audit_side(self, theta: torch.Tensor, out: torch.Tensor | None = None, factors: dict | None = None,
+                   buffers: dict | None = None):
+        """Values (N*Q) and gradients (P x N*Q, column-major) of the audited quantities at θ (in
+        eval mode, with ``buffers`` where given), float64; the gradients are written into ``out``
+        (P x N*Q, column-major) if given, and the ghost factors of the layers named in
+        ``factors`` filled in."""
+        model = self.gradients.model
+        with torch.no_grad():
+            for name, value in (buffers or {}).items():
+                model.get_buffer(name).copy_(value)
         values, grads = self.gradients.audit_gradients(theta.to(self.compute), self.x_audit, self.y_audit,
                                                        self.args.targets, self._audit_out(out), factors)
         return self._columns(values, grads, out)
@@ -150,6 +178,16 @@ class ReplayPlan:
         if out is None or self.compute != torch.float64:
             return None
         return out.T.view(self.n_audit, self.columns // self.n_audit, -1)
+
+    def training_pass(self, t: int, theta: torch.Tensor, batch: torch.Tensor, positions: torch.Tensor):
+        """The recorded training forward of update t -> t+1 replayed (faithful runs): a
+        gradients.TrainingPass whose per-example gradients (of the batch positions
+        ``positions``) are float64, in the workspace under "train"."""
+        record = self.trajectory.flat(t + 1).checkpoint
+        result = self.gradients.training_pass(
+            theta.to(self.compute), self.x_train[batch], self.y_train[batch], record.rng, self.buffers(t),
+            positions, self._buffer("train", len(positions), self.compute))
+        return dataclasses.replace(result, sample_grads=self._float64("train", result.sample_grads))
 
     def training_side(self, theta: torch.Tensor, rows: torch.Tensor, factors: dict | None = None) -> torch.Tensor:
         """Loss gradients of training rows at θ (B x P, float64, in the workspace under "train");
@@ -206,34 +244,47 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     if total == 0:
         raise TrajectoryError(f"{run.path}: only step 0 is recorded; there is no update to audit")
     data = run.dataset
-    audit_set = resolve_audit_set(args.audit_set, data)
+    audit_set = resolve_audit_set(args.audit_set, data, run.task)
     subset = resolve_train_subset(args.train_subset, len(data.y_train))
     device = resolve_device(args.device, where="--device")
     if device.type == "cuda" and current_shard().distributed:
         device = torch.device("cuda", current_shard().local_rank)  # one GPU per torchrun process
     compute = run.dtype
+    task = run.task
+    offered = [t for t in args.targets if t not in task.targets]
+    if offered:
+        raise AuditSpecError(f"--target: unknown target {offered[0]!r} for the run's task {task.name}; "
+                             f"expected one of {', '.join(task.targets)}")
     model = run.build_model().to(device=device, dtype=compute)
     layout = ParameterLayout.of(model)
-    per_point = target_columns(args.targets, data.num_classes)
+    per_point = target_columns(args.targets, data.num_classes, task)
     columns = len(audit_set.y) * per_point
     chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=per_point)
-    gradients = GradientComputer(model, layout, data.num_classes, chunk)
+    faithful = run.faithful
+    gradients = GradientComputer(model, layout, data.num_classes, chunk,
+                                 method="generic" if faithful else "auto", task=task)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
+    if args.ghost and faithful:
+        raise AuditSpecError("--ghost: the run's training forward is random or couples its batch "
+                             "(dropout, BatchNorm); ghost dot products need per-example layer hooks: "
+                             "drop --ghost")
     ghost_layers = _ghost_layers(args, run, gradients)
     if args.precondition and run.hyper.name == "sgd":
         raise AuditSpecError("--precondition: the run's optimizer is sgd, whose preconditioner is the "
                              "identity; drop --precondition")
     row_of, train_index, train_label, group = _row_mapping(run, subset, args.group_by)
-    x_train, y_train = data.x_train.to(device=device, dtype=compute), data.y_train.to(device)
+    x_train, y_train = to_device(data.x_train, device, compute), to_device(data.y_train, device, compute)
     return ReplayPlan(
         args=args, run=run, layout=layout, gradients=gradients, device=device, compute=compute,
         x_train=x_train, y_train=y_train,
-        audit_set=audit_set, x_audit=audit_set.x.to(device=device, dtype=compute),
-        y_audit=audit_set.y.to(device), columns=columns,
+        audit_set=audit_set, x_audit=to_device(audit_set.x, device, compute),
+        y_audit=to_device(audit_set.y, device, compute), columns=columns,
         row_of=row_of, train_index=train_index, train_label=train_label, group=group, total=total,
         boundaries=tuple(range(0, total, args.stride)) + (total,),
         trajectory=TrajectoryView(run, layout, gradients, x_train, y_train, device, compute),
-        workspace=Workspace(), ghost_layers=ghost_layers)
+        workspace=Workspace(), ghost_layers=ghost_layers, faithful=faithful,
+        buffered=bool(run.changing_buffers),
+        max_update_error=args.max_update_error or MAX_UPDATE_ERROR[compute])
 
 
 def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:
@@ -283,13 +334,16 @@ class WalkState:
         self.h_start = plan.total
         self.a_boundary = _adjoint_buffer(plan)
         self.h = _adjoint_buffer(plan)
+        # q(θ_end, b_end) − q(θ_end, b_start) of each segment: what the buffers' change did
+        self.buffer_part = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
         # Buffers the walk reuses rather than allocating P x columns float64 tensors each step (a
         # fresh one costs its page faults on first write): v_s, and a free one for ∇q at the
         # next boundary. Not part of the walk's state.
         self.v = torch.empty_like(self.w)
         self.spare: torch.Tensor | None = None
         if evaluate_end:
-            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.total), out=self.a_boundary)
+            self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.total), out=self.a_boundary,
+                                                               buffers=plan.buffers(plan.total))
 
     @classmethod
     def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
@@ -305,15 +359,18 @@ class WalkState:
         # Under euler h is ∇q at the boundary itself; a commit stores each tensor on its own.
         h = self.h.clone() if self.h is self.a_boundary else self.h
         return {"walk/w": self.w, "walk/h": h, "walk/a_boundary": self.a_boundary,
-                "walk/values": self.values, **self.acc.state_tensors()}
+                "walk/values": self.values, "walk/buffer_part": self.buffer_part, **self.acc.state_tensors()}
 
     def scalars(self) -> dict:
         return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": self.decay_next}
 
     def restore(self, tensors: dict, scalars: dict) -> None:
         device = self.w.device
-        for name in ("w", "h", "a_boundary", "values"):
-            saved = tensors[f"walk/{name}"]
+        for name in ("w", "h", "a_boundary", "values", "buffer_part"):
+            saved = tensors.get(f"walk/{name}")
+            if saved is None:
+                raise StoreError(f"progress: walk/{name} missing (written by an older plgk); start over "
+                                 "with --overwrite")
             if saved.shape != getattr(self, name).shape:
                 raise StoreError(f"progress: walk/{name} has shape {tuple(saved.shape)}, expected "
                                  f"{tuple(getattr(self, name).shape)}; start over with --overwrite")
@@ -475,18 +532,24 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             # middle would compute update seg_start in a separate pass, which rounds differently,
             # and a resumed replay must equal an uninterrupted one bit for bit.
             rows = _audited(plan.trajectory.flat(seg_start + 1).checkpoint.batch.to(plan.device),
-                            state.acc.row_of) if seg_end - seg_start == 1 and not plan.ghost_layers else ()
+                            state.acc.row_of) if seg_end - seg_start == 1 and not (
+                plan.ghost_layers or plan.faithful) else ()
+            held = plan.buffers(seg_start)  # b_start, held over the segment
             if plan.ghost_layers:
                 ghost_audit = dict.fromkeys(plan.ghost_layers)
             if len(rows):
                 values, a_start, shared = plan.audit_and_training_side(theta_start, rows, state.spare)
             else:
-                values, a_start = plan.audit_side(theta_start, state.spare, ghost_audit)
+                values, a_start = plan.audit_side(theta_start, state.spare, ghost_audit, buffers=held)
             state.values[index] = values
             previous_h, a_end = state.h, state.a_boundary
             free = previous_h if previous_h is not a_end else None  # the finished segment's h
-            state.h = _quadrature(args.quadrature_points, a_start, a_end, theta_start, theta_end,
-                                  plan.audit_side, out=free)
+            a_end_held = a_end
+            if plan.buffered:  # ∇q at θ_end with b_start; the rest of the change is the buffers'
+                end_values, a_end_held = plan.audit_side(theta_end, buffers=held)
+                state.buffer_part[index] = state.values[index + 1] - end_values
+            state.h = _quadrature(args.quadrature_points, a_start, a_end_held, theta_start, theta_end,
+                                  functools.partial(plan.audit_side, buffers=held), out=free)
             state.a_boundary, state.h_start = a_start, seg_start
             state.spare = a_end if a_end is not state.h else None
         for t in range(state.next_step, seg_start - 1, -1):
@@ -526,8 +589,16 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 
     acc = state.acc
     audited = _audited(batch, acc.row_of)
+    positions = (acc.row_of[batch] >= 0).nonzero().reshape(-1)  # of the audited rows in the batch
+    weights = run.task.weights(plan.y_train[batch])  # w_m; None: the mean over the batch
+    weights = None if weights is None else weights.to(device=device, dtype=torch.float64)
     ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None and len(audited) else None
-    if sample_grads is not None:
+    replayed = None
+    if plan.faithful:  # the recorded training forward itself, all of the batch
+        replayed = plan.training_pass(t, theta_t, batch, positions)
+        g = replayed.sample_grads
+        _check_forward(plan, t, replayed, ck_next)
+    elif sample_grads is not None:
         g = sample_grads
     elif len(audited):
         g = plan.training_side(theta_t, audited, ghost_train)
@@ -537,16 +608,28 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     if ghost_train is not None:
         ghost_train = {name: _float64_factors(f) for name, f in ghost_train.items()}
         parts = _ghost_parts(plan, coeffs, ghost_train, ghost_audit)
-    if len(audited) == len(batch):
-        batch_grad = g.sum(0) / len(batch)
+    rounding = None  # faithful runs: ∇L_B − Σ_m w_m g_m, what float rounding leaves to no example
+    if replayed is not None:
+        batch_grad = replayed.batch_grad.to(torch.float64)
+        if len(audited) == len(batch):
+            rounding = batch_grad - (g.sum(0) / len(batch) if weights is None else weights @ g)
+            _check_sum(plan, t, rounding, batch_grad)
+    elif len(audited) == len(batch):  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
+        batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
         for name, factors in (ghost_train or {}).items():  # those layers are not in g
             for kind, sl in plan.gradients.layer_parameters(name):
                 batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
     else:  # partial audit: the update still saw the whole batch
         batch_grad = plan.gradients.mean_loss_gradient(theta_t.to(compute), plan.x_train[batch],
                                                        plan.y_train[batch]).to(torch.float64)
-    acc.add_samples(audited, g, clip / len(batch), v, run.epoch_of(t), parts)
+    scale = clip / len(batch) if weights is None else clip * weights[positions]  # c_s w_m
+    acc.add_samples(audited, g, scale, v, run.epoch_of(t), parts)
     acc.add_residual(coeffs.residual(theta_t, v, state.h))
+    if rounding is not None:
+        # A coordinate whose gradient is zero in exact arithmetic (a key bias of attention: softmax
+        # ignores a shift shared by all keys) holds float rounding alone, which Adam scales up to
+        # full steps; no example owns it, so it goes through the same v_s into the residual.
+        acc.add_residual(clip * (rounding @ v))
 
     delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, lr, clip, step_after)
     recorded_delta = theta_next - theta_t
@@ -554,6 +637,71 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
                for k in predicted_state if k in after]
     acc.record_step(t, recorded_delta, state.h, max(errors))
+    if max(errors) > plan.max_update_error:
+        raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "
+                               f"gradients differs from the recorded one by {max(errors):.1e} (gate "
+                               f"{plan.max_update_error:g}): {_diagnose(plan, t, theta_t, batch, ck_next)}; "
+                               "the audit would not describe this run (--max-update-error raises the gate)")
+
+
+def _check_sum(plan: ReplayPlan, t: int, rounding: torch.Tensor, batch_grad: torch.Tensor) -> None:
+    """The per-example gradients must add up to the batch gradient of the same forward."""
+    error = float(rounding.norm() / batch_grad.norm().clamp_min(1e-300))
+    if error > plan.max_update_error:
+        raise UpdateCheckError(
+            f"{plan.run.path}: update {t} -> {t + 1}: the per-example loss-term gradients, weighted as the "
+            f"task says, miss the batch gradient by {error:.1e} (gate {plan.max_update_error:g}): the "
+            f"training loss is not the task's Σ_m w_m ℓ_m ({plan.run.task.name}), or the task's loss "
+            "terms couple the examples")
+
+
+def _check_forward(plan: ReplayPlan, t: int, replayed, record) -> None:
+    """The replayed training forward against the record: its loss (the task's Σ w_m ℓ_m) and the
+    buffers it leaves (those of step t+1)."""
+    tolerance = plan.max_update_error
+    if record.loss is not None and abs(replayed.loss - record.loss) > tolerance * max(abs(record.loss), 1e-12):
+        raise UpdateCheckError(
+            f"{plan.run.path}: update {t} -> {t + 1}: the replayed training forward's loss {replayed.loss:.6g} "
+            f"differs from the recorded {record.loss:.6g}: {_loss_or_randomness(plan, t)}")
+    for name, recorded in plan.buffers(t + 1).items():
+        got = replayed.buffers[name]
+        scale = float(recorded.abs().max()) if recorded.is_floating_point() and recorded.numel() else 1.0
+        if got.shape != recorded.shape or float((got.to(recorded.dtype) - recorded.to(got.device)).abs().max(
+                ) if recorded.numel() else 0) > tolerance * max(scale, 1e-12):
+            raise UpdateCheckError(
+                f"{plan.run.path}: buffer {name!r} of step {t + 1} is not what the replayed training forward "
+                f"of update {t} -> {t + 1} makes of step {t}'s: the buffer changed outside the model's "
+                "forward; change it inside forward() or make it a parameter, and re-train")
+
+
+def _loss_or_randomness(plan: ReplayPlan, t: int) -> str:
+    """Why a replayed training forward misses the record: randomness torch does not own, or a loss
+    that is not the task's weighted sum of per-example terms."""
+    flat, record = plan.trajectory.flat(t), plan.trajectory.flat(t + 1).checkpoint
+    batch = record.batch.to(plan.device)
+    model, theta = plan.gradients.model, flat.theta.to(plan.compute)
+    outputs = []
+    for _ in range(2):
+        state = {**plan.layout.unflatten(theta), **{n: b.clone() for n, b in plan.buffers(t).items()}}
+        model.train()
+        with torch.no_grad(), restored_rng(record.rng, plan.device):
+            outputs.append(torch.func.functional_call(model, state, (plan.x_train[batch],)))
+        model.eval()
+    if not torch.equal(outputs[0], outputs[1]):
+        return ("the model's forward does not repeat from torch's generator states: it draws random "
+                "numbers elsewhere (numpy, Python's random); draw them with torch")
+    loss = float(plan.run.task.batch_loss(outputs[0], plan.y_train[batch]))
+    if record.loss is not None and abs(loss - record.loss) > plan.max_update_error * max(abs(record.loss), 1e-12):
+        return (f"the recorded loss {record.loss:.6g} is not the task's weighted sum of per-example loss "
+                f"terms Σ w_m ℓ_m = {loss:.6g} ({plan.run.task.name}); train with the task's loss")
+    return ""
+
+
+def _diagnose(plan: ReplayPlan, t: int, theta_t, batch, record) -> str:
+    reason = _loss_or_randomness(plan, t)
+    return reason or ("the loss and the forward match the record, so the gradients the optimizer used "
+                      "were not the loss's (gradients not zeroed, changed by hand, or the optimizer's "
+                      "state or options changed)")
 
 
 def _audited(batch: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
@@ -610,10 +758,15 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
     steps_done = torch.cumsum(acc.step_change, 0)
     reconstructed = torch.cat([torch.zeros_like(values[:1]), steps_done[[b - 1 for b in boundaries[1:]]]])
     attributed = acc.influence.sum(0) + acc.residual
+    buffer_residual = state.buffer_part.sum(0)
+    if plan.buffered:  # the parameter path's audit plus what the buffers' changes did
+        reconstructed[1:] += torch.cumsum(state.buffer_part, 0)
+        attributed = attributed + buffer_residual
+        steps_done = steps_done + buffer_residual
     net, gross = acc.net_and_gross()
     results, offset = [], 0
     for target in targets:
-        width = num_classes if target == "logits" else 1
+        width = plan.run.task.target_width(target, num_classes)
         sl = slice(offset, offset + width)
         offset += width
 
@@ -627,6 +780,7 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
         results.append(TargetResult(
             name=target, influence=pick(acc.influence), residual=pick(acc.residual),
             initial=pick(values[0]), final=pick(values[-1]), trace_step=np.array(boundaries),
+            buffer_residual=pick(buffer_residual) if plan.buffered else None,
             trace_true_change=pick(true_change), trace_reconstructed=pick(reconstructed),
             layer_epoch_signed=pick(acc.layer_epoch_signed), layer_epoch_abs=pick(acc.layer_epoch_abs),
             net=pick(net), gross=pick(gross), mre=metrics.mre, lc=metrics.lc, rmre=metrics.rmre,

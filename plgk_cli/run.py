@@ -7,14 +7,14 @@ from functools import cached_property
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from plgk_cli.config import RunConfig, config_from_dict
 from plgk_cli.data import Dataset, load_dataset
 from plgk_cli.errors import DataError, TrajectoryError
 from plgk_cli.gradients import ParameterLayout
-from plgk_cli.models import build_model
+from plgk_cli.models import build_model, mode_dependent
 from plgk_cli.optimizers import Decomposition, Hyper, decomposition_for
+from plgk_cli.tasks import Task, task_for
 from plgk_cli.trajectory import Checkpoint, check_steps, read_checkpoint, read_fixed, read_manifest
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -43,9 +43,14 @@ class Run:
         return DTYPES[self.manifest["dtype"]]
 
     @cached_property
+    def task(self) -> Task:
+        """What a training example is (runs of format version 1 are classification runs)."""
+        return task_for(self.manifest.get("task", {}).get("name", "classification"))
+
+    @cached_property
     def dataset(self) -> Dataset:
         d = self.manifest["dataset"]
-        data = load_dataset(d["spec"], d["seed"], self.dtype)
+        data = load_dataset(d["spec"], d["seed"], self.dtype, self.task)
         if data.fingerprint() != d["fingerprint"]:
             raise DataError(f"dataset {d['spec']}: its contents changed since run {self.run_id} was "
                             "recorded (fingerprint mismatch); restore the original data or re-train")
@@ -62,7 +67,7 @@ class Run:
         if layout.names != recorded or layout.shapes != shapes:
             raise TrajectoryError(f"{self.path}: the model {self.manifest['model']['name']} now builds "
                                   "parameters that differ from the recorded ones; restore its code")
-        fixed = read_fixed(self.path)  # whose run step 0 belongs to is checked with the checkpoints
+        fixed = self.fixed_state  # whose run step 0 belongs to is checked with the checkpoints
         if fixed:  # frozen parameters and buffers as training had them, not freshly drawn
             try:
                 unexpected = model.load_state_dict(fixed, strict=False).unexpected_keys
@@ -73,10 +78,34 @@ class Run:
                                       f"holds the recorded frozen state ({unexpected[0]}); restore its code")
         return model
 
-    @staticmethod
-    def loss_fn(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        """The training loss: mean cross-entropy over the batch."""
-        return F.cross_entropy(logits, y)
+    def loss_fn(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss of a batch, Σ_m w_m ℓ_m as the task defines it."""
+        return self.task.batch_loss(output, y)
+
+    @cached_property
+    def fixed_state(self) -> dict:
+        """Frozen parameters and buffers as step 0 recorded them."""
+        return read_fixed(self.path)
+
+    @cached_property
+    def changing_buffers(self) -> tuple:
+        """Buffers that training changed (BatchNorm statistics), recorded with every checkpoint."""
+        return tuple(self.manifest.get("forward", {}).get("buffers", ()))
+
+    @cached_property
+    def faithful(self) -> bool:
+        """Whether the training side must be replayed as the recorded forward itself: one
+        train-mode forward of the whole batch from the recorded random state and buffers (dropout,
+        BatchNorm, a forward that drew random numbers), not per-example passes (DESIGN.md v2)."""
+        forward = self.manifest.get("forward", {})
+        return bool(forward.get("random") or forward.get("buffers") or mode_dependent(self.build_model()))
+
+    def buffers(self, t: int, checkpoint: Checkpoint | None = None) -> dict:
+        """The changing buffers after t updates (step 0's where step t recorded none)."""
+        if not self.changing_buffers:
+            return {}
+        ck = checkpoint if checkpoint is not None else self.checkpoint(t)
+        return {name: ck.buffers.get(name, self.fixed_state[name]) for name in self.changing_buffers}
 
     @cached_property
     def hyper(self) -> Hyper:

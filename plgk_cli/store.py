@@ -1,16 +1,19 @@
-"""influences.h5 (schema v2): the only module that knows its names. Writer and reader.
+"""influences.h5 (schema v3): the only module that knows its names. Writer and reader.
 
 Layout (train x audit, as TRAK and dattri):
   /                         attrs: plgk_version, schema_version, created, rule, targets (JSON),
-                            replay_arguments (JSON), manifest (JSON), optimizer, complete_audit, group_by
+                            replay_arguments (JSON), manifest (JSON), optimizer, complete_audit, group_by,
+                            task, audited_mode (the audited quantities' model mode: "eval")
   /train/index (R)          training-split indices of the influence rows (R = M, or the subset)
-  /train/label (R)          their labels
+  /train/label (R[, ...])   their labels (int64 classes, or float regression targets)
   /train/group (G)          with --group-by label: the class of each influence row (G rows)
   /audit/index (N)          indices into the split named by attr `split` (absent for npz audit sets)
   /audit/source             attr: the audit-set spec or npz path
   /audit/label (N)
   /audit/<target>/influence (R|G, N[, C])   float32 (accumulated in float64); attr `sign`
   /audit/<target>/residual, initial, final (N[, C])
+  /audit/<target>/buffer_residual (N[, C])  (runs whose training changed buffers, e.g. BatchNorm)
+      Σ_s q(θ_{s+1}, b_{s+1}) − q(θ_{s+1}, b_s): the part of the true change the buffers made
   /audit/<target>/trace/step (K), trace/true_change, trace/reconstructed (K, N[, C])
   /audit/<target>/by_layer_epoch/signed, abs (E, L, N[, C]); attr `layers`
   /audit/<target>/by_epoch/net, gross (E, N[, C])  S_n(e), G_n(e): Σ_m P̃_mn(e) and Σ_m |P̃_mn(e)|
@@ -47,7 +50,8 @@ import numpy as np
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
 
-SCHEMA_VERSION = 2  # 2: /kernel, /modes, /audit/<target>/by_epoch
+SCHEMA_VERSION = 3  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual
+READABLE_SCHEMAS = (2, 3)  # a version 2 file is a classification audit without buffers
 KERNEL, MODES = "kernel", "modes"
 SIGN_CONVENTION = ("influence[m, n] < 0: training example m pushed the audited quantity of audit "
                    "point n down over training (for the loss: helpful); > 0: pushed it up (harmful)")
@@ -74,6 +78,7 @@ class TargetResult:
     lc: float
     rmre: float
     attribution_gap: float
+    buffer_residual: np.ndarray | None = None  # (N[, C]) runs whose training changed buffers
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -147,9 +152,10 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             "rule": rule, "targets": json.dumps(targets), "optimizer": manifest["optimizer"]["name"],
             "replay_arguments": json.dumps(arguments), "manifest": json.dumps(manifest),
             "complete_audit": complete_audit, "group_by": arguments.get("group_by") or "",
+            "task": manifest.get("task", {}).get("name", "classification"), "audited_mode": "eval",
         })
         f.create_dataset("train/index", data=train_index.astype(np.int64))
-        f.create_dataset("train/label", data=train_label.astype(np.int64))
+        f.create_dataset("train/label", data=_labels(train_label))
         if group is not None:
             f.create_dataset("train/group", data=group.astype(np.int64))
         audit = f.create_group("audit")
@@ -157,7 +163,7 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
         if audit_index is not None:
             audit.create_dataset("index", data=audit_index.astype(np.int64))
             audit.attrs["split"] = audit_split
-        f.create_dataset("audit/label", data=audit_label.astype(np.int64))
+        f.create_dataset("audit/label", data=_labels(audit_label))
         f.create_dataset("replay/update_error", data=update_error)
         if drift:  # sparse checkpoints: re-simulated θ against each stored checkpoint
             f.create_dataset("replay/drift_step", data=np.array(sorted(drift), dtype=np.int64))
@@ -174,6 +180,8 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             infl.attrs["layout"] = "train x audit" + (" x class" if r.influence.ndim == 3 else "")
             for name in ("residual", "initial", "final"):
                 g.create_dataset(name, data=getattr(r, name))
+            if r.buffer_residual is not None:
+                g.create_dataset("buffer_residual", data=r.buffer_residual)
             g.create_dataset("trace/step", data=r.trace_step.astype(np.int64))
             g.create_dataset("trace/true_change", data=r.trace_true_change)
             g.create_dataset("trace/reconstructed", data=r.trace_reconstructed)
@@ -195,6 +203,11 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
                 for key, array in arrays.items():
                     if key != "attrs":
                         group.create_dataset(key, data=array)
+
+
+def _labels(labels: np.ndarray) -> np.ndarray:
+    """Class labels as int64, regression targets as float64."""
+    return labels.astype(np.int64 if np.issubdtype(labels.dtype, np.integer) else np.float64)
 
 
 class InfluenceFile:
@@ -220,10 +233,11 @@ class InfluenceFile:
         if self._f.attrs.get("schema_version") is None or "audit" not in self._f:
             self._f.close()
             raise StoreError(f"{self.path}: not a plgk influences file (no schema_version or /audit)")
-        if int(self._f.attrs["schema_version"]) != SCHEMA_VERSION:
+        if int(self._f.attrs["schema_version"]) not in READABLE_SCHEMAS:
             version = int(self._f.attrs["schema_version"])
             self._f.close()
-            raise StoreError(f"{self.path}: schema version {version}; this plgk reads {SCHEMA_VERSION}")
+            raise StoreError(f"{self.path}: schema version {version}; this plgk reads versions "
+                             f"{', '.join(map(str, READABLE_SCHEMAS))}")
 
     def close(self):
         self._f.close()
@@ -241,6 +255,16 @@ class InfluenceFile:
     @property
     def targets(self) -> list:
         return json.loads(self._f.attrs["targets"])
+
+    @property
+    def task(self) -> str:
+        """The run's task (files of schema 2 hold classification audits)."""
+        return str(self._f.attrs.get("task", "classification"))
+
+    def buffer_residual(self, target: str) -> np.ndarray | None:
+        """The buffers' part of the true change (None: training changed no buffer)."""
+        group = self._target(target)
+        return group["buffer_residual"][()] if "buffer_residual" in group else None
 
     @property
     def manifest(self) -> dict:

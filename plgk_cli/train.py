@@ -11,15 +11,15 @@ import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from plgk_cli.config import RunConfig, ScheduleConfig
-from plgk_cli.data import load_dataset
+from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, OutputError
 from plgk_cli.models import build_model
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
 from plgk_cli.recorder import Recorder
+from plgk_cli.tasks import task_for
 from plgk_cli.trajectory import check_new_run_dir
 
 
@@ -61,11 +61,12 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
         raise OutputError(f"{out_dir}: no run to resume (no manifest.json); train without --resume")
     dtype = torch.float64 if config.train.dtype == "float64" else torch.float32
     device = resolve_device(config.train.device)
-    data = load_dataset(config.data.dataset, config.data.seed, dtype)
+    task = task_for(config.task.name)
+    data = load_dataset(config.data.dataset, config.data.seed, dtype, task)
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
-    model = model.to(device=device, dtype=dtype)
+    model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_torch_optimizer(hyper_from_config(config), params, config.optim.lr)
     m = len(data.y_train)
@@ -74,10 +75,10 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                         model_kwargs=config.model.kwargs, dataset=data, data_seed=config.data.seed,
                         batch_size=batch_size, epochs=config.train.epochs, config=config.to_dict(),
                         schedule=dataclasses.asdict(config.schedule), resume=resume,
-                        checkpoint_every=config.checkpoint.every)
+                        checkpoint_every=config.checkpoint.every, task=task)
     total_steps = recorder.manifest["total_steps"]
 
-    x_train, y_train = data.x_train.to(device), data.y_train.to(device)
+    x_train, y_train = to_device(data.x_train, device, dtype), to_device(data.y_train, device, dtype)
     generator = torch.Generator().manual_seed(config.train.seed)
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     done = recorder.step_count  # > 0 when resuming: those updates are recorded already
@@ -97,7 +98,11 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 optimizer.zero_grad(set_to_none=True)
                 rows = batch.to(device)
                 logits = model(x_train[rows])
-                loss = F.cross_entropy(logits, y_train[rows])
+                if not isinstance(logits, torch.Tensor) or logits.dim() == 0 or len(logits) != len(rows):
+                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+                    raise ConfigError(f"[model] name: {config.model.name} returned {shape} for a batch of "
+                                      f"{len(rows)}; the output must have one row per example (batch first)")
+                loss = task.batch_loss(logits, y_train[rows])
                 loss.backward()
                 if config.optim.clip_grad_norm:
                     recorder.clip_grad_norm(config.optim.clip_grad_norm)
@@ -105,7 +110,8 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 recorder.step(batch, loss, logits)
                 bar.update(1)
                 running = recorder.epoch_metrics()
+                accuracy = running["train_accuracy"]
                 bar.set_postfix(epoch=running["epoch"] + 1, loss=f"{running['train_loss']:.4f}",
-                                acc=f"{running['train_accuracy']:.3f}")
+                                **({} if accuracy is None else {"acc": f"{accuracy:.3f}"}))
     bar.close()
     return recorder.manifest

@@ -1,10 +1,14 @@
-"""The trajectory format (v1): ``manifest.json`` plus one ``step_XXXXXXXX.safetensors`` per checkpoint.
+"""The trajectory format (v2): ``manifest.json`` plus one ``step_XXXXXXXX.safetensors`` per checkpoint.
 
 Checkpoint t holds θ_t (``param/<name>``), the optimizer state after t updates
 (``optim/<name>/<key>``) and the record of the update t-1 -> t: the minibatch indices ``batch``
 (indices into the training split, stored in the narrowest of int16/int32/int64 that holds them,
 read back as int64), the learning rate ``lr`` and clip coefficient ``clip_coef`` the step used,
-and the minibatch ``loss``. Its safetensors metadata names the run and the step so that a file
+and the minibatch ``loss``. Version 2 adds ``rng/cpu`` (and ``rng/cuda``), the random-generator
+state the update's training forward started from, where that forward drew random numbers
+(dropout), and ``buffer/<name>``, the model's buffers after t updates that differ from step 0's
+``fixed/<name>`` (BatchNorm running statistics). The manifest names the ``task``. Version 1 runs
+read as classification runs without either. Its safetensors metadata names the run and the step so that a file
 from another run or a renamed file is caught. This module is the only place that knows these names.
 
 A sparse run (``checkpoint_every`` K > 1) has step files at the multiples of K and at the last
@@ -17,6 +21,7 @@ block, not per step: a record of its own cost a file, its 4 KiB disk block and i
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -31,7 +36,8 @@ from plgk_cli.errors import OutputError, TrajectoryError
 from plgk_cli.faults import fault_hook
 
 FORMAT = "plgk-trajectory"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
 PARAM_PREFIX = "param/"
@@ -39,6 +45,8 @@ OPTIM_PREFIX = "optim/"
 BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
 RECORD_PREFIX = "record/"
 FIXED_PREFIX = "fixed/"  # step 0 only: the model's frozen parameters and buffers
+RNG_PREFIX = "rng/"  # the generator states the update's training forward started from
+BUFFER_PREFIX = "buffer/"  # buffers after t updates that differ from their step-0 value
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
 
@@ -59,6 +67,8 @@ class Checkpoint:
     lr: float | None
     clip_coef: float | None
     loss: float | None
+    rng: dict = dataclasses.field(default_factory=dict)  # "cpu"/"cuda" -> uint8 generator state
+    buffers: dict = dataclasses.field(default_factory=dict)  # name -> tensor, those changed since step 0
 
     @property
     def full(self) -> bool:
@@ -92,12 +102,12 @@ def read_manifest(run_dir: Path) -> dict:
     if not isinstance(manifest, dict):
         raise TrajectoryError(f"{path}: manifest is not a JSON object; restore it or re-run "
                               "`plgk train`")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
         version = manifest.get("format_version")
         newer = (manifest.get("format") == FORMAT and isinstance(version, int)
                  and not isinstance(version, bool) and version > FORMAT_VERSION)
         raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version {version!r}; "
-                              f"this plgk reads {FORMAT} version {FORMAT_VERSION}"
+                              f"this plgk reads {FORMAT} version {FORMAT_VERSION} (and 1)"
                               + ("; the run was written by a newer plgk: upgrade plgk" if newer
                                  else ""))
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
@@ -124,13 +134,17 @@ def _indices(batch: torch.Tensor) -> torch.Tensor:
 def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_state: dict,
                      optim_step: int, batch: torch.Tensor | None = None, lr: float | None = None,
                      clip_coef: float | None = None, loss: float | None = None,
-                     extra_metadata: dict | None = None, records: tuple = (), fixed: dict | None = None) -> Path:
+                     extra_metadata: dict | None = None, records: tuple = (), fixed: dict | None = None,
+                     rng: dict | None = None, buffers: dict | None = None) -> Path:
     """Write step file ``step``; ``records``: the records of the steps before it that have no
     file of their own (a sparse run's block), each a dict with step, batch, lr, clip_coef, loss,
     optim_step and extra_metadata; ``fixed``: (step 0) the model's state that training does not
-    change, frozen parameters and buffers by state_dict name."""
+    change, frozen parameters and buffers by state_dict name; ``rng``: the generator states the
+    update's training forward started from; ``buffers``: buffers that differ from step 0's."""
     tensors = {PARAM_PREFIX + name: t.detach().cpu().contiguous() for name, t in params.items()}
     tensors.update({FIXED_PREFIX + name: t.detach().cpu().contiguous() for name, t in (fixed or {}).items()})
+    tensors.update({RNG_PREFIX + name: t.detach().cpu().contiguous() for name, t in (rng or {}).items()})
+    tensors.update({BUFFER_PREFIX + name: t.detach().cpu().contiguous() for name, t in (buffers or {}).items()})
     for name, state in optim_state.items():
         for key, t in state.items():
             tensors[f"{OPTIM_PREFIX}{name}/{key}"] = t.detach().cpu().contiguous()
@@ -233,10 +247,14 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: 
                               "checkpoint files were renamed, copied or mixed: restore step "
                               f"{step}'s file or re-run `plgk train`")
     _check_run_id(path, metadata, run_id)
-    params, optim_state = {}, {}
+    params, optim_state, rng, buffers = {}, {}, {}, {}
     for key, t in tensors.items():
         if key.startswith(PARAM_PREFIX):
             params[key[len(PARAM_PREFIX):]] = t
+        elif key.startswith(RNG_PREFIX):
+            rng[key[len(RNG_PREFIX):]] = t
+        elif key.startswith(BUFFER_PREFIX):
+            buffers[key[len(BUFFER_PREFIX):]] = t
         elif key.startswith(OPTIM_PREFIX):
             name, _, state_key = key[len(OPTIM_PREFIX):].rpartition("/")
             optim_state.setdefault(name, {})[state_key] = t
@@ -251,6 +269,7 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: 
         lr=float(tensors[LR][0]) if has_record else None,
         clip_coef=float(tensors[CLIP_COEF][0]) if has_record else None,
         loss=float(tensors[LOSS][0]) if has_record else None,
+        rng=rng, buffers=buffers,
     )
 
 

@@ -95,7 +95,10 @@ def main(argv=None) -> int:
         h5 = out / f"modes-{run.name}-K{k}.h5"
         t1 = time.perf_counter()
         replay(ReplayArguments(ckpts=str(run), audit_set=f"test[0:{audit_n}]", out=str(h5), device="cpu",
-                               overwrite=True, modes=k), progress=False)
+                               overwrite=True, modes=k,
+                               # trained on PGD examples, not the recorded rows: the audit is not
+                               # this run's, only the modes at the reference checkpoint are used
+                               max_update_error=float("inf")), progress=False)
         with InfluenceFile(h5) as f:
             mode_name = f.modes[-1]
             attrs = f.mode_attrs(mode_name)

@@ -158,3 +158,33 @@ def test_memory_fit_recovers_a_linear_law():
     assert fit["mib_per_audit_point"] == pytest.approx(0.5)
     assert fit["mib_per_batch_example"] == pytest.approx(0.25)
     assert fit["r2"] == pytest.approx(1.0)
+
+
+def test_transformer_layer_split_rules_match_the_generic_rows(tmp_path):
+    """The transformer workload's layer split on a tiny dropout transformer run: every trainable
+    parameter in exactly one layer type, MultiheadAttention and the sliced position table on the
+    generic path, and the per_example hook rules equal to the engine's Jacobian rows."""
+    from plgk_cli.config import parse_config
+    from plgk_cli.train import train
+
+    assert "transformer" in bench.ALL_WORKLOADS
+    config = {"data": {"dataset": "synthetic-text"},
+              "model": {"name": "transformer", "kwargs": {"width": 8, "heads": 2, "layers": 1, "dropout": 0.1}},
+              "optim": {"name": "adamw", "lr": 3e-3, "clip_grad_norm": 1.0},
+              "train": {"epochs": 1, "batch_size": 32, "seed": 0}}
+    manifest = train(parse_config(config), tmp_path / "run", progress=False)
+    split = bench.layer_split(str(tmp_path / "run"), steps=2, repeats=1)
+    types = {r["type"]: r for r in split["types"]}
+    assert types["MultiheadAttention"]["path"] == "generic"
+    assert {"Linear", "LayerNorm", "Embedding"} <= {k for k, r in types.items() if r["path"] == "hooks"}
+    assert types["Embedding (not called as a module)"]["module_names"] == ["positions"]
+    names = [n for r in split["types"] for n in r["parameter_names"]]
+    assert sorted(names) == sorted(p["name"] for p in manifest["parameters"])  # each exactly once
+    assert sum(r["params"] for r in split["types"]) == split["parameters"]
+    for r in split["types"]:
+        assert r["max_rel_diff"] < 1e-5, r
+        assert r["alone_ms"] > 0
+    assert split["mixed_vs_generic_rel_diff"] < 1e-5 and split["engine_vs_generic_rel_diff"] < 1e-5
+    assert sum(r["share"] for r in split["types"]) == pytest.approx(1.0)
+    text = bench.format_layer_split(split)
+    assert "MultiheadAttention" in text and "shared forward + backward" in text

@@ -353,7 +353,7 @@ def test_round_trip_through_json_as_in_a_manifest(raw):
 
 def test_to_dict_is_plain_data_with_every_section():
     d = parse_config(ROUND_TRIP_DOCUMENTS[1]).to_dict()
-    assert set(d) == {"data", "model", "optim", "schedule", "train", "checkpoint"}
+    assert set(d) == {"task", "data", "model", "optim", "schedule", "train", "checkpoint"}
     assert d["optim"]["momentum"] == 0.9 and d["model"]["kwargs"] == {"hidden": 6, "depth": 3}
     assert json.loads(json.dumps(d))["optim"]["betas"] == [0.9, 0.999]  # JSON-serializable
 

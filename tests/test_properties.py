@@ -55,8 +55,13 @@ below_one = st.floats(min_value=0, max_value=1, exclude_max=True)
 name_text = st.text(st.characters(min_codepoint=33, max_codepoint=0x2FF), min_size=1, max_size=12)
 
 VALID = {
+    "task": {
+        "name": st.one_of(st.sampled_from(["classification", "regression"]),
+                          st.builds("py:{}:{}".format, name_text.filter(lambda s: ":" not in s),
+                                    name_text)),
+    },
     "data": {
-        "dataset": st.one_of(st.just("digits"),
+        "dataset": st.one_of(st.sampled_from(["digits", "diabetes", "synthetic-text"]),
                              st.builds("{}{}".format, st.sampled_from(["npz:", "mnist:", "svhn:"]),
                                        name_text),
                              st.builds("py:{}:{}".format, name_text.filter(lambda s: ":" not in s),
@@ -64,7 +69,7 @@ VALID = {
         "seed": st.integers(0, 2**63 - 1),
     },
     "model": {
-        "name": st.one_of(st.sampled_from(["mlp", "cnn", "lenet5"]),
+        "name": st.one_of(st.sampled_from(["mlp", "cnn", "lenet5", "transformer"]),
                           st.builds("{}:{}".format, name_text.filter(lambda s: ":" not in s),
                                     name_text)),
         "kwargs": st.dictionaries(st.text(max_size=8), st.one_of(INT64, st.booleans()),

@@ -412,11 +412,25 @@ def test_model_the_builder_does_not_build(tmp_path, tiny_npz):
     assert not (tmp_path / "run").exists()
 
 
-def test_model_with_dropout_is_refused(tmp_path, tiny_npz):
-    model = nn.Sequential(nn.Flatten(), nn.Linear(6, 3), nn.Dropout(0.1)).double()
-    with pytest.raises(ConfigError, match="Dropout"):
-        _start(tmp_path, model, torch.optim.SGD(model.parameters(), lr=0.1), f"npz:{tiny_npz}",
-               model_name="test_recorder:dropout_model", model_kwargs={})
+def test_model_with_dropout_records_the_generator_state_of_each_forward(tmp_path, tiny_npz):
+    torch.manual_seed(0)
+    model = dropout_model((6,), 3).double()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, foreach=False)
+    recorder = _start(tmp_path, model, optimizer, f"npz:{tiny_npz}",
+                      model_name="test_recorder:dropout_model", model_kwargs={})
+    data = recorder.dataset
+    states = []
+    for batch in (torch.arange(8), torch.arange(8, 16)):
+        states.append(torch.get_rng_state())
+        optimizer.zero_grad()
+        F.cross_entropy(model(data.x_train[batch]), data.y_train[batch]).backward()
+        optimizer.step()
+        recorder.step(batch, 0.0)
+    recorder.finish()
+    run = load_run(tmp_path / "run")
+    assert run.manifest["forward"]["random"] and run.faithful
+    for t, state in ((1, states[0]), (2, states[1])):
+        assert torch.equal(run.checkpoint(t).rng["cpu"], state)  # what the forward started from
 
 
 def dropout_model(in_shape, num_classes):

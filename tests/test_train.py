@@ -50,7 +50,7 @@ def _batches(run):
 def test_manifest(adam_run, tiny_npz):
     manifest = read_manifest(adam_run)
     assert manifest["format"] == FORMAT == "plgk-trajectory"
-    assert manifest["format_version"] == FORMAT_VERSION == 1
+    assert manifest["format_version"] == FORMAT_VERSION == 2
     assert len(manifest["run_id"]) == 32 and int(manifest["run_id"], 16) >= 0  # uuid4().hex
     assert manifest["complete"] is True
     assert manifest["steps_per_epoch"] == STEPS_PER_EPOCH
@@ -64,7 +64,7 @@ def test_manifest(adam_run, tiny_npz):
     assert manifest["dataset"]["num_classes"] == NUM_CLASSES
     assert manifest["dataset"]["in_shape"] == [NUM_FEATURES]
     assert manifest["optimizer"]["name"] == "adam" and manifest["optimizer"]["lr"] == 0.01
-    assert set(manifest["final"]) == {"train_loss", "train_accuracy", "test_accuracy"}
+    assert set(manifest["final"]) == {"train_loss", "train_accuracy", "test_loss", "test_accuracy"}
 
 
 def test_step_files_contiguous(adam_run):

@@ -1,0 +1,97 @@
+"""Tasks: the one place that knows what a training example is (DESIGN.md v2, "Tasks").
+
+A task states how a batch's loss is built from per-example terms, L_B = Σ_{m∈B} w_m ℓ_m, and
+which quantities q_n of an audit point can be audited. Everything downstream (training, the
+per-example gradients, the decomposition c_s w_m g_{m,s}, the store) asks the task instead of
+assuming cross-entropy over class labels.
+
+Built in: ``classification`` (integer class labels, mean cross-entropy; targets loss, logit,
+margin, logits) and ``regression`` (float targets of any shape, mean squared error; targets loss,
+output). ``py:package.module:Name`` names the user's own: a :class:`Task` subclass (or instance).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from plgk_cli.errors import ConfigError
+from plgk_cli.importing import import_object
+
+
+class Task:
+    """The protocol. Subclass it and override what differs; ``name`` is what the manifest stores.
+
+    ``targets``: the audited quantities it offers; ``default_target`` what replay audits when
+    none is named. ``loss_terms`` and ``audited`` are evaluated on the model's output for a batch
+    and must treat the rows independently (row m depends only on output row m and target m).
+    """
+
+    name = "task"
+    targets: tuple = ("loss",)
+    default_target = "loss"
+    label_kind = "float"  # "class" (integer labels) or "float": how datasets hand y over
+
+    def check_labels(self, y, where: str) -> torch.Tensor:
+        """The split's targets as the task uses them; raises ValueError with what is wrong."""
+        return torch.as_tensor(y)
+
+    def output_width(self, y_train: torch.Tensor, y_test: torch.Tensor) -> int:
+        """The width the model's output must have (passed to builders as ``num_classes``)."""
+        raise NotImplementedError
+
+    def loss_terms(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """ℓ_m for every row of the batch (B,)."""
+        raise NotImplementedError
+
+    def weights(self, y: torch.Tensor) -> torch.Tensor | None:
+        """w_m (B,) with L_B = Σ w_m ℓ_m; None for the plain mean over examples (w_m = 1/|B|)."""
+        return None
+
+    def batch_loss(self, output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The training loss L_B = Σ_m w_m ℓ_m (what `plgk train` backpropagates)."""
+        terms = self.loss_terms(output, y)
+        w = self.weights(y)
+        return terms.mean() if w is None else (w.to(terms.dtype) * terms).sum()
+
+    def target_width(self, target: str, output_width: int) -> int:
+        """Audited quantities per audit point that ``target`` contributes."""
+        return 1
+
+    def audited(self, output: torch.Tensor, y: torch.Tensor, targets: tuple) -> torch.Tensor:
+        """The audited quantities of a batch (B x Q), targets stacked in order."""
+        raise NotImplementedError
+
+    def correct(self, output: torch.Tensor, y: torch.Tensor) -> int | None:
+        """How many rows the model gets right (None where accuracy means nothing)."""
+        return None
+
+
+def _builtin() -> dict:
+    from plgk_cli.tasks.classification import Classification
+    from plgk_cli.tasks.regression import Regression
+
+    return {"classification": Classification, "regression": Regression}
+
+
+BUILTIN_TASKS = ("classification", "regression")
+
+
+def task_for(name: str) -> Task:
+    """The task named ``name``: a built-in one or ``py:package.module:Name``."""
+    builtin = _builtin()
+    if name in builtin:
+        return builtin[name]()
+    if not name.startswith("py:") or ":" not in name[3:]:
+        raise ConfigError(f"[task] name: unknown task {name!r}; expected one of "
+                          f"{', '.join(BUILTIN_TASKS)} or py:package.module:Name")
+    try:
+        obj = import_object(name[3:])
+    except (ImportError, AttributeError, SyntaxError) as exc:
+        raise ConfigError(f"[task] name: cannot import {name[3:]!r} ({type(exc).__name__}: {exc}); give "
+                          "package.module:Name importable from the working directory") from None
+    task = obj() if isinstance(obj, type) else obj
+    if not isinstance(task, Task):
+        raise ConfigError(f"[task] name: {name[3:]} is {type(task).__name__}, not a plgk_cli.tasks.Task; "
+                          "subclass Task (docs/tasks.md)")
+    task.name = name
+    return task

@@ -1,0 +1,57 @@
+"""Classification: integer class labels, mean cross-entropy over the batch."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from plgk_cli.tasks import Task
+
+
+class Classification(Task):
+    name = "classification"
+    targets = ("loss", "logit", "margin", "logits")
+    label_kind = "class"
+
+    def check_labels(self, y, where: str) -> torch.Tensor:
+        y = np.asarray(y)
+        if not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"{where} must hold integer class labels")
+        if y.ndim != 1:
+            raise ValueError(f"{where} has shape {y.shape}; class labels are one integer per row (N,)")
+        if len(y) and y.min() < 0:
+            raise ValueError(f"{where} has negative labels")
+        return torch.as_tensor(y, dtype=torch.int64)
+
+    def output_width(self, y_train, y_test):
+        return int(max(int(y_train.max()), int(y_test.max()) if len(y_test) else 0)) + 1
+
+    def loss_terms(self, output, y):
+        return F.cross_entropy(output, y, reduction="none")
+
+    def batch_loss(self, output, y):
+        return F.cross_entropy(output, y)
+
+    def target_width(self, target, output_width):
+        return output_width if target == "logits" else 1
+
+    def audited(self, output, y, targets):
+        """``margin`` is the true-class logit minus the best other logit at this θ."""
+        true_logit = output.gather(1, y[:, None])
+        columns = []
+        for t in targets:
+            if t == "loss":
+                columns.append(F.cross_entropy(output, y, reduction="none")[:, None])
+            elif t == "logit":
+                columns.append(true_logit)
+            elif t == "margin":
+                is_true = torch.arange(output.shape[1], device=output.device) == y[:, None]
+                other = torch.where(is_true, torch.full_like(output, -torch.inf), output).amax(1, keepdim=True)
+                columns.append(true_logit - other)
+            elif t == "logits":
+                columns.append(output)
+        return torch.cat(columns, 1)
+
+    def correct(self, output, y):
+        return int((output.detach().argmax(1).cpu() == y.cpu()).sum())
