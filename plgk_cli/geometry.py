@@ -45,6 +45,18 @@ def _penultimate(model: torch.nn.Module):
 
 
 def compute_geometry(plan, progress: bool = True) -> GeometryResult:
+    """The kernel pass, with the model in eval mode (dropout off, BatchNorm on the recorded
+    buffers of each checkpoint), as the audited quantities are."""
+    model = plan.gradients.model
+    was_training = model.training
+    model.eval()
+    try:
+        return _geometry(plan, progress)
+    finally:
+        model.train(was_training)
+
+
+def _geometry(plan, progress: bool) -> GeometryResult:
     args, run, layout, grads = plan.args, plan.run, plan.layout, plan.gradients
     device, compute, total = plan.device, plan.compute, plan.total
     stride = args.kernel_stride or run.manifest["steps_per_epoch"]
@@ -53,7 +65,8 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
     m_train = len(y_train)
     chunk = grads.chunk_size  # --chunk-size or what --memory-budget allows
 
-    def theta_at(t):
+    def theta_at(t):  # and the model's buffers as training had them there
+        plan.load_buffers(plan.buffers(t))
         return plan.theta(t)
 
     def train_grads(theta, rows):
@@ -149,6 +162,7 @@ def compute_geometry(plan, progress: bool = True) -> GeometryResult:
     spectrum = K.temporal_spectrum(sketch.gram)
     audit_ips, audit_train_ips = plgk.audit_ips(), plgk.audit_train_ips()
     with torch.no_grad():
+        theta_final = theta_at(total)
         logits = functional_call(plan.gradients.model, layout.unflatten(theta_final.to(compute)),
                                  (plan.x_audit,)).to(torch.float64)
     kernel = {

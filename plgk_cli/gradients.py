@@ -11,12 +11,14 @@ other than along dimension 0 (a folded or sequence-first batch) or has its recor
 output changed in place, and when a first comparison of hooks with plain per-example autograd on
 a few examples disagrees.
 
-``generic`` (runs whose training forward is random or couples its batch: dropout, BatchNorm):
-rows of the Jacobian of the vector of per-example terms (ℓ_m, or the audited q_n) with respect to
-θ, from one batched forward, by a batched backward (``is_grads_batched``). The training forward is
-then the recorded one itself: train mode, the random state it started from, the buffers it saw,
-the whole minibatch; each example owns the gradient of its own loss term within its batch
-(DESIGN.md v2). Audited quantities are evaluated in eval mode.
+Runs whose training forward is random or couples its batch (dropout, BatchNorm) replay that
+forward itself (:meth:`GradientComputer.training_pass`): train mode, the random state it started
+from, the buffers it saw, the whole minibatch; each example owns the gradient of its own loss term
+ℓ_m within its batch (DESIGN.md v2). Those gradients come from the layers' hooks where every
+layer has a rule and a first comparison on the same graph agrees, else from ``generic``: rows of
+the Jacobian of the vector (ℓ_m) with respect to θ, by batched backward passes of that one graph
+(``is_grads_batched``; exact for any module, e.g. nn.MultiheadAttention, but one backward per
+row). Audited quantities are evaluated in eval mode.
 
 Everything downstream works on flat vectors of all P trainable parameters in the model's
 ``named_parameters`` order; :class:`ParameterLayout` maps between the flat vector, the named
@@ -25,6 +27,7 @@ tensors and the layers (owning modules) used for the per-layer split of the audi
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -185,8 +188,10 @@ def jacobian_rows(values: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor,
         onehot = torch.zeros(len(picked), len(values), dtype=values.dtype, device=values.device)
         onehot[torch.arange(len(picked)), picked] = 1
         try:
-            (g,) = torch.autograd.grad(values, theta, grad_outputs=onehot, is_grads_batched=True,
-                                       retain_graph=True, allow_unused=True)
+            with warnings.catch_warnings():  # torch says where its batched backward loops per row
+                warnings.filterwarnings("ignore", message="There is a performance drop")
+                (g,) = torch.autograd.grad(values, theta, grad_outputs=onehot, is_grads_batched=True,
+                                           retain_graph=True, allow_unused=True)
         except RuntimeError:
             g = torch.stack([_row_gradient(values[int(r)], theta) for r in picked])
         out[start:start + len(picked)] = 0 if g is None else g
@@ -226,6 +231,17 @@ def _sample_bias_gradient(module: nn.Module, delta: torch.Tensor) -> torch.Tenso
     if isinstance(module, nn.Linear):
         return delta.reshape(len(delta), -1, delta.shape[-1]).sum(1)
     return delta.flatten(2).sum(2)
+
+
+def _layer_gradients(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) -> dict | None:
+    """{weight|bias|...: per-example gradients (B x ...)} of one hooked layer from its input a and
+    output gradient δ; None where its rule is not exact in the module's current mode."""
+    if _hookable(module):
+        out = {"weight": _sample_weight_gradient(module, a, delta)}
+        if module.bias is not None:
+            out["bias"] = _sample_bias_gradient(module, delta)
+        return out
+    return rule_for(module).gradients(module, a, delta)
 
 
 class _LayerRecorder:
@@ -281,6 +297,7 @@ class GradientComputer:
         self.num_classes = num_classes
         self.chunk_size = chunk_size
         self.task = task or task_for("classification")
+        self._training_hooks = None  # training_pass: hooks verified (True), refused (False), unknown
         if method not in ("auto", "hooks", "vmap", "generic"):
             raise ValueError(f"unknown per-sample gradient method {method!r}")
         if method == "generic":
@@ -289,7 +306,8 @@ class GradientComputer:
         self._hooked = None if method == "vmap" else self._hooked_layers()
         if method == "hooks" and self._hooked is None:
             raise ValueError("per-sample gradients by hooks need every trainable parameter in a "
-                             "Linear or Conv2d layer (groups 1, zero padding)")
+                             "Linear or Conv2d layer (groups 1, zero padding) or a layer with a rule in "
+                             "plgk_cli.per_example")
         self.method = "vmap" if self._hooked is None else "hooks"
         self._hooks_checked = False
 
@@ -350,20 +368,17 @@ class GradientComputer:
                         for _, sl in self._hooked[name]:
                             out[:, q, sl] = 0
                         continue
-                ruled = None  # Embedding, LayerNorm, ...: plgk_cli.per_example's rule, once per layer
-                if delta is not None and not _hookable(module):
-                    ruled = rule_for(module).gradients(module, recorder.inputs[name][:rows], delta[:rows])
-                    if ruled is None:  # not exact in this mode (BatchNorm in train mode)
-                        return None
-                for kind, sl in self._hooked[name]:
-                    if delta is None:  # the layer does not reach this quantity
+                if delta is None:  # the layer does not reach this quantity
+                    for _, sl in self._hooked[name]:
                         out[:, q, sl] = 0
                         if rows > n:
                             loss_out[:, sl] = 0
-                        continue
-                    a, d = recorder.inputs[name][:rows], delta[:rows]
-                    g = (ruled[kind] if ruled is not None else _sample_weight_gradient(module, a, d)
-                         if kind == "weight" else _sample_bias_gradient(module, d)).reshape(rows, -1)
+                    continue
+                layer = _layer_gradients(module, recorder.inputs[name][:rows], delta[:rows])
+                if layer is None:  # a rule that is not exact in this mode (BatchNorm in train mode)
+                    return None
+                for kind, sl in self._hooked[name]:
+                    g = layer[kind].reshape(rows, -1)
                     out[:, q, sl] = g[:n]
                     if rows > n:
                         loss_out[:, sl] = g[n:]
@@ -483,19 +498,53 @@ class GradientComputer:
         batch positions ``rows`` go into ``out`` (rows x P)."""
         theta = theta.detach().requires_grad_(True)
         state = {**self.layout.unflatten(theta), **{n: b.clone() for n, b in buffers.items()}}
+        modules = {name: self.model.get_submodule(name) for name in self._hooked or ()}
         was_training = self.model.training
         self.model.train()
         try:
-            with restored_rng(rng, theta.device):
+            with restored_rng(rng, theta.device), _LayerRecorder(modules) as recorder:
                 output = functional_call(self.model, state, (x,))
+            terms = self.task.loss_terms(output, y)
+            hooked = self._training_hooks is not False and self._training_hooks_pass(recorder, terms, rows, out)
+            if hooked and self._training_hooks is None:
+                # Once: the hooks against the Jacobian rows of the same graph. They assume that
+                # example m's loss reaches only its own rows of each layer's output, which a
+                # layer coupling the batch (BatchNorm, a batch mean) breaks.
+                generic = jacobian_rows(terms, theta, rows, self.chunk_size, torch.empty_like(out))
+                self._training_hooks = bool(
+                    (generic - out).norm() <= HOOKS_AGREEMENT * max(float(generic.norm()), 1e-30))
+                hooked = self._training_hooks
+                if not hooked:
+                    out.copy_(generic)
+            elif not hooked:
+                self._training_hooks = False
+                jacobian_rows(terms, theta, rows, self.chunk_size, out)
         finally:
             self.model.train(was_training)
-        terms = self.task.loss_terms(output, y)
         weights = self.task.weights(y)
-        jacobian_rows(terms, theta, rows, self.chunk_size, out)
         (batch_grad,) = torch.autograd.grad(self.task.batch_loss(output, y), theta)
         loss = float(terms.detach().mean() if weights is None else (weights * terms.detach()).sum())
         return TrainingPass(out, batch_grad, terms.detach(), loss, {n: state[n].detach() for n in buffers})
+
+    def _training_hooks_pass(self, recorder, terms: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> bool:
+        """Per-example loss-term gradients of the batch positions ``rows`` by the layers' rules,
+        from the recorded training forward; False where hooks do not apply."""
+        if self._hooked is None or not recorder.per_sample(len(terms)):
+            return False
+        names = list(self._hooked)
+        deltas = torch.autograd.grad(terms.sum(), [recorder.outputs[n] for n in names], retain_graph=True,
+                                     allow_unused=True)
+        for name, delta in zip(names, deltas):
+            if delta is None:
+                for _, sl in self._hooked[name]:
+                    out[:, sl] = 0
+                continue
+            layer = _layer_gradients(self.model.get_submodule(name), recorder.inputs[name], delta)
+            if layer is None:
+                return False
+            for kind, sl in self._hooked[name]:
+                out[:, sl] = layer[kind].reshape(len(terms), -1)[rows]
+        return True
 
     def _vmap_pass(self, theta, x, y, targets: tuple):
         fn = vmap(jacrev(lambda th, xi, yi: self._sample_targets(th, xi, yi, targets), has_aux=True),

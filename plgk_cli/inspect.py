@@ -9,6 +9,22 @@ import numpy as np
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.store import InfluenceFile
 
+
+def _label(value):
+    """A class label as int, a regression target as a float (or a list of floats)."""
+    value = np.asarray(value)
+    if np.issubdtype(value.dtype, np.integer):
+        return int(value)
+    return float(value) if value.ndim == 0 else value.astype(float).tolist()
+
+
+def _show(label) -> str:
+    if isinstance(label, int):
+        return str(label)
+    if isinstance(label, float):
+        return f"{label:.3g}"
+    return "[" + ", ".join(f"{v:.3g}" for v in label) + "]"
+
 def summary(f: InfluenceFile) -> dict:
     manifest = f.manifest
     out = {
@@ -19,6 +35,7 @@ def summary(f: InfluenceFile) -> dict:
                 "epochs": manifest["epochs"], "batch_size": manifest["batch_size"]},
         "audit_set": f.audit_source, "complete_audit": bool(f.attrs["complete_audit"]),
         "group_by": f.attrs["group_by"] or None, "max_resimulation_drift": f.max_drift, "targets": {},
+        "task": f.task,
     }
     for target in f.targets:
         infl = f.influence(target)
@@ -30,6 +47,10 @@ def summary(f: InfluenceFile) -> dict:
             "residual_share": float(np.abs(residual).mean() / max(np.abs(true_change).mean(), 1e-300)),
             "mean_true_change": float(true_change.mean()),
         }
+        buffer_part = f.buffer_residual(target)
+        if buffer_part is not None:  # BatchNorm statistics: their share of the true change
+            out["targets"][target]["buffer_share"] = float(
+                np.abs(buffer_part).mean() / max(np.abs(true_change).mean(), 1e-300))
     return out
 
 
@@ -53,7 +74,7 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     if klass is not None and target != "logits":
         raise AuditSpecError(f"--class: only for --target logits (the file's {target!r} has one column "
                              "per audit point)")
-    label = int(f.audit_label[audit])
+    label = _label(f.audit_label[audit])
     column = infl[:, audit]
     initial = np.asarray(f.array(target, "initial"))[audit]
     final = np.asarray(f.array(target, "final"))[audit]
@@ -71,7 +92,7 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
 
     def entries(idx):
         return [{"rank": r + 1, ("group" if group is not None else "train_index"): int(rows_index[i]),
-                 "label": int(rows_label[i]), "influence": float(column[i])} for r, i in enumerate(idx)]
+                 "label": _label(rows_label[i]), "influence": float(column[i])} for r, i in enumerate(idx)]
 
     index = f.audit_index
     return {"target": target, "class": klass, "audit": audit,
@@ -99,6 +120,10 @@ def format_summary(s: dict) -> str:
     lines.append("MRE: mean |Σ influence + residual − true change| over audit points (paper eq. 22); "
                  "LC: their correlation (eq. 23);")
     lines.append("upd. err: worst relative error of the modelled update against the recorded θ_{t+1}−θ_t.")
+    for name, t in s["targets"].items():
+        if "buffer_share" in t:
+            lines.append(f"{name}: the buffers' part of the change (BatchNorm running statistics, stored as "
+                         f"buffer_residual) is {t['buffer_share']:.2e} of the mean |true change|; MRE counts it")
     if s.get("max_resimulation_drift") is not None:
         lines.append(f"sparse checkpoints: worst re-simulation drift {s['max_resimulation_drift']:.2e} "
                      "(re-simulated θ against the stored checkpoints)")
@@ -109,13 +134,13 @@ def format_top(t: dict) -> str:
     where = f"index {t['audit_index']}" if t["audit_index"] is not None else "from the audit file"
     cls = f", class {t['class']}" if t["class"] is not None else ""
     key = "group" if t["helpful"] and "group" in t["helpful"][0] else "train_index"
-    lines = [f"audit point {t['audit']} ({where}, label {t['audit_label']}): {t['target']}{cls} went "
+    lines = [f"audit point {t['audit']} ({where}, label {_show(t['audit_label'])}): {t['target']}{cls} went "
              f"{t['initial']:.4f} -> {t['final']:.4f}"]
     for kind in ("helpful", "harmful"):
         lines.append(f"most {kind} training {'groups' if key == 'group' else 'examples'}:")
         lines.append(f"  {'rank':>4} {key:>12} {'label':>5} {'influence':>12}")
         for e in t[kind]:
-            lines.append(f"  {e['rank']:>4} {e[key]:>12} {e['label']:>5} {e['influence']:>12.4e}")
+            lines.append(f"  {e['rank']:>4} {e[key]:>12} {_show(e['label']):>5} {e['influence']:>12.4e}")
     lines.append(f"(influence < 0 pushed the {t['target']}{cls} down; helpful = pushed it "
                  f"{t['helpful_direction']})")
     return "\n".join(lines)
@@ -169,6 +194,9 @@ def kernel_summary(f: InfluenceFile) -> dict:
         cr = f.mode(name, "cancellation")  # (kernel checkpoints, N, K)
         entry["mean_cr_all_modes_by_checkpoint"] = np.nanmean(cr[:, :, -1], axis=1).tolist()
         out["modes"][name] = entry
+    if f.task != "classification":  # Table 1 ranks misclassified points: classes only
+        out["difficulty"] = None
+        return out
     scores = f.difficulty_scores()
     wrong, loss = scores["misclassified"], scores["loss"]
     table = {}
@@ -204,6 +232,9 @@ def format_kernel(k: dict) -> str:
         lines.append("  mean CR(all modes) per kernel checkpoint: "
                      + " ".join(f"{v:.3f}" for v in m["mean_cr_all_modes_by_checkpoint"]))
     d = k["difficulty"]
+    if d is None:
+        lines.append("difficulty scores (paper Table 1): for classification runs only")
+        return "\n".join(lines)
     lines.append(f"difficulty scores on the audit set ({d['misclassified']} of {d['audit_points']} "
                  "misclassified; paper Table 1):")
     lines.append(f"  {'score':<18} {'AUROC':>7} {'AUPR':>7} {'Spearman(s, −L)':>16}")

@@ -57,43 +57,97 @@ def lenet5(in_shape: tuple, num_classes: int) -> nn.Module:
                          nn.Linear(120, 84), nn.Tanh(), nn.Linear(84, num_classes))
 
 
+class SelfAttention(nn.Module):
+    """Multi-head self-attention from nn.Linear projections (so that every parameter has a
+    per-example rule), dropout on the attention weights; ``mask`` (B, T) marks real tokens."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        self.out = nn.Linear(width, width)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        b, t, width = h.shape
+
+        def split(x):  # (B, T, W) -> (B, heads, T, W / heads)
+            return x.view(b, t, self.heads, width // self.heads).transpose(1, 2)
+
+        q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
+        scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.heads)
+        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        attention = self.dropout(scores.softmax(-1))
+        return self.out((attention @ v).transpose(1, 2).reshape(b, t, width))
+
+
+class TransformerBlock(nn.Module):
+    """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)) with GELU, dropout after each."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.attention = SelfAttention(width, heads, dropout)
+        self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        h = h + self.dropout(self.attention(self.norm1(h), mask))
+        return h + self.dropout(self.mlp(self.norm2(h)))
+
+
+class TorchBlock(nn.Module):
+    """torch's own nn.TransformerEncoderLayer (nn.MultiheadAttention inside), pre-norm, GELU."""
+
+    def __init__(self, width: int, heads: int, dropout: float):
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=dropout, activation="gelu",
+                                                batch_first=True, norm_first=True)
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # A float mask (not a bool one): the bool path turns fully masked rows into NaN.
+        return self.layer(h, src_key_padding_mask=torch.zeros_like(mask, dtype=h.dtype).masked_fill(~mask, -1e4))
+
+
 class TextTransformer(nn.Module):
-    """A small transformer text classifier: token and position embeddings, pre-norm encoder
-    blocks (multi-head self-attention, GELU MLP, dropout), a final LayerNorm, mean pooling over
-    the non-padding positions (token ``pad``) and a linear head."""
+    """A small transformer text classifier: token and position embeddings, pre-norm blocks
+    (multi-head self-attention, GELU MLP, dropout), a final LayerNorm, mean pooling over the
+    non-padding positions (token ``pad``) and a linear head."""
 
     def __init__(self, length: int, num_classes: int, vocab: int, width: int, heads: int,
-                 layers: int, dropout: float, pad: int):
+                 layers: int, dropout: float, pad: int, torch_layers: bool):
         super().__init__()
         self.pad = pad
         self.tokens = nn.Embedding(vocab, width)
         self.positions = nn.Embedding(length, width)
         self.dropout = nn.Dropout(dropout)
-        self.blocks = nn.ModuleList(
-            nn.TransformerEncoderLayer(width, heads, 2 * width, dropout=dropout, activation="gelu",
-                                       batch_first=True, norm_first=True)
-            for _ in range(layers))
+        block = TorchBlock if torch_layers else TransformerBlock
+        self.blocks = nn.ModuleList(block(width, heads, dropout) for _ in range(layers))
         self.norm = nn.LayerNorm(width)
         self.head = nn.Linear(width, num_classes)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        keep = (ids != self.pad)
-        h = self.dropout(self.tokens(ids) + self.positions.weight[:ids.shape[1]])
+        mask = ids != self.pad
+        # positions as a (B, T) lookup, batch first like every other layer's input
+        where = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        h = self.dropout(self.tokens(ids) + self.positions(where))
         for block in self.blocks:
-            # A float mask (not a bool one): the bool path of MultiheadAttention turns fully
-            # masked rows into NaN; padding queries are dropped by the pooling below anyway.
-            h = block(h, src_key_padding_mask=torch.zeros_like(keep, dtype=h.dtype).masked_fill(~keep, -1e4))
+            h = block(h, mask)
         h = self.norm(h)
-        weights = keep.to(h.dtype)[..., None]
+        weights = mask.to(h.dtype)[..., None]
         return self.head((h * weights).sum(1) / weights.sum(1).clamp_min(1))
 
 
 def transformer(in_shape: tuple, num_classes: int, vocab: int = 32, width: int = 32, heads: int = 4,
-                layers: int = 2, dropout: float = 0.1, pad: int = 0) -> nn.Module:
-    """Text classifier on int64 token ids of shape (B, in_shape[0])."""
+                layers: int = 2, dropout: float = 0.1, pad: int = 0, torch_layers: bool = False) -> nn.Module:
+    """Text classifier on int64 token ids of shape (B, in_shape[0]); ``torch_layers`` builds the
+    blocks from nn.TransformerEncoderLayer (whose attention has no per-example rule: the generic
+    path) instead of nn.Linear projections."""
     if len(in_shape) != 1:
         raise ValueError(f"transformer takes token sequences (B, length); the inputs have rows {in_shape}")
-    return TextTransformer(in_shape[0], num_classes, vocab, width, heads, layers, dropout, pad)
+    return TextTransformer(in_shape[0], num_classes, vocab, width, heads, layers, dropout, pad, torch_layers)
 
 
 BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5, "transformer": transformer}

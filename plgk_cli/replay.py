@@ -150,16 +150,19 @@ class ReplayPlan:
         """The buffers training had after t updates (empty unless it changed any)."""
         return self.run.buffers(t, self.trajectory.flat(t).checkpoint) if self.buffered else {}
 
+    def load_buffers(self, buffers: dict) -> None:
+        """Put ``buffers`` into the model's own (what eval-mode passes read)."""
+        with torch.no_grad():
+            for name, value in buffers.items():
+                self.gradients.model.get_buffer(name).copy_(value)
+
     def audit_side(self, theta: torch.Tensor, out: torch.Tensor | None = None, factors: dict | None = None,
                    buffers: dict | None = None):
         """Values (N*Q) and gradients (P x N*Q, column-major) of the audited quantities at θ (in
         eval mode, with ``buffers`` where given), float64; the gradients are written into ``out``
         (P x N*Q, column-major) if given, and the ghost factors of the layers named in
         ``factors`` filled in."""
-        model = self.gradients.model
-        with torch.no_grad():
-            for name, value in (buffers or {}).items():
-                model.get_buffer(name).copy_(value)
+        self.load_buffers(buffers or {})
         values, grads = self.gradients.audit_gradients(theta.to(self.compute), self.x_audit, self.y_audit,
                                                        self.args.targets, self._audit_out(out), factors)
         return self._columns(values, grads, out)
@@ -261,8 +264,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     columns = len(audit_set.y) * per_point
     chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=per_point)
     faithful = run.faithful
-    gradients = GradientComputer(model, layout, data.num_classes, chunk,
-                                 method="generic" if faithful else "auto", task=task)
+    gradients = GradientComputer(model, layout, data.num_classes, chunk, task=task)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
     if args.ghost and faithful:
         raise AuditSpecError("--ghost: the run's training forward is random or couples its batch "

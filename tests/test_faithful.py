@@ -39,9 +39,12 @@ def _train(out, model, optim, dtype, epochs=1, batch_size=16, dataset="synthetic
     return out
 
 
-@pytest.fixture(scope="module")
-def transformer64(tmp_path_factory):
-    return _train(tmp_path_factory.mktemp("tf64") / "run", TINY_TRANSFORMER, ADAMW_CLIP, "float64")
+@pytest.fixture(scope="module", params=["linear", "torch"], ids=["own_attention", "nn_multihead_attention"])
+def transformer64(request, tmp_path_factory):
+    """Attention from nn.Linear projections (per-example gradients by the layers' rules) and
+    torch's nn.TransformerEncoderLayer (nn.MultiheadAttention: the generic Jacobian path)."""
+    model = {**TINY_TRANSFORMER, "kwargs": {**TINY_TRANSFORMER["kwargs"], "torch_layers": request.param == "torch"}}
+    return _train(tmp_path_factory.mktemp("tf64") / "run", model, ADAMW_CLIP, "float64")
 
 
 def _replay(run_dir, out, audit=NUM_AUDIT, **kwargs):

@@ -117,6 +117,15 @@ class _Sequence(nn.Module):
         return self.head(torch.relu(h).flatten(1))
 
 
+class _Scale(nn.Module):
+    def __init__(self, width):
+        super().__init__()
+        self.scale = nn.Parameter(torch.linspace(0.5, 1.5, width))
+
+    def forward(self, x):
+        return torch.tanh(x) * self.scale
+
+
 def _model(kind):
     torch.manual_seed(1)
     if kind == "shared":
@@ -125,15 +134,17 @@ def _model(kind):
         return _Tied(), (6,)
     if kind == "inplace":  # ReLU(inplace) rewrites the Linear output the hook recorded
         return nn.Sequential(nn.Linear(6, 5), nn.ReLU(inplace=True), nn.Linear(5, NUM_CLASSES)), (6,)
-    if kind == "layernorm":
+    if kind == "layernorm":  # by its rule in plgk_cli.per_example
         return nn.Sequential(nn.Linear(6, 5), nn.LayerNorm(5), nn.Linear(5, NUM_CLASSES)), (6,)
+    if kind == "scale":  # a parameter of a layer without a per-example rule
+        return nn.Sequential(nn.Linear(6, 5), _Scale(5), nn.Linear(5, NUM_CLASSES)), (6,)
     model = _Sequence()
     model(torch.zeros(1, 1, 9, 9))  # materialise the lazy head
     return model, (1, 9, 9)
 
 
 @pytest.mark.parametrize("kind,method", [("shared", "vmap"), ("tied", "vmap"), ("inplace", "vmap"),
-                                         ("layernorm", "vmap"), ("sequence", "hooks")])
+                                         ("layernorm", "hooks"), ("scale", "vmap"), ("sequence", "hooks")])
 def test_method_choice_and_fallback_match_loop(kind, method):
     """Hooks where they are exact; vmap for reused, tied, in-place-modified or other layers."""
     model, in_shape = _model(kind)
@@ -148,7 +159,7 @@ def test_method_choice_and_fallback_match_loop(kind, method):
 
 
 def test_hooks_refused_where_they_do_not_apply():
-    model, layout, _, _ = _setup(_model("layernorm")[0])
+    model, layout, _, _ = _setup(_model("scale")[0])
     with pytest.raises(ValueError, match="Linear or Conv2d"):
         GradientComputer(model, layout, NUM_CLASSES, method="hooks")
 
