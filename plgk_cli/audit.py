@@ -49,11 +49,14 @@ class AuditAccumulator:
         # the walk goes backwards, so it is a snapshot of `influence` when epoch e is done.
         self.epoch_tail = torch.zeros(num_epochs, num_rows, num_columns, **f64)
 
-    def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float,
+    def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float | torch.Tensor,
                     v: torch.Tensor, epoch: int, parts: dict | None = None) -> None:
         """Credit the step's per-sample terms (scale·g_m)·v to their rows, layer by layer;
-        ``parts`` {layer index: g_m·v over that layer} replaces the product for those layers."""
+        ``scale`` is c_s w_m, one number (the mean over the batch) or one per row (the task's
+        weights); ``parts`` {layer index: g_m·v over that layer} replaces the product for those layers."""
         rows = self.row_of[batch]
+        if isinstance(scale, torch.Tensor):
+            scale = scale[:, None]
         total = torch.zeros(len(batch), v.shape[1], dtype=torch.float64, device=v.device)
         for layer, (_, sl) in enumerate(self.layers):
             part = scale * (parts[layer] if parts and layer in parts else per_sample_grads[:, sl] @ v[sl])

@@ -549,7 +549,9 @@ class GradientComputer:
     def _vmap_pass(self, theta, x, y, targets: tuple):
         fn = vmap(jacrev(lambda th, xi, yi: self._sample_targets(th, xi, yi, targets), has_aux=True),
                   in_dims=(None, 0, 0))
-        g, v = fn(theta, x, y)
+        with warnings.catch_warnings():  # torch says where vmap loops per example
+            warnings.filterwarnings("ignore", message="There is a performance drop")
+            g, v = fn(theta, x, y)
         return v, g
 
     def loss_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor,

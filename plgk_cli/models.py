@@ -22,11 +22,11 @@ def _flat_features(module: nn.Module, in_shape: tuple) -> int:
         return int(module(torch.zeros(1, *in_shape)).flatten(1).shape[1])
 
 
-def mlp(in_shape: tuple, num_classes: int, hidden: int = 64, depth: int = 2) -> nn.Module:
+def mlp(in_shape: tuple, num_classes: int, hidden: int = 64, depth: int = 2, dropout: float = 0.0) -> nn.Module:
     layers: list[nn.Module] = [nn.Flatten()]
     width = math.prod(in_shape)
     for _ in range(depth - 1):
-        layers += [nn.Linear(width, hidden), nn.ReLU()]
+        layers += [nn.Linear(width, hidden), nn.ReLU()] + ([nn.Dropout(dropout)] if dropout else [])
         width = hidden
     layers.append(nn.Linear(width, num_classes))
     return nn.Sequential(*layers)

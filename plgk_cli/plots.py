@@ -167,7 +167,9 @@ def _where(f: InfluenceFile, audit: int) -> str:
     index = f.audit_index
     split = f.audit_split or "audit file"
     place = f"{split} {int(index[audit])}" if index is not None else "from the audit file"
-    return f" ({place}, label {int(f.audit_label[audit])})"
+    from plgk_cli.inspect import _label, _show
+
+    return f" ({place}, label {_show(_label(f.audit_label[audit]))})"
 
 
 def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, path: Path) -> Path:
@@ -208,19 +210,22 @@ def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, p
 
 def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign: float,
               out_dir: Path, report: PlotReport) -> None:
-    label = int(f.audit_label[audit])
-    names = (f"examples_audit{audit}.png", f"examples_audit{audit}_class{label}.png")
+    from plgk_cli.inspect import _label, _show
+
+    label = _label(f.audit_label[audit])
+    classes = isinstance(label, int)
+    names = (f"examples_audit{audit}.png",) + ((f"examples_audit{audit}_class{label}.png",) if classes else ())
     if f.train_group is not None:
         report.skipped += [(n, "grouped audit: its rows are classes, not training examples") for n in names]
         return
     in_shape = f.manifest["dataset"]["in_shape"]
-    if not _is_image(in_shape):
-        report.skipped += [(n, f"training examples are not images (shape {in_shape})") for n in names]
-        return
     try:
         dataset = _run_dataset(f)
     except PlgkError as exc:  # the other pictures do not need the data
-        report.skipped += [(n, f"training images unavailable: {exc}") for n in names]
+        report.skipped += [(n, f"training examples unavailable: {exc}") for n in names]
+        return
+    if not _is_image(in_shape):  # token ids or features: the examples as text
+        report.written.append(_examples_text(f, dataset, what, column, audit, sign, out_dir / names[0]))
         return
     train_index, train_label = f.train_index, f.train_label
     audit_image = _audit_image(f, dataset, audit)
@@ -243,6 +248,39 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
                      f"(influence < 0 pushed the {what} down; helpful = pushed it "
                      f"{'down' if sign < 0 else 'up'})", fontsize=10)
         report.written.append(_save(fig, out_dir / name))
+
+
+def _examples_text(f: InfluenceFile, dataset, what: str, column: np.ndarray, audit: int, sign: float,
+                   path: Path) -> Path:
+    """The audit point and its most helpful and harmful training examples, inputs written out
+    (token ids, or feature values), for inputs that are not images."""
+    from plgk_cli.inspect import _label, _show
+
+    def text(x) -> str:
+        a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x).reshape(-1)
+        shown = " ".join(str(int(v)) for v in a[:TEXT_WIDTH]) if np.issubdtype(a.dtype, np.integer) else \
+            " ".join(f"{v:+.2f}" for v in a[:TEXT_WIDTH // 2])
+        return shown + (" …" if len(a) > (TEXT_WIDTH if np.issubdtype(a.dtype, np.integer) else TEXT_WIDTH // 2) else "")
+
+    order = np.argsort(-sign * column, kind="stable")
+    audit_x = _audit_image(f, dataset, audit)
+    lines = [f"audit point {audit}{_where(f, audit)}: " + ("(input unavailable)" if audit_x is None else text(audit_x)), ""]
+    for title, rows in (("most helpful", order[:TEXT_ROWS]), ("most harmful", order[::-1][:TEXT_ROWS])):
+        lines.append(f"{title} training examples (influence, index, label: input)")
+        for row in rows:
+            index = int(f.train_index[row])
+            lines.append(f"  {column[row]:+.2e}  #{index:<6} {_show(_label(f.train_label[row])):>6}: "
+                         f"{text(dataset.x_train[index])}")
+        lines.append("")
+    fig = _figure((12, 0.15 * len(lines) + 0.5), constrained=False)
+    fig.text(0.01, 0.99, "\n".join(lines), family="monospace", fontsize=8, va="top")
+    fig.suptitle(f"{what}: influence < 0 pushed the {what} down; helpful = pushed it "
+                 f"{'down' if sign < 0 else 'up'}", fontsize=9, y=0.02, va="bottom")
+    return _save(fig, path)
+
+
+TEXT_ROWS = 10  # examples listed per block of the text picture
+TEXT_WIDTH = 32  # token ids (or half as many feature values) shown per example
 
 
 def _is_image(in_shape: list) -> bool:

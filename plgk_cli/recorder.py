@@ -328,12 +328,15 @@ class Recorder:
                                 "with dropout or changing buffers; replay reproduces one training "
                                 "forward per update: forward the whole batch once")
         if self.checkpoint_every > 1 and (self._rng_used or buffers):
-            raise RecorderError("checkpoint_every > 1: the model draws random numbers or changes "
-                                "buffers in its forward (dropout, BatchNorm), which sparse runs do "
-                                "not re-simulate yet; record with checkpoint_every = 1")
+            raise RecorderError("checkpoint_every > 1 ([checkpoint] every): the model draws random "
+                                "numbers or changes buffers in its forward (dropout, BatchNorm), which "
+                                "sparse runs do not re-simulate yet; record every step")
+        rng = {}
+        if self._rng_used:  # and where the generators stand now, for a resume to continue from
+            rng = {**self._rng_used, **{f"{k}_after": v for k, v in self._generator_states().items()}}
         self._last_record = dict(step=t, batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
                                  loss=loss_value, extra_metadata={"epoch": str(epoch)},
-                                 rng=self._rng_used or {}, buffers=buffers)
+                                 rng=rng, buffers=buffers)
         self._random_forward |= bool(self._rng_used)
         self._changed |= set(buffers)
         self._write(full=t % self.checkpoint_every == 0)
@@ -451,6 +454,12 @@ class Recorder:
         with torch.no_grad():  # buffers as they were at step `last`
             for name, b in self._buffers.items():
                 b.copy_(ck.buffers.get(name, self._buffers_at_0[name]))
+        # The generators where the interrupted run left them after update `last`, so that the next
+        # training forward draws the dropout masks an uninterrupted run would have drawn.
+        if "cpu_after" in ck.rng:
+            torch.set_rng_state(ck.rng["cpu_after"])
+        if "cuda_after" in ck.rng and self._device.type == "cuda":
+            torch.cuda.set_rng_state(ck.rng["cuda_after"], self._device)
         self.run_id = old["run_id"]
         self.manifest = {**self.manifest, "run_id": old["run_id"], "created": old["created"]}
         self.step_count = last

@@ -58,6 +58,9 @@ ROUNDINGS_PER_UPDATE = 2
 # agree to ~1e-7 (docs/results.md), a loss that is not the task's Σ w_m ℓ_m or masks that do not
 # match miss by O(1).
 MAX_UPDATE_ERROR = {torch.float32: 1e-3, torch.float64: 1e-8}
+# The replayed batch loss against the recorded one, for the diagnosis (whatever the gate): the
+# same sum in the same dtype agrees to a few units of its last place.
+LOSS_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 WALK_BUFFERS = 5  # P x columns float64 tensors the walk keeps: W, h, v, ∇q at a boundary, a spare
 
 
@@ -274,6 +277,9 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
     if args.precondition and run.hyper.name == "sgd":
         raise AuditSpecError("--precondition: the run's optimizer is sgd, whose preconditioner is the "
                              "identity; drop --precondition")
+    if args.group_by == "label" and task.label_kind != "class":
+        raise AuditSpecError(f"--group-by label: the run's task {task.name} has no class labels to group "
+                             "by; drop --group-by")
     row_of, train_index, train_label, group = _row_mapping(run, subset, args.group_by)
     x_train, y_train = to_device(data.x_train, device, compute), to_device(data.y_train, device, compute)
     return ReplayPlan(
@@ -591,9 +597,11 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 
     acc = state.acc
     audited = _audited(batch, acc.row_of)
-    positions = (acc.row_of[batch] >= 0).nonzero().reshape(-1)  # of the audited rows in the batch
     weights = run.task.weights(plan.y_train[batch])  # w_m; None: the mean over the batch
     weights = None if weights is None else weights.to(device=device, dtype=torch.float64)
+    positions = None  # of the audited rows in the batch, where per-row work needs them
+    if plan.faithful or weights is not None:
+        positions = (acc.row_of[batch] >= 0).nonzero().reshape(-1)
     ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None and len(audited) else None
     replayed = None
     if plan.faithful:  # the recorded training forward itself, all of the batch
@@ -642,7 +650,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     if max(errors) > plan.max_update_error:
         raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "
                                f"gradients differs from the recorded one by {max(errors):.1e} (gate "
-                               f"{plan.max_update_error:g}): {_diagnose(plan, t, theta_t, batch, ck_next)}; "
+                               f"{plan.max_update_error:g}): {_diagnose(plan, t)}; "
                                "the audit would not describe this run (--max-update-error raises the gate)")
 
 
@@ -661,15 +669,15 @@ def _check_forward(plan: ReplayPlan, t: int, replayed, record) -> None:
     """The replayed training forward against the record: its loss (the task's Σ w_m ℓ_m) and the
     buffers it leaves (those of step t+1)."""
     tolerance = plan.max_update_error
-    if record.loss is not None and abs(replayed.loss - record.loss) > tolerance * max(abs(record.loss), 1e-12):
+    if _loss_differs(plan, replayed.loss, record.loss, tolerance):
         raise UpdateCheckError(
             f"{plan.run.path}: update {t} -> {t + 1}: the replayed training forward's loss {replayed.loss:.6g} "
             f"differs from the recorded {record.loss:.6g}: {_loss_or_randomness(plan, t)}")
     for name, recorded in plan.buffers(t + 1).items():
-        got = replayed.buffers[name]
+        got, recorded = replayed.buffers[name], recorded.to(replayed.buffers[name].device)
         scale = float(recorded.abs().max()) if recorded.is_floating_point() and recorded.numel() else 1.0
-        if got.shape != recorded.shape or float((got.to(recorded.dtype) - recorded.to(got.device)).abs().max(
-                ) if recorded.numel() else 0) > tolerance * max(scale, 1e-12):
+        if got.shape != recorded.shape or (recorded.numel() and float(
+                (got.to(recorded.dtype) - recorded).abs().max()) > tolerance * max(scale, 1e-12)):
             raise UpdateCheckError(
                 f"{plan.run.path}: buffer {name!r} of step {t + 1} is not what the replayed training forward "
                 f"of update {t} -> {t + 1} makes of step {t}'s: the buffer changed outside the model's "
@@ -682,24 +690,29 @@ def _loss_or_randomness(plan: ReplayPlan, t: int) -> str:
     flat, record = plan.trajectory.flat(t), plan.trajectory.flat(t + 1).checkpoint
     batch = record.batch.to(plan.device)
     model, theta = plan.gradients.model, flat.theta.to(plan.compute)
-    outputs = []
+    outputs, was_training = [], model.training
+    model.train()
     for _ in range(2):
         state = {**plan.layout.unflatten(theta), **{n: b.clone() for n, b in plan.buffers(t).items()}}
-        model.train()
         with torch.no_grad(), restored_rng(record.rng, plan.device):
             outputs.append(torch.func.functional_call(model, state, (plan.x_train[batch],)))
-        model.eval()
+    model.train(was_training)
     if not torch.equal(outputs[0], outputs[1]):
         return ("the model's forward does not repeat from torch's generator states: it draws random "
                 "numbers elsewhere (numpy, Python's random); draw them with torch")
     loss = float(plan.run.task.batch_loss(outputs[0], plan.y_train[batch]))
-    if record.loss is not None and abs(loss - record.loss) > plan.max_update_error * max(abs(record.loss), 1e-12):
+    if _loss_differs(plan, loss, record.loss, LOSS_TOLERANCE[plan.compute]):
         return (f"the recorded loss {record.loss:.6g} is not the task's weighted sum of per-example loss "
                 f"terms Σ w_m ℓ_m = {loss:.6g} ({plan.run.task.name}); train with the task's loss")
     return ""
 
 
-def _diagnose(plan: ReplayPlan, t: int, theta_t, batch, record) -> str:
+def _loss_differs(plan: ReplayPlan, replayed: float, recorded: float | None, tolerance: float) -> bool:
+    return recorded is not None and abs(replayed - recorded) > tolerance * max(abs(recorded), 1e-12)
+
+
+def _diagnose(plan: ReplayPlan, t: int) -> str:
+    """The likely cause of a failed update check at update t -> t+1, in words."""
     reason = _loss_or_randomness(plan, t)
     return reason or ("the loss and the forward match the record, so the gradients the optimizer used "
                       "were not the loss's (gradients not zeroed, changed by hand, or the optimizer's "
@@ -761,10 +774,11 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
     reconstructed = torch.cat([torch.zeros_like(values[:1]), steps_done[[b - 1 for b in boundaries[1:]]]])
     attributed = acc.influence.sum(0) + acc.residual
     buffer_residual = state.buffer_part.sum(0)
+    walked = steps_done[-1]  # Σ_t Δθ_t · h(t): what the audit must add up to
     if plan.buffered:  # the parameter path's audit plus what the buffers' changes did
         reconstructed[1:] += torch.cumsum(state.buffer_part, 0)
         attributed = attributed + buffer_residual
-        steps_done = steps_done + buffer_residual
+        walked = walked + buffer_residual
     net, gross = acc.net_and_gross()
     results, offset = [], 0
     for target in targets:
@@ -777,8 +791,8 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
             return y if width > 1 else y[..., 0]
 
         metrics = completeness(cols(attributed)[..., sl].reshape(-1), cols(true_change[-1])[..., sl].reshape(-1))
-        gap = (cols(attributed - steps_done[-1])[..., sl]).abs().max() / \
-            max(float(cols(steps_done[-1])[..., sl].abs().max()), 1e-300)
+        gap = (cols(attributed - walked)[..., sl]).abs().max() / \
+            max(float(cols(walked)[..., sl].abs().max()), 1e-300)
         results.append(TargetResult(
             name=target, influence=pick(acc.influence), residual=pick(acc.residual),
             initial=pick(values[0]), final=pick(values[-1]), trace_step=np.array(boundaries),

@@ -16,7 +16,7 @@ from tqdm import tqdm
 from plgk_cli.config import RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, OutputError
-from plgk_cli.models import build_model
+from plgk_cli.models import build_model, mode_dependent
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
 from plgk_cli.recorder import Recorder
 from plgk_cli.tasks import task_for
@@ -66,6 +66,10 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
+    if config.checkpoint.every > 1 and mode_dependent(model):
+        raise ConfigError(f"[checkpoint] every = {config.checkpoint.every}: the model has dropout or "
+                          f"BatchNorm ({mode_dependent(model)[0]!r}), which sparse runs do not re-simulate "
+                          "yet; use every = 1")
     model = model.to(device=device, dtype=dtype).train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_torch_optimizer(hyper_from_config(config), params, config.optim.lr)

@@ -6,9 +6,11 @@ Checkpoint t holds θ_t (``param/<name>``), the optimizer state after t updates
 read back as int64), the learning rate ``lr`` and clip coefficient ``clip_coef`` the step used,
 and the minibatch ``loss``. Version 2 adds ``rng/cpu`` (and ``rng/cuda``), the random-generator
 state the update's training forward started from, where that forward drew random numbers
-(dropout), and ``buffer/<name>``, the model's buffers after t updates that differ from step 0's
-``fixed/<name>`` (BatchNorm running statistics). The manifest names the ``task``. Version 1 runs
-read as classification runs without either. Its safetensors metadata names the run and the step so that a file
+(dropout), with ``rng/cpu_after`` (``rng/cuda_after``), where the generators stood when the update
+was recorded (a resumed run continues from there), and ``buffer/<name>``, the model's buffers
+after t updates that differ from step 0's ``fixed/<name>`` (BatchNorm running statistics). The
+manifest names the ``task``. Version 1 runs read as classification runs without either. Its
+safetensors metadata names the run and the step so that a file
 from another run or a renamed file is caught. This module is the only place that knows these names.
 
 A sparse run (``checkpoint_every`` K > 1) has step files at the multiples of K and at the last

@@ -197,6 +197,10 @@ def test_regression_on_diabetes_is_complete(optim, tmp_path):
     with f:
         assert f.task == "regression"
         assert f.audit_label.dtype == np.float64
+        if optim["name"] == "adam":  # tabular examples are drawn as text, not skipped
+            from plgk_cli.plots import write_plots
+            report = write_plots(f, tmp_path / "plots", audit=0)
+            assert tmp_path / "plots" / "examples_audit0.png" in report.written
         for target in ("loss", "output"):
             metrics = f.metrics(target)
             scale = float(np.abs(f.array(target, "final") - f.array(target, "initial")).mean())
@@ -244,10 +248,15 @@ def noisy_mlp(in_shape, num_classes):
 
 
 def test_randomness_outside_torch_is_named(tmp_path):
+    from test_cli_errors import assert_one_line_error, invoke
+
     run_dir = _train(tmp_path / "run", {"name": "test_faithful:noisy_mlp"}, {"name": "sgd", "lr": 0.1},
                      "float64", batch_size=256, dataset="digits")
     with pytest.raises(UpdateCheckError, match="does not repeat from torch's generator states"):
         _replay(run_dir, tmp_path / "out.h5")
+    result = invoke("replay", "--ckpts", run_dir, "--audit-set", "test[:2]", "--out", tmp_path / "out.h5", "--quiet")
+    assert_one_line_error(result, UpdateCheckError.exit_code, "update", "gate 1e-08",
+                          "does not repeat from torch's generator states", "--max-update-error")
     assert not (tmp_path / "out.h5").exists()
 
 

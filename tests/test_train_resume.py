@@ -103,3 +103,23 @@ def test_sparse_run_resumes_at_its_last_stored_block(setup, tmp_path):
         assert a.keys() == b.keys()
         for key in a:
             assert torch.equal(a[key], b[key]), (name, key)
+
+
+def test_resumed_dropout_training_draws_the_same_masks(setup, tmp_path):
+    """A model with dropout: the resumed run's generators continue from where the killed run's
+    last recorded update left them (rng/cpu_after), so every mask and every step file matches."""
+    config, _ = setup
+    dropout = tmp_path / "dropout.toml"
+    dropout.write_text(config.read_text().replace("kwargs = { hidden = 6 }", "kwargs = { hidden = 6, dropout = 0.3 }"))
+    reference = tmp_path / "reference"
+    assert plgk_train(dropout, reference).returncode == 0
+    assert read_manifest(reference)["forward"]["random"]
+    out = tmp_path / "run"
+    assert plgk_train(dropout, out, fault="after_checkpoint:5:KILL").returncode != 0
+    assert plgk_train(dropout, out, "--resume").returncode == 0
+    for step in list_steps(reference):
+        name = f"step_{step:08d}.safetensors"
+        a, b = load_file(reference / name), load_file(out / name)
+        assert a.keys() == b.keys() and (step == 0 or "rng/cpu" in a)
+        for key in a:
+            assert torch.equal(a[key], b[key]), (step, key)

@@ -21,14 +21,12 @@ from plgk_cli.importing import import_object
 class Task:
     """The protocol. Subclass it and override what differs; ``name`` is what the manifest stores.
 
-    ``targets``: the audited quantities it offers; ``default_target`` what replay audits when
-    none is named. ``loss_terms`` and ``audited`` are evaluated on the model's output for a batch
+    ``targets``: the audited quantities it offers. ``loss_terms`` and ``audited`` are evaluated on the model's output for a batch
     and must treat the rows independently (row m depends only on output row m and target m).
     """
 
     name = "task"
     targets: tuple = ("loss",)
-    default_target = "loss"
     label_kind = "float"  # "class" (integer labels) or "float": how datasets hand y over
 
     def check_labels(self, y, where: str) -> torch.Tensor:
