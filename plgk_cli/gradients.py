@@ -150,13 +150,12 @@ def target_columns(targets: tuple, num_classes: int, task: Task | None = None) -
 
 @dataclass(frozen=True)
 class TrainingPass:
-    """The recorded training forward of one update, replayed (generic method): per-example loss
-    term gradients of the rows asked for, the batch gradient ∇L_B the optimizer saw, the loss
-    terms, the batch loss and the buffers as the forward left them."""
+    """The recorded training forward of one update, replayed: per-example loss-term gradients of
+    the rows asked for, the batch gradient ∇L_B the optimizer saw, the batch loss and the buffers
+    as the forward left them."""
 
     sample_grads: torch.Tensor  # rows x P
     batch_grad: torch.Tensor  # P, by autograd of L_B on the same graph: what the optimizer saw
-    terms: torch.Tensor  # B
     loss: float
     buffers: dict
 
@@ -284,8 +283,9 @@ class _LayerRecorder:
 class GradientComputer:
     """Loss and audit-target values and per-sample gradients of one model at a flat θ.
 
-    ``method``: "hooks", "vmap", "generic", or "auto" (hooks when every trainable parameter
-    belongs to a Linear or Conv2d layer, see the module docstring; vmap otherwise).
+    ``method``: "hooks", "vmap", "generic" (Jacobian rows of one forward), or "auto" (hooks when
+    every trainable parameter belongs to a layer with a rule, see the module docstring; vmap
+    otherwise).
     ``num_classes`` is the model's output width; ``task`` (default classification) says what the
     loss terms and audited quantities are.
     """
@@ -521,10 +521,9 @@ class GradientComputer:
                 jacobian_rows(terms, theta, rows, self.chunk_size, out)
         finally:
             self.model.train(was_training)
-        weights = self.task.weights(y)
-        (batch_grad,) = torch.autograd.grad(self.task.batch_loss(output, y), theta)
-        loss = float(terms.detach().mean() if weights is None else (weights * terms.detach()).sum())
-        return TrainingPass(out, batch_grad, terms.detach(), loss, {n: state[n].detach() for n in buffers})
+        batch_loss = self.task.batch_loss(output, y)
+        (batch_grad,) = torch.autograd.grad(batch_loss, theta)
+        return TrainingPass(out, batch_grad, float(batch_loss.detach()), {n: state[n].detach() for n in buffers})
 
     def _training_hooks_pass(self, recorder, terms: torch.Tensor, rows: torch.Tensor, out: torch.Tensor) -> bool:
         """Per-example loss-term gradients of the batch positions ``rows`` by the layers' rules,

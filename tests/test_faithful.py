@@ -298,3 +298,42 @@ def pooled_mlp(in_shape, num_classes):
         def forward(self, x):
             return self.linear(x.flatten(1)).mean(0)
     return Pooled()
+
+
+class FunctionalDropoutMLP(torch.nn.Module):
+    """Dropout as a function call inside forward (no nn.Dropout module to find)."""
+
+    def __init__(self, in_shape, num_classes):
+        super().__init__()
+        self.hidden = torch.nn.Linear(int(np.prod(in_shape)), 16)
+        self.head = torch.nn.Linear(16, num_classes)
+
+    def forward(self, x):
+        return self.head(F.dropout(torch.tanh(self.hidden(x.flatten(1))), 0.3, self.training))
+
+
+def functional_dropout_mlp(in_shape, num_classes):
+    return FunctionalDropoutMLP(in_shape, num_classes)
+
+
+def test_functional_dropout_is_recorded_and_replayed(tmp_path):
+    run_dir = _train(tmp_path / "run", {"name": "test_faithful:functional_dropout_mlp"},
+                     {"name": "sgd", "lr": 0.1, "momentum": 0.9}, "float64", batch_size=128, dataset="digits")
+    run = load_run(run_dir)
+    assert run.manifest["forward"]["random"] and run.faithful  # seen from the generator, not a module
+    summary, f = _replay(run_dir, tmp_path / "out.h5", audit=16)
+    with f:
+        metrics, scale = _completeness(f)
+    assert summary.max_update_error <= 1e-10
+    assert metrics["mre"] <= 5e-3 * scale and metrics["lc"] >= 0.9999
+
+
+def test_dropout_of_zero_is_an_ordinary_run(tmp_path):
+    """nn.TransformerEncoderLayer(dropout=0.0): nothing random, nothing refused, the plain path."""
+    model = {**TINY_TRANSFORMER, "kwargs": {**TINY_TRANSFORMER["kwargs"], "dropout": 0.0, "torch_layers": True}}
+    run_dir = _train(tmp_path / "run", model, ADAMW_CLIP, "float64")
+    run = load_run(run_dir)
+    assert not run.faithful and not run.checkpoint(1).rng
+    summary, f = _replay(run_dir, tmp_path / "out.h5")
+    f.close()
+    assert summary.max_update_error <= 1e-10
