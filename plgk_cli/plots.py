@@ -222,10 +222,20 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
     try:
         dataset = _run_dataset(f)
     except PlgkError as exc:  # the other pictures do not need the data
-        report.skipped += [(n, f"training examples unavailable: {exc}") for n in names]
+        noun = "images" if _is_image(in_shape) else "examples"
+        report.skipped += [(n, f"training {noun} unavailable: {exc}") for n in names]
         return
     if not _is_image(in_shape):  # token ids or features: the examples as text
-        report.written.append(_examples_text(f, dataset, what, column, audit, sign, out_dir / names[0]))
+        everyone = np.arange(len(column))
+        scopes = [(names[0], everyone, "all training examples")]
+        if classes:
+            scopes.append((names[1], everyone[f.train_label == label], f"training examples of class {label}"))
+        for name, rows, scope in scopes:
+            if len(rows) == 0:
+                report.skipped.append((name, f"no audited training example has class {label}"))
+                continue
+            report.written.append(_examples_text(f, dataset, what, column, rows, scope, audit, sign,
+                                                 out_dir / name))
         return
     train_index, train_label = f.train_index, f.train_label
     audit_image = _audit_image(f, dataset, audit)
@@ -250,10 +260,10 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
         report.written.append(_save(fig, out_dir / name))
 
 
-def _examples_text(f: InfluenceFile, dataset, what: str, column: np.ndarray, audit: int, sign: float,
-                   path: Path) -> Path:
-    """The audit point and its most helpful and harmful training examples, inputs written out
-    (token ids, or feature values), for inputs that are not images."""
+def _examples_text(f: InfluenceFile, dataset, what: str, column: np.ndarray, rows: np.ndarray, scope: str,
+                   audit: int, sign: float, path: Path) -> Path:
+    """The audit point and its most helpful and harmful training examples among ``rows``, inputs
+    written out (token ids, or feature values), for inputs that are not images."""
     from plgk_cli.inspect import _label, _show
 
     def text(x) -> str:
@@ -262,12 +272,12 @@ def _examples_text(f: InfluenceFile, dataset, what: str, column: np.ndarray, aud
             " ".join(f"{v:+.2f}" for v in a[:TEXT_WIDTH // 2])
         return shown + (" …" if len(a) > (TEXT_WIDTH if np.issubdtype(a.dtype, np.integer) else TEXT_WIDTH // 2) else "")
 
-    order = np.argsort(-sign * column, kind="stable")
+    order = rows[np.argsort(-sign * column[rows], kind="stable")]
     audit_x = _audit_image(f, dataset, audit)
     lines = [f"audit point {audit}{_where(f, audit)}: " + ("(input unavailable)" if audit_x is None else text(audit_x)), ""]
-    for title, rows in (("most helpful", order[:TEXT_ROWS]), ("most harmful", order[::-1][:TEXT_ROWS])):
-        lines.append(f"{title} training examples (influence, index, label: input)")
-        for row in rows:
+    for title, picked in (("most helpful", order[:TEXT_ROWS]), ("most harmful", order[::-1][:TEXT_ROWS])):
+        lines.append(f"{title} of the {scope} (influence, index, label: input)")
+        for row in picked:
             index = int(f.train_index[row])
             lines.append(f"  {column[row]:+.2e}  #{index:<6} {_show(_label(f.train_label[row])):>6}: "
                          f"{text(dataset.x_train[index])}")

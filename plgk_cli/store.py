@@ -387,6 +387,9 @@ class InfluenceFile:
 
         from plgk_cli.kernel import ips_class_margin, ips_l2_norm
 
+        if not np.issubdtype(self.audit_label.dtype, np.integer):
+            raise StoreError(f"{self.path}: difficulty scores rank misclassified points; the run's task "
+                             f"{self.task} has no class labels")
         logits = torch.from_numpy(self.kernel("audit_logits"))
         labels = torch.from_numpy(self.audit_label)
         ips = torch.from_numpy(self.kernel("audit_train_ips"))

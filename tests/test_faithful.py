@@ -135,6 +135,8 @@ def test_dropout_transformer_float64_equals_per_example_reference(transformer64,
     assert summary.max_update_error <= 1e-10
     reference, residual = reference_audit(transformer64)
     assert np.linalg.norm(reference) > 1e-3
+    print(f"\nfloat64 dropout transformer: update error {summary.max_update_error:.1e}, influence rel. err "
+          f"{relative_error(influence, reference):.2e}, residual max abs diff {np.abs(replayed_residual - residual).max():.1e}")
     assert relative_error(influence, reference) <= 1e-6  # float32 on disk
     np.testing.assert_allclose(replayed_residual, residual, rtol=1e-6, atol=1e-9)
 
