@@ -6,9 +6,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from plgk_cli.config import parse_config
 from plgk_cli.train import train
+
+# The fixtures' models are tiny: one thread is faster than two, and on a 2-core machine shared with
+# anything else two threads per process contend (a BatchNorm replay test took 8 s with one thread
+# and 133 s with two while another process kept a core busy).
+torch.set_num_threads(1)
 
 
 def write_tiny_npz(path: Path, n_train: int = 22, n_test: int = 6, features: int = 6,
