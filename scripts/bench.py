@@ -5,6 +5,7 @@
     python scripts/bench.py --workload mnist-synthetic --steps-scale 0.1    # five epochs
     python scripts/bench.py --workload captum-sgd            # plgk euler vs captum TracInCP
     python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
+    python scripts/bench.py --workload transformer           # dropout transformer: hooks vs generic, layer split
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
 
 Workloads:
@@ -17,6 +18,18 @@ Workloads:
                    same checkpoints (needs `pip install .[bench]`).
   memory           replay peak RSS for audit sizes N x batch sizes on digits (+ one longer run),
                    to show growth linear in N and batch, not in M x P or T.
+  transformer      configs/transformer_text.toml (2 pre-norm blocks, dropout 0.1, AdamW with clipping,
+                   synthetic-text, 5 epochs), audit test[:32], rule trapezoid, two rows: "own
+                   attention" (the config as it is: attention from nn.Linear projections, every
+                   parameter has a per-example rule, so replay's GradientComputer, method "auto",
+                   runs the recorded train-mode forward on layer hooks) and "nn.MultiheadAttention"
+                   (kwargs torch_layers = true: nn.TransformerEncoderLayer blocks, the generic
+                   Jacobian rows). After each row, in another child, the per-example-gradient time
+                   on the run's checkpoints (10 recorded updates, their minibatches, the run's
+                   dtype, the recorded dropout): the engine's training_pass as replay builds it,
+                   the generic Jacobian over all of θ (method "generic", and jacobian_rows on the
+                   same graph as the hooks), each layer type's hook rule, each type alone, with the
+                   rules and the engine's rows checked against the Jacobian rows.
 
 How it measures. Every phase (train, train without recording, replay, captum) runs in its own
 child process (`python -c`); times are taken inside the child around the phase itself, so they
@@ -59,10 +72,12 @@ MNIST_BATCH = 256
 # Measured on the 2-core CPU machine (docs/performance.md): a LeNet-5 replay step (batch 256, 256
 # audit points) takes about 0.6 s on a quiet machine, so the default, one full epoch of the
 # paper's run (200 steps, M = 51,200), is about 2 minutes of replay and the default set (digits,
-# captum-sgd, mnist-synthetic) stays inside 10 minutes.
+# captum-sgd, mnist-synthetic) stays inside 10 minutes. transformer (two rows, two layer splits) is
+# not in it: about 2.5 minutes with --threads 1 at load 1.5-4 on 2 cores (its generic row and
+# split are most of that), 10 minutes with two threads at load 3-5 (docs/performance.md).
 DEFAULT_STEPS_SCALE = 0.02
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
-ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory")
+ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
                "peak RSS includes the Python+torch process itself")
 
@@ -176,6 +191,25 @@ def captum_workload(steps: int = 10, lr: float = 0.5) -> Workload:
                            "euler rule = TracIn"])
 
 
+def transformer_workloads() -> list[Workload]:
+    """configs/transformer_text.toml twice: as it is (attention from nn.Linear projections: every
+    parameter has a per-example rule, so both sides of replay run on layer hooks) and with
+    ``torch_layers = true`` (nn.TransformerEncoderLayer blocks: nn.MultiheadAttention has no rule,
+    so the training side is the generic Jacobian rows and the audit side vmap)."""
+    config = _toml_config(ROOT / "configs" / "transformer_text.toml")
+    torch_config = json.loads(json.dumps(config))
+    torch_config["model"].setdefault("kwargs", {})["torch_layers"] = True
+    common = ("token + position embeddings, 2 pre-norm blocks (4 heads, width 32, GELU MLP), dropout 0.1, "
+              "AdamW lr 1e-3 with clipping, batch 32, 5 epochs; faithful replay (the recorded train-mode forward)")
+    return [Workload("transformer", config, "test[:32]", "trapezoid", label="own attention",
+                     notes=[f"configs/transformer_text.toml: {common}; attention from nn.Linear projections: "
+                            "per-example gradients by layer hooks on both sides"]),
+            Workload("transformer", torch_config, "test[:32]", "trapezoid", label="nn.MultiheadAttention",
+                     notes=[f"configs/transformer_text.toml with kwargs torch_layers = true: {common}; "
+                            "nn.TransformerEncoderLayer blocks: training side by generic Jacobian rows, audit "
+                            "side by vmap"])]
+
+
 MEMORY_MODEL = {"name": "cnn", "kwargs": {"channels": 16, "hidden": 128}}  # P = 22,602
 
 
@@ -259,7 +293,7 @@ def child_main(task_path: str) -> None:
 
         torch.set_num_threads(int(task["threads"]))
     result = {"idle": _child_idle, "train": _child_train, "replay": _child_replay,
-              "captum": _child_captum, "floor": _child_floor}[kind](task)
+              "captum": _child_captum, "floor": _child_floor, "layersplit": _child_layersplit}[kind](task)
     Path(task["result"]).write_text(json.dumps(result))
 
 
@@ -323,6 +357,16 @@ def _child_replay(task: dict) -> dict:
 
     args = ReplayArguments(**task["arguments"])
     on_cuda = _cuda_reset(resolve_device(args.device, "--device").type)
+    # Which per-example path replay's GradientComputer took (read after the run): keep the instances.
+    import plgk_cli.gradients as gradients_module
+
+    computers, init = [], gradients_module.GradientComputer.__init__
+
+    def keep_instance(self, *a, **k):
+        init(self, *a, **k)
+        computers.append(self)
+
+    gradients_module.GradientComputer.__init__ = keep_instance
     profiler = None
     if task.get("profile"):
         import cProfile
@@ -332,8 +376,11 @@ def _child_replay(task: dict) -> dict:
     start, cpu = time.perf_counter(), time.process_time()
     summary = replay(args, progress=False)
     replay_s, cpu_s = time.perf_counter() - start, time.process_time() - cpu
+    gradients_module.GradientComputer.__init__ = init
     out = {"replay_s": replay_s, "cpu_s": cpu_s, "steps": summary.steps, "metrics": summary.metrics,
-           "max_update_error": summary.max_update_error, "cuda_peak_mib": _cuda_peak(on_cuda)}
+           "max_update_error": summary.max_update_error, "cuda_peak_mib": _cuda_peak(on_cuda),
+           "engine": [{"method": c.method, "training_hooks": getattr(c, "_training_hooks", None)}
+                      for c in computers]}
     if profiler is not None:
         import io
         import pstats
@@ -413,6 +460,394 @@ def _child_floor(task: dict) -> dict:
     return {"floor_s": time.perf_counter() - start, "cpu_s": time.process_time() - cpu}
 
 
+def _child_layersplit(task: dict) -> dict:
+    start = time.perf_counter()
+    out = layer_split(task["run"], task.get("steps", LAYER_SPLIT_STEPS),
+                      task.get("repeats", LAYER_SPLIT_REPEATS))
+    return dict(out, split_s=time.perf_counter() - start)
+
+
+# --------------------------------------------------------------------------------------------
+# Per-example-gradient time split by layer type (the transformer workload)
+
+LAYER_SPLIT_STEPS = 10  # recorded updates measured
+LAYER_SPLIT_REPEATS = 3  # each measurement per step: the fastest of this many
+
+
+def _layer_groups(model, layout, probe) -> dict:
+    """{layer type: {"path", "modules", "params"}} over the trainable parameters, in layout order.
+    A parameter inside a MultiheadAttention is that type's (generic path: its projections are not
+    module calls); one whose owning module has a per_example rule is that rule's kind (hook path)
+    if ``probe`` (a forward under hooks -> {module: (calls, rows in, rows out, batch)}) shows the
+    module ran once on the batch along dimension 0; every other parameter goes to a generic group
+    named after its module type and why."""
+    from torch import nn
+
+    from plgk_cli.models import layer_of
+    from plgk_cli.per_example import rule_for
+
+    modules = dict(model.named_modules())
+    candidates = {}
+    for name in layout.names:
+        owner = layer_of(name) if "." in name else ""
+        parts = owner.split(".") if owner else []
+        attention = next((".".join(parts[:i]) for i in range(len(parts) + 1)
+                          if isinstance(modules[".".join(parts[:i])], nn.MultiheadAttention)), None)
+        module = modules[owner]
+        rule = rule_for(module) if attention is None else None
+        candidates[name] = (owner, attention, rule)
+    calls = probe({owner for owner, attention, rule in candidates.values() if rule is not None})
+    groups: dict = {}
+    for name, (owner, attention, rule) in candidates.items():
+        if attention is not None:
+            kind, path, module_name = "MultiheadAttention", "generic", attention
+        elif rule is not None:
+            n, rows_in, rows_out, batch = calls.get(owner, (0, 0, 0, 0))
+            if n == 1 and rows_in == rows_out == batch:
+                kind, path = rule.kind, "hooks"
+            else:
+                why = ("not called as a module" if n == 0 else f"called {n}x" if n != 1
+                       else "batch not on dim 0")
+                kind, path = f"{rule.kind} ({why})", "generic"
+            module_name = owner
+        else:
+            kind, path, module_name = type(modules[owner]).__name__, "generic", owner
+        g = groups.setdefault(kind, {"path": path, "modules": [], "params": []})
+        if module_name not in g["modules"]:
+            g["modules"].append(module_name)
+        g["params"].append(name)
+    return groups
+
+
+def layer_split(run_dir: str, steps: int = LAYER_SPLIT_STEPS, repeats: int = LAYER_SPLIT_REPEATS) -> dict:
+    """Time per-example loss-term gradients of recorded minibatches (the training forward in
+    train mode from the recorded generator state, the run's dtype) on the run's checkpoints.
+
+    - the engine as replay builds it (``GradientComputer(model, layout, num_classes, chunk,
+      task=task)``, method "auto"): ``training_pass`` once verified (hooks where every layer has
+      a rule, else the generic Jacobian rows), and a fresh engine's first call (with the one-time
+      hooks-vs-Jacobian check);
+    - the generic path over all of θ: ``GradientComputer(method="generic").training_pass``;
+    - one graph (one train-mode forward, all of θ one leaf, hooks on the rule layers): one
+      backward of Σ ℓ_m to the hooked outputs and each layer type's rule (the engine's
+      ``_layer_gradients``), beside ``jacobian_rows`` over all of θ on that same graph;
+    - each layer type alone (only its parameters require grad: hook rule, or the generic
+      Jacobian restricted to its parameters), and for a model with both kinds the mixed path;
+    and checks every hook rule and the engine's rows against the Jacobian rows."""
+    import re
+    import warnings
+
+    import torch
+    from torch.func import functional_call
+
+    from plgk_cli.arguments import ReplayArguments
+    from plgk_cli.gradients import GradientComputer, ParameterLayout, jacobian_rows, restored_rng
+    from plgk_cli.gradients import _layer_gradients  # the engine's per-layer rule dispatch
+    from plgk_cli.per_example import rule_for
+    from plgk_cli.run import load_run
+
+    run = load_run(run_dir)
+    data, task, dtype = run.dataset, run.task, run.dtype
+    model = run.build_model().to(dtype=dtype)
+    modules = dict(model.named_modules())
+    layout = ParameterLayout.of(model)
+    shapes = dict(zip(layout.names, layout.shapes))
+    offsets = {n: (layout.offsets[i], layout.offsets[i + 1]) for i, n in enumerate(layout.names)}
+    chunk = ReplayArguments.__dataclass_fields__["chunk_size"].default  # replay's default --chunk-size
+
+    def engine_as_replay():  # plgk_cli.replay.plan_replay's construction
+        return GradientComputer(model, layout, data.num_classes, chunk, task=task)
+
+    engine = engine_as_replay()
+    generic_engine = GradientComputer(model, layout, data.num_classes, chunk, method="generic", task=task)
+    updates = sorted({int(t) for t in np.linspace(0, run.steps[-1] - 1, min(steps, run.steps[-1])).round()})
+
+    def minibatch(t):
+        record = run.checkpoint(t + 1)
+        theta = layout.flatten(run.checkpoint(t).params, dtype=dtype)
+        return theta, data.x_train[record.batch], data.y_train[record.batch], record.rng, run.buffers(t)
+
+    def state(theta, grad_params, buffers):
+        """Parameters for functional_call; those in ``grad_params`` are views of one leaf."""
+        flat = theta.detach()
+        params = {n: flat[a:b].view(shapes[n]) for n, (a, b) in offsets.items()}
+        leaf = None
+        if grad_params:
+            leaf = torch.cat([params[n].reshape(-1) for n in grad_params]).requires_grad_(True)
+            start = 0
+            for n in grad_params:
+                size = int(np.prod(shapes[n]))
+                params[n] = leaf[start:start + size].view(shapes[n])
+                start += size
+        return {**params, **{n: b.clone() for n, b in buffers.items()}}, leaf
+
+    def forward(params, x, rng, hooked=()):
+        """Output of the recorded train-mode forward; (input, output) of the hooked modules."""
+        captured = {}
+
+        def hook(name):
+            def record(module, inputs, output):
+                captured.setdefault(name, []).append((inputs[0].detach(), output))
+            return record
+
+        handles = [modules[n].register_forward_hook(hook(n)) for n in hooked]
+        model.train()
+        try:
+            with restored_rng(rng, torch.device("cpu")):
+                output = functional_call(model, params, (x,))
+        finally:
+            for h in handles:
+                h.remove()
+        return output, captured
+
+    # Which rule-carrying modules really run once per forward on the batch (the probe).
+    theta0, x0, y0, rng0, buffers0 = minibatch(updates[0])
+
+    def probe(names):
+        params, _ = state(theta0, list(layout.names), buffers0)
+        _, captured = forward(params, x0, rng0, sorted(names))
+        return {n: (len(c), c[0][0].shape[0], c[0][1].shape[0], len(x0)) for n, c in captured.items()}
+
+    groups = _layer_groups(model, layout, probe)
+    hook_names = [n for g in groups.values() if g["path"] == "hooks" for n in g["params"]]
+    generic_names = [n for g in groups.values() if g["path"] == "generic" for n in g["params"]]
+    hook_modules = [m for g in groups.values() if g["path"] == "hooks" for m in g["modules"]]
+
+    def rule_gradients(module_names, captured, deltas, engine_rules=False):
+        """{parameter name: (B, *shape)} from each module's recorded input and output gradient
+        (per_example's rule, or with ``engine_rules`` the engine's _layer_gradients)."""
+        out = {}
+        for m, delta in zip(module_names, deltas):
+            module, a = modules[m], captured[m][0][0]
+            grads = _layer_gradients(module, a, delta) if engine_rules else rule_for(module).gradients(module, a, delta)
+            out.update({(f"{m}.{k}" if m else k): v for k, v in grads.items()})
+        return out
+
+    keys = ["shared_fwd", "shared_bwd", "engine", "engine_first", "engine_generic", "graph_fwd", "graph_bwd",
+            "graph_rules", "graph_jac", "mixed"]
+    timings = {k: [] for k in keys}
+    per_group = {k: {"fwd": [], "bwd": [], "per_example": [], "rule": []} for k in groups}
+    diffs = {k: 0.0 for k in groups}
+    checks = dict.fromkeys(["engine", "engine_first", "engine_generic", "mixed"], 0.0)
+    first_verdicts = set()
+    B = None
+    messages = set()
+
+    def clock():
+        return time.perf_counter()
+
+    def rel(a, b):  # max over examples of ‖a_m − b_m‖ / ‖b_m‖
+        a, b = a.reshape(len(a), -1).double(), b.reshape(len(b), -1).double()
+        return float(((a - b).norm(dim=1) / b.norm(dim=1).clamp_min(1e-30)).max())
+
+    def cat(grads, names):  # one layer type's per-example gradients, (B, its parameters)
+        return torch.cat([grads[n].reshape(len(grads[n]), -1) for n in names], 1)
+
+    def cat_jac(jac, names):
+        return torch.cat([jac[:, slice(*offsets[n])] for n in names], 1)
+
+    tensor_worst = [0.0, None, 0.0]  # the largest per-tensor difference: (max rel diff, name, max |J_m|)
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for step_index, t in enumerate([updates[0]] + updates):  # the first is a warm-up, untimed
+            warm = step_index == 0
+            theta, x, y, rng, buffers = minibatch(t)
+            B = len(y)
+            rows = torch.arange(B)
+            best = {}
+
+            def keep(key, seconds):
+                best[key] = min(best.get(key, float("inf")), seconds)
+
+            if warm:
+                # Have the batched backward (is_grads_batched: torch's legacy vmap) name each
+                # operation it has no batching rule for and so runs one example at a time; called
+                # here directly, since jacobian_rows silences those warnings.
+                torch._C._debug_only_display_vmap_fallback_warnings(True)
+                flat = theta.detach().clone().requires_grad_(True)
+                output, _ = forward({**layout.unflatten(flat), **{n: b.clone() for n, b in buffers.items()}}, x, rng)
+                terms = task.loss_terms(output, y)
+                torch.autograd.grad(terms, flat, grad_outputs=torch.eye(B, dtype=terms.dtype),
+                                    is_grads_batched=True, allow_unused=True)
+                torch._C._debug_only_display_vmap_fallback_warnings(False)
+                del output, terms
+
+            for _ in range(1 if warm else repeats):
+                # Shared: one forward and one backward of the batch loss to all of θ (a training step).
+                params, leaf = state(theta, list(layout.names), buffers)
+                s = clock()
+                output, _ = forward(params, x, rng)
+                keep("shared_fwd", clock() - s)
+                s = clock()
+                torch.autograd.grad(task.batch_loss(output, y), leaf)
+                keep("shared_bwd", clock() - s)
+                del output
+                # The engine as replay builds it, verified (its first call was the warm-up) ...
+                engine_out = torch.empty(B, layout.size, dtype=dtype)
+                s = clock()
+                engine.training_pass(theta, x, y, rng, buffers, rows, engine_out)
+                keep("engine", clock() - s)
+                # ... a fresh one's first call (hooks, then the one-time check against the Jacobian rows) ...
+                fresh, first_out = engine_as_replay(), torch.empty(B, layout.size, dtype=dtype)
+                s = clock()
+                fresh.training_pass(theta, x, y, rng, buffers, rows, first_out)
+                keep("engine_first", clock() - s)
+                first_verdicts.add(fresh._training_hooks)
+                # ... and the generic path over all of θ, whole (forward, jacobian_rows, batch gradient).
+                generic_out = torch.empty(B, layout.size, dtype=dtype)
+                s = clock()
+                generic_engine.training_pass(theta, x, y, rng, buffers, rows, generic_out)
+                keep("engine_generic", clock() - s)
+                # One graph: one forward, all of θ one leaf, hooks on the rule layers' modules;
+                # the hooks' backward and rules, then jacobian_rows over all of θ on the same graph.
+                flat = theta.detach().clone().requires_grad_(True)
+                params = {**layout.unflatten(flat), **{n: b.clone() for n, b in buffers.items()}}
+                s = clock()
+                output, captured = forward(params, x, rng, hook_modules)
+                terms = task.loss_terms(output, y)
+                keep("graph_fwd", clock() - s)
+                graph_rules = {}
+                if hook_modules:
+                    s = clock()
+                    deltas = torch.autograd.grad(terms.sum(), [captured[m][0][1] for m in hook_modules],
+                                                 retain_graph=True)
+                    keep("graph_bwd", clock() - s)
+                    total = 0.0
+                    for kind, g in groups.items():
+                        if g["path"] != "hooks":
+                            continue
+                        s = clock()
+                        got = rule_gradients(g["modules"], captured, [deltas[hook_modules.index(m)]
+                                                                      for m in g["modules"]], engine_rules=True)
+                        seconds = clock() - s
+                        keep((kind, "rule"), seconds)
+                        total += seconds
+                        graph_rules.update(got)
+                    keep("graph_rules", total)
+                else:
+                    keep("graph_bwd", 0.0)
+                    keep("graph_rules", 0.0)
+                jac = torch.empty(B, layout.size, dtype=dtype)
+                s = clock()
+                jacobian_rows(terms, flat, rows, chunk, jac)
+                keep("graph_jac", clock() - s)
+                for kind, g in groups.items():
+                    if g["path"] == "hooks":
+                        diffs[kind] = max(diffs[kind], rel(cat(graph_rules, g["params"]), cat_jac(jac, g["params"])))
+                for n in hook_names:  # and each parameter tensor alone (the largest of these is reported)
+                    worst = rel(graph_rules[n], jac[:, slice(*offsets[n])])
+                    if worst > tensor_worst[0]:
+                        tensor_worst[:] = [worst, n, float(jac[:, slice(*offsets[n])].norm(dim=1).max())]
+                for key, got in (("engine", engine_out), ("engine_first", first_out),
+                                 ("engine_generic", generic_out)):
+                    checks[key] = max(checks[key], rel(got, jac))
+                del terms, output, captured
+                # Each layer type alone.
+                for kind, g in groups.items():
+                    params, leaf = state(theta, g["params"], buffers)
+                    hooked = g["modules"] if g["path"] == "hooks" else ()
+                    s = clock()
+                    output, captured = forward(params, x, rng, hooked)
+                    terms = task.loss_terms(output, y)
+                    keep((kind, "fwd"), clock() - s)
+                    if g["path"] == "hooks":
+                        s = clock()
+                        deltas = torch.autograd.grad(terms.sum(), [captured[m][0][1] for m in hooked])
+                        keep((kind, "bwd"), clock() - s)
+                        s = clock()
+                        grads = rule_gradients(hooked, captured, deltas)
+                        keep((kind, "per_example"), clock() - s)
+                        ours = {n: grads[n] for n in g["params"]}
+                    else:
+                        out = torch.empty(B, leaf.numel(), dtype=dtype)
+                        keep((kind, "bwd"), 0.0)
+                        s = clock()
+                        jacobian_rows(terms, leaf, rows, chunk, out)
+                        keep((kind, "per_example"), clock() - s)
+                        ours, start = {}, 0
+                        for n in g["params"]:
+                            size = int(np.prod(shapes[n]))
+                            ours[n], start = out[:, start:start + size], start + size
+                    diffs[kind] = max(diffs[kind], rel(cat(ours, g["params"]), cat_jac(jac, g["params"])))
+                    del terms, output, captured
+                if not (generic_names and hook_names):
+                    continue
+                # Mixed (a model with both kinds): one forward; jacobian_rows over the generic
+                # types' parameters, then one backward of Σ ℓ_m to the hooked outputs and their rules.
+                params, leaf_generic = state(theta, generic_names, buffers)
+                hooked_leaf = torch.cat([params[n].reshape(-1) for n in hook_names]).requires_grad_(True)
+                start = 0
+                for n in hook_names:  # their parameters require grad too (not reached by jacobian_rows)
+                    size = int(np.prod(shapes[n]))
+                    params[n] = hooked_leaf[start:start + size].view(shapes[n])
+                    start += size
+                mixed = torch.empty(B, layout.size, dtype=dtype)
+                s = clock()
+                output, captured = forward(params, x, rng, hook_modules)
+                terms = task.loss_terms(output, y)
+                generic_rows = torch.empty(B, leaf_generic.numel(), dtype=dtype)
+                jacobian_rows(terms, leaf_generic, rows, chunk, generic_rows)
+                start = 0
+                for n in generic_names:
+                    size = int(np.prod(shapes[n]))
+                    mixed[:, slice(*offsets[n])] = generic_rows[:, start:start + size]
+                    start += size
+                deltas = torch.autograd.grad(terms.sum(), [captured[m][0][1] for m in hook_modules])
+                grads = rule_gradients(hook_modules, captured, deltas)
+                for n in hook_names:
+                    mixed[:, slice(*offsets[n])] = grads[n].reshape(B, -1)
+                keep("mixed", clock() - s)
+                checks["mixed"] = max(checks["mixed"], rel(mixed, jac))
+            if warm:
+                messages |= {str(w.message) for w in caught}
+                continue
+            for key, seconds in best.items():
+                if isinstance(key, tuple):
+                    per_group[key[0]][key[1]].append(seconds)
+                else:
+                    timings[key].append(seconds)
+
+    ms = lambda values: 1000 * float(np.mean(values)) if values else None  # noqa: E731
+    table = []
+    for kind, g in groups.items():
+        fwd, bwd, pex, rule = (ms(per_group[kind][k]) for k in ("fwd", "bwd", "per_example", "rule"))
+        table.append({"type": kind, "path": g["path"], "modules": len(g["modules"]),
+                      "module_names": g["modules"],
+                      "params": sum(int(np.prod(shapes[n])) for n in g["params"]),
+                      "rule_ms": rule, "fwd_ms": fwd, "bwd_ms": bwd, "per_example_ms": pex,
+                      "alone_ms": fwd + bwd + pex, "max_rel_diff": diffs[kind], "parameter_names": g["params"]})
+    total_alone = sum(r["alone_ms"] for r in table)
+    for r in table:
+        r["share"] = r["alone_ms"] / total_alone
+    fallbacks = sorted({m.group(1) for text in messages
+                        for m in [re.search(r"batching rule for ([\w:.]+?)\.? You are using", text)] if m})
+    other = sorted({text.splitlines()[0][:200] for text in messages if "batching rule for" not in text})
+    out = {f"{k}_ms": ms(v) for k, v in timings.items()}
+    shared = out["shared_fwd_ms"] + out["shared_bwd_ms"]
+    hooks_training = engine._training_hooks
+    return {"attention": "nn.MultiheadAttention" if _uses_torch_layers(model) else "nn.Linear projections",
+            "updates": updates, "batch": B, "dtype": str(dtype).replace("torch.", ""), "repeats": repeats,
+            "parameters": layout.size, "chunk": chunk, "types": table, "sum_alone_ms": total_alone,
+            **out, "shared_ms": shared,
+            "engine_method": engine.method, "engine_training_hooks": hooks_training,
+            "engine_first_training_hooks": sorted(first_verdicts, key=str),
+            "engine_training_path": "hooks" if hooks_training else "generic",
+            "engine_vs_jacobian_rel_diff": checks["engine"],
+            "engine_first_vs_jacobian_rel_diff": checks["engine_first"],
+            "engine_generic_vs_jacobian_rel_diff": checks["engine_generic"],
+            "mixed_vs_jacobian_rel_diff": checks["mixed"] if generic_names and hook_names else None,
+            "hook_modules": len(hook_modules),
+            "worst_tensor": {"name": tensor_worst[1], "max_rel_diff": tensor_worst[0], "max_row_norm": tensor_worst[2]},
+            "vmap_fallbacks": fallbacks, "warnings": other, "torch_threads": torch.get_num_threads()}
+
+
+def _uses_torch_layers(model) -> bool:
+    from torch import nn
+
+    return any(isinstance(m, nn.MultiheadAttention) for m in model.modules())
+
+
 # --------------------------------------------------------------------------------------------
 # Measurements
 
@@ -490,6 +925,7 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
            "replay_peak_rss_mib": rep["peak_rss_mib"], "replay_cuda_peak_mib": rep["cuda_peak_mib"],
            "replay_process_s": rep["process_s"], "replay_all_s": rep["all_times"], "repeat": rep["runs"], "mre": metrics["mre"], "rmre": metrics["rmre"],
            "lc": metrics["lc"], "max_update_error": rep["max_update_error"], "influences": str(out),
+           "replay_engine": rep.get("engine"),
            "load_average": [load_before, os.getloadavg()[0]]}
     if keep_scores:
         row["_influence"] = np.load(task["scores"])
@@ -589,6 +1025,11 @@ def format_notes(rows: list, comparisons: dict) -> str:
         if base is not None:
             line += f"; train without recording {base:.2f} s"
         line += f"; max update error {r['max_update_error']:.1e}"
+        for e in r.get("replay_engine") or ():
+            line += f"; replay's GradientComputer: {e['method']}"
+            if e["training_hooks"] is not None:  # a faithful run's training_pass
+                line += (" (audit side), training side "
+                         + ("hooks (verified)" if e["training_hooks"] else "generic Jacobian rows"))
         if r.get("repeat", 1) > 1:
             line += (f"; fastest of {r['repeat']} runs (train " + "/".join(f"{t:.1f}" for t in r["train_all_s"])
                      + " s, replay " + "/".join(f"{t:.1f}" for t in r["replay_all_s"]) + " s)")
@@ -630,8 +1071,83 @@ def format_notes(rows: list, comparisons: dict) -> str:
         if longer:
             out.append(f"memory: same N and batch, {longer['steps_short']} vs {longer['steps_long']} steps: "
                        f"{longer['rss_short']:.0f} vs {longer['rss_long']:.0f} MiB (T does not enter)")
+    for r in rows:
+        if r.get("layer_split"):
+            out.append(format_layer_split(r["layer_split"], r.get("label") or ""))
     if comparisons.get("idle_rss_mib"):
         out.append(f"an idle Python+torch+plgk process peaks at {comparisons['idle_rss_mib']:.0f} MiB RSS")
+    return "\n".join(out)
+
+
+def format_layer_split(split: dict, label: str = "") -> str:
+    """The per-example-gradient time split by layer type (a transformer row's ``layer_split``)."""
+    title = f"transformer {label}".strip()
+    if "error" in split:
+        return f"{title} layer split: not measured: " + split["error"].splitlines()[0]
+    header = ("layer type", "path", "modules", "params", "rule ms", "fwd ms", "bwd ms", "per-ex ms", "alone ms",
+              "share", "max rel diff")
+    opt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    cells = [[r["type"], r["path"], str(r["modules"]), f"{r['params']:,}", opt(r.get("rule_ms")), f"{r['fwd_ms']:.2f}",
+              f"{r['bwd_ms']:.2f}" if r["path"] == "hooks" else "-", f"{r['per_example_ms']:.2f}",
+              f"{r['alone_ms']:.2f}", f"{r['share']:.1%}", f"{r['max_rel_diff']:.1e}"] for r in split["types"]]
+    cells.append(["sum of the types", "", "", f"{sum(r['params'] for r in split['types']):,}",
+                  opt(split["graph_rules_ms"]) if split["hook_modules"] else "-", "", "", "",
+                  f"{split['sum_alone_ms']:.2f}", "100.0%", ""])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    line = lambda items: "  ".join(s.ljust(w) if i < 2 else s.rjust(w)  # noqa: E731
+                                   for i, (s, w) in enumerate(zip(items, widths)))
+    shared, engine, first, generic = (split[k] for k in ("shared_ms", "engine_ms", "engine_first_ms",
+                                                         "engine_generic_ms"))
+    hooks_path = split["engine_training_hooks"]
+    out = [f"{title}: per-example loss-term gradients ({split['attention']}, P = {split['parameters']:,}), "
+           f"{len(split['updates'])} recorded updates (steps {', '.join(map(str, split['updates']))}), minibatches "
+           f"of {split['batch']}, {split['dtype']}, train mode with the recorded dropout; each figure the mean over "
+           f"the updates of the fastest of {split['repeats']} per update, all measured side by side in one process "
+           f"({split['torch_threads']} torch threads). Read the ratios.",
+           f"  shared forward + backward of the batch loss to all of theta (what a training step computes): "
+           f"{split['shared_fwd_ms']:.2f} + {split['shared_bwd_ms']:.2f} = {shared:.2f} ms",
+           f"  engine = GradientComputer(model, layout, num_classes, {split['chunk']}, task=task) as replay builds it "
+           f"(method 'auto': {split['engine_method']} on the audit side); training_pass takes the "
+           + ("layer hooks (first call's check against jacobian_rows agreed)" if hooks_path
+              else "generic Jacobian rows (no rule for every layer)" if hooks_path is False else "?")
+           + f": {engine:.2f} ms = {engine / shared:.1f}x the shared forward + backward; a fresh engine's first call "
+           f"{first:.2f} ms ({first / shared:.1f}x)" + (" (hooks + the one-time check)" if hooks_path else ""),
+           f"  generic over all of theta, GradientComputer(method='generic').training_pass (forward, jacobian_rows, "
+           f"batch gradient): {generic:.2f} ms = {generic / shared:.1f}x the shared forward + backward; "
+           f"generic / engine {generic / engine:.2f}x",
+           f"  one graph (one train-mode forward, all of theta one leaf, hooks on the {split['hook_modules']} rule "
+           f"modules) {split['graph_fwd_ms']:.2f} ms: hooks = one backward of sum_m l_m to their outputs "
+           f"{split['graph_bwd_ms']:.2f} ms + the rules {split['graph_rules_ms']:.2f} ms; generic = jacobian_rows "
+           f"over all {split['parameters']:,} parameters {split['graph_jac_ms']:.2f} ms",
+           "  per type: rule ms = its modules' rules (the engine's _layer_gradients) on that graph's output gradients; "
+           "alone: fwd = a forward with only its parameters requiring grad (hooks on its modules), bwd = one backward "
+           "of sum_m l_m to its modules' outputs, per-ex = per_example's rule (hooks) or jacobian_rows restricted to "
+           "its parameters (generic), alone = their sum, share = alone / sum; max rel diff = max over examples of "
+           "|g_m - J_m| / |J_m| over the type's parameters, against jacobian_rows over all of theta",
+           "", line(header)] + [line(c) for c in cells] + [""]
+    checks = (f"  max rel diff to jacobian_rows: engine {split['engine_vs_jacobian_rel_diff']:.1e}, its first call "
+              f"{split['engine_first_vs_jacobian_rel_diff']:.1e}, method 'generic' "
+              f"{split['engine_generic_vs_jacobian_rel_diff']:.1e}")
+    if split.get("mixed_ms") is not None:
+        hooked = [r["type"] for r in split["types"] if r["path"] == "hooks"]
+        generic_types = [r["type"] for r in split["types"] if r["path"] == "generic"]
+        out.append(f"  mixed (one forward; jacobian_rows over {' + '.join(generic_types)} only, one backward to the "
+                   f"{'/'.join(hooked)} outputs and their rules): {split['mixed_ms']:.2f} ms = "
+                   f"{split['mixed_ms'] / shared:.1f}x the shared forward + backward, engine / mixed "
+                   f"{engine / split['mixed_ms']:.2f}x")
+        checks += f", mixed {split['mixed_vs_jacobian_rel_diff']:.1e}"
+    worst = split.get("worst_tensor") or {}
+    if worst.get("name") and worst["max_rel_diff"] > 1e-3:
+        checks += (f"; per parameter tensor the largest is {worst['name']} ({worst['max_rel_diff']:.1e}), whose "
+                   f"Jacobian rows are rounding (largest |J_m| {worst['max_row_norm']:.1e})")
+    out.append(checks)
+    ratios = "; ".join(f"{r['type']} {r['alone_ms'] / shared:.2f}x" for r in split["types"])
+    out.append(f"  each type alone / shared forward + backward: {ratios}")
+    if split.get("vmap_fallbacks"):
+        out.append("  the batched backward (is_grads_batched, torch's legacy vmap) has no batching rule for "
+                   f"{', '.join(split['vmap_fallbacks'])}: it runs those one example at a time")
+    for text in split.get("warnings", []):
+        out.append(f"  warning: {text}")
     return "\n".join(out)
 
 
@@ -659,6 +1175,8 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
             todo = [captum_workload(captum_steps)]
         elif name == "memory":
             todo = memory_workloads()
+        elif name == "transformer":
+            todo = transformer_workloads()
         else:
             raise SystemExit(f"unknown workload {name!r}; expected one of {', '.join(ALL_WORKLOADS)}")
         for w in todo:
@@ -669,6 +1187,9 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
             rows.append(row)
             if name == "captum-sgd":
                 comparisons["captum"] = _captum_or_reason(row, workdir, repeat)
+            if name == "transformer":
+                echo(f"... {w.name} {w.label}: per-example-gradient time by layer type", flush=True)
+                row["layer_split"] = _layer_split_or_reason(row, workdir)
             if name == "mnist-synthetic":
                 comparisons["paper_a5"] = {
                     "steps": row["steps"], "ratio": row["replay_ratio"],
@@ -690,6 +1211,13 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
                         "steps_short": same[0]["steps"], "steps_long": longer[0]["steps"],
                         "rss_short": same[0]["replay_peak_rss_mib"], "rss_long": longer[0]["replay_peak_rss_mib"]}
     return {"rows": rows, "comparisons": comparisons}
+
+
+def _layer_split_or_reason(row: dict, workdir: Path) -> dict:
+    try:
+        return run_child({"kind": "layersplit", "run": row["run_dir"]}, workdir / "logs", "layersplit")
+    except RuntimeError as exc:  # the row's own measurements stand; say why the split is missing
+        return {"error": str(exc)}
 
 
 def _captum_or_reason(row: dict, workdir: Path, repeat: int = 1) -> dict:

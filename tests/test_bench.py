@@ -160,31 +160,62 @@ def test_memory_fit_recovers_a_linear_law():
     assert fit["r2"] == pytest.approx(1.0)
 
 
-def test_transformer_layer_split_rules_match_the_generic_rows(tmp_path):
-    """The transformer workload's layer split on a tiny dropout transformer run: every trainable
-    parameter in exactly one layer type, MultiheadAttention and the sliced position table on the
-    generic path, and the per_example hook rules equal to the engine's Jacobian rows."""
+def _tiny_transformer_split(tmp_path, torch_layers: bool):
     from plgk_cli.config import parse_config
     from plgk_cli.train import train
 
-    assert "transformer" in bench.ALL_WORKLOADS
     config = {"data": {"dataset": "synthetic-text"},
-              "model": {"name": "transformer", "kwargs": {"width": 8, "heads": 2, "layers": 1, "dropout": 0.1}},
+              "model": {"name": "transformer", "kwargs": {"width": 8, "heads": 2, "layers": 1, "dropout": 0.1,
+                                                          "torch_layers": torch_layers}},
               "optim": {"name": "adamw", "lr": 3e-3, "clip_grad_norm": 1.0},
               "train": {"epochs": 1, "batch_size": 32, "seed": 0}}
-    manifest = train(parse_config(config), tmp_path / "run", progress=False)
-    split = bench.layer_split(str(tmp_path / "run"), steps=2, repeats=1)
-    types = {r["type"]: r for r in split["types"]}
-    assert types["MultiheadAttention"]["path"] == "generic"
-    assert {"Linear", "LayerNorm", "Embedding"} <= {k for k, r in types.items() if r["path"] == "hooks"}
-    assert types["Embedding (not called as a module)"]["module_names"] == ["positions"]
+    run = tmp_path / f"run-{torch_layers}"
+    manifest = train(parse_config(config), run, progress=False)
+    split = bench.layer_split(str(run), steps=1, repeats=1)
     names = [n for r in split["types"] for n in r["parameter_names"]]
     assert sorted(names) == sorted(p["name"] for p in manifest["parameters"])  # each exactly once
     assert sum(r["params"] for r in split["types"]) == split["parameters"]
+    assert sum(r["share"] for r in split["types"]) == pytest.approx(1.0)
     for r in split["types"]:
         assert r["max_rel_diff"] < 1e-5, r
         assert r["alone_ms"] > 0
-    assert split["mixed_vs_generic_rel_diff"] < 1e-5 and split["engine_vs_generic_rel_diff"] < 1e-5
-    assert sum(r["share"] for r in split["types"]) == pytest.approx(1.0)
-    text = bench.format_layer_split(split)
-    assert "MultiheadAttention" in text and "shared forward + backward" in text
+    for key in ("engine", "engine_first", "engine_generic"):
+        assert split[f"{key}_vs_jacobian_rel_diff"] < 1e-5, key
+    return split, {r["type"]: r for r in split["types"]}
+
+
+def test_transformer_workloads_are_the_config_with_and_without_torch_layers():
+    own, torch_layers = bench.transformer_workloads()
+    assert "transformer" in bench.ALL_WORKLOADS
+    assert (own.label, torch_layers.label) == ("own attention", "nn.MultiheadAttention")
+    assert not own.config["model"]["kwargs"].get("torch_layers")
+    assert torch_layers.config["model"]["kwargs"]["torch_layers"] is True
+    assert {k: v for k, v in torch_layers.config["model"]["kwargs"].items() if k != "torch_layers"} == \
+        own.config["model"]["kwargs"]
+
+
+def test_transformer_layer_split_own_attention_runs_the_engine_on_hooks(tmp_path):
+    """Attention from nn.Linear projections: every parameter has a rule, so the engine as replay
+    builds it (method "auto") keeps hooks for training_pass, and every rule equals the Jacobian rows."""
+    split, types = _tiny_transformer_split(tmp_path, torch_layers=False)
+    assert set(types) == {"Embedding", "Linear", "LayerNorm"}
+    assert all(r["path"] == "hooks" and r["rule_ms"] > 0 for r in types.values())
+    assert set(types["Embedding"]["module_names"]) == {"tokens", "positions"}
+    assert split["engine_method"] == "hooks" and split["engine_training_hooks"] is True
+    assert split["engine_first_training_hooks"] == [True]
+    assert split["mixed_ms"] is None and split["graph_rules_ms"] > 0
+    text = bench.format_layer_split(split, "own attention")
+    assert "layer hooks" in text and "jacobian_rows over all" in text
+
+
+def test_transformer_layer_split_torch_layers_takes_the_generic_path(tmp_path):
+    """nn.TransformerEncoderLayer: MultiheadAttention has no rule, so the engine's training_pass
+    is the generic Jacobian rows; the mixed hooks + generic path agrees with them."""
+    split, types = _tiny_transformer_split(tmp_path, torch_layers=True)
+    assert types["MultiheadAttention"]["path"] == "generic" and types["MultiheadAttention"]["rule_ms"] is None
+    assert {"Linear", "LayerNorm", "Embedding"} <= {k for k, r in types.items() if r["path"] == "hooks"}
+    assert "positions" in types["Embedding"]["module_names"]  # a module call now, batch first
+    assert split["engine_method"] == "vmap" and split["engine_training_hooks"] is False
+    assert split["mixed_vs_jacobian_rel_diff"] < 1e-5
+    text = bench.format_layer_split(split, "nn.MultiheadAttention")
+    assert "MultiheadAttention" in text and "shared forward + backward" in text and "generic Jacobian rows" in text
