@@ -27,6 +27,7 @@ tensors and the layers (owning modules) used for the per-layer split of the audi
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from dataclasses import dataclass
 
@@ -160,21 +161,17 @@ class TrainingPass:
     buffers: dict
 
 
+@contextlib.contextmanager
 def restored_rng(states: dict, device: torch.device):
     """A context in which torch's generators start from the recorded ``states`` ("cpu", "cuda")
     and are put back as they were afterwards."""
-    import contextlib
-
-    @contextlib.contextmanager
-    def context():
-        cuda = [device] if device.type == "cuda" else []
-        with torch.random.fork_rng(devices=cuda):
-            if "cpu" in states:
-                torch.set_rng_state(states["cpu"])
-            if "cuda" in states and cuda:
-                torch.cuda.set_rng_state(states["cuda"], device)
-            yield
-    return context()
+    cuda = [device] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        if "cpu" in states:
+            torch.set_rng_state(states["cpu"])
+        if "cuda" in states and cuda:
+            torch.cuda.set_rng_state(states["cuda"], device)
+        yield
 
 
 def jacobian_rows(values: torch.Tensor, theta: torch.Tensor, rows: torch.Tensor, chunk: int,
@@ -498,7 +495,9 @@ class GradientComputer:
         batch positions ``rows`` go into ``out`` (rows x P)."""
         theta = theta.detach().requires_grad_(True)
         state = {**self.layout.unflatten(theta), **{n: b.clone() for n, b in buffers.items()}}
-        modules = {name: self.model.get_submodule(name) for name in self._hooked or ()}
+        # no layer hooks once they were refused for this model (BatchNorm in train mode)
+        layers = () if self._training_hooks is False else self._hooked or ()
+        modules = {name: self.model.get_submodule(name) for name in layers}
         was_training = self.model.training
         self.model.train()
         try:

@@ -42,7 +42,7 @@ class Classification(Task):
         columns = []
         for t in targets:
             if t == "loss":
-                columns.append(F.cross_entropy(output, y, reduction="none")[:, None])
+                columns.append(self.loss_terms(output, y)[:, None])
             elif t == "logit":
                 columns.append(true_logit)
             elif t == "margin":
