@@ -19,7 +19,7 @@ from plgk_cli.errors import ConfigError
 from plgk_cli.tasks import BUILTIN_TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
-SCHEDULES = ("constant", "step", "cosine")
+SCHEDULES = ("constant", "step", "cosine", "onecycle", "cyclic")
 BUILTIN_MODELS = ("mlp", "cnn", "lenet5", "transformer")
 BUILTIN_DATASETS = ("digits", "diabetes", "synthetic-text")
 DATASET_PREFIXES = ("npz:", "mnist:", "svhn:", "py:")
@@ -42,6 +42,27 @@ class ModelConfig:
     kwargs: dict = field(default_factory=dict)
 
 
+# What a parameter group may set for its own parameters; the rest comes from [optim]. The
+# switches (nesterov, amsgrad, centered) hold for every group: replay models one update rule.
+GROUP_KEYS = ("lr", "momentum", "dampening", "betas", "eps", "alpha", "weight_decay")
+
+
+@dataclass(frozen=True)
+class GroupConfig:
+    """One [[optim.groups]] table: the parameters whose names match one of ``params`` (fnmatch
+    patterns such as "*.bias"; the first group that matches takes a parameter, the others stay in
+    [optim]'s own group) and the values that differ from [optim]'s (None: [optim]'s)."""
+
+    params: tuple = ()
+    lr: float | None = None
+    momentum: float | None = None
+    dampening: float | None = None
+    betas: tuple | None = None
+    eps: float | None = None
+    alpha: float | None = None
+    weight_decay: float | None = None
+
+
 @dataclass(frozen=True)
 class OptimConfig:
     name: str = "adam"
@@ -56,6 +77,7 @@ class OptimConfig:
     amsgrad: bool = False
     centered: bool = False
     clip_grad_norm: float | None = None
+    groups: tuple = ()  # GroupConfig, in the order given
 
     def resolved_eps(self) -> float:
         if self.eps is not None:
@@ -67,8 +89,15 @@ class OptimConfig:
 class ScheduleConfig:
     name: str = "constant"
     warmup_steps: int = 0
-    step_size: int = 1000  # in optimizer steps
+    step_size: int = 1000  # in optimizer steps (cyclic: the steps of each half cycle)
     gamma: float = 0.1
+    # onecycle and cyclic, as torch's OneCycleLR and CyclicLR with each group's lr as max_lr
+    pct_start: float = 0.3
+    div_factor: float = 25.0  # initial (onecycle) or base (cyclic) lr = max_lr / div_factor
+    final_div_factor: float = 1e4
+    cycle_momentum: bool = True  # momentum (SGD, RMSprop) or β1 (Adam) cycled inversely to the lr
+    base_momentum: float = 0.85
+    max_momentum: float = 0.95
 
 
 @dataclass(frozen=True)
@@ -116,7 +145,8 @@ def _toml_key(name: str) -> str:
 
 
 def _fail(source: str, section: str, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{source}: [{_toml_key(section)}] {_toml_key(key)}: {problem}")
+    where = section if section.startswith("[") else f"[{_toml_key(section)}]"  # [[optim.groups]] #2
+    return ConfigError(f"{source}: {where} {_toml_key(key)}: {problem}")
 
 
 def _number(source, section, key, value, *, integer=False, low=None, high=None, low_open=False,
@@ -151,87 +181,122 @@ def _bool(source, section, key, value):
     return value
 
 
-def _validate_section(source: str, section: str, raw: dict) -> dict:
-    """Type- and range-check one section's keys; returns the converted values."""
+def _validate_section(source: str, section: str, raw: dict, where: str | None = None) -> dict:
+    """Type- and range-check one section's keys; returns the converted values. ``where`` names
+    the table in messages where it is not [section] itself (a parameter group)."""
     s = section
+    at = where or section
     out: dict[str, Any] = {}
     for key, value in raw.items():
         if s == "task":
             if key == "name":
                 if not isinstance(value, str) or not (value in BUILTIN_TASKS or (
                         value.startswith("py:") and all(value[3:].partition(":")[::2]))):
-                    raise _fail(source, s, key, f"expected one of {', '.join(BUILTIN_TASKS)} or "
+                    raise _fail(source, at, key, f"expected one of {', '.join(BUILTIN_TASKS)} or "
                                                 f'"py:package.module:Name"; got {value!r}')
                 out[key] = value
         elif s == "data":
             if key == "dataset":
                 if not isinstance(value, str) or not (
                         value in BUILTIN_DATASETS or value.startswith(DATASET_PREFIXES)):
-                    raise _fail(source, s, key, 'expected "digits", "diabetes", "synthetic-text", '
+                    raise _fail(source, at, key, 'expected "digits", "diabetes", "synthetic-text", '
                                 '"npz:PATH", "mnist:DIR", "svhn:DIR" or "py:package.module:function"; '
                                 f'got {value!r}')
                 if value.startswith(("npz:", "mnist:", "svhn:")) and not value.split(":", 1)[1]:
-                    raise _fail(source, s, key, f"{value!r} names no path")
+                    raise _fail(source, at, key, f"{value!r} names no path")
                 if value.startswith("py:") and not all(value[3:].partition(":")[::2]):
-                    raise _fail(source, s, key, f"{value!r}: expected py:package.module:function")
+                    raise _fail(source, at, key, f"{value!r}: expected py:package.module:function")
                 out[key] = value
             elif key == "seed":
-                out[key] = _number(source, s, key, value, integer=True, low=0)
+                out[key] = _number(source, at, key, value, integer=True, low=0)
         elif s == "model":
             if key == "name":
                 if not isinstance(value, str) or not (value in BUILTIN_MODELS or (
                         ":" in value and all(value.split(":", 1)))):
-                    raise _fail(source, s, key, f"expected one of {', '.join(BUILTIN_MODELS)} or "
+                    raise _fail(source, at, key, f"expected one of {', '.join(BUILTIN_MODELS)} or "
                                                 f'"package.module:function"; got {value!r}')
                 out[key] = value
             elif key == "kwargs":
                 if not isinstance(value, dict):
-                    raise _fail(source, s, key, "expected a table, e.g. kwargs = { hidden = 64 }")
+                    raise _fail(source, at, key, "expected a table, e.g. kwargs = { hidden = 64 }")
                 out[key] = dict(value)
         elif s == "optim":
             if key == "name":
-                out[key] = _choice(source, s, key, value, OPTIMIZERS)
+                out[key] = _choice(source, at, key, value, OPTIMIZERS)
             elif key == "lr":
-                out[key] = _number(source, s, key, value, low=0, low_open=True)
+                out[key] = _number(source, at, key, value, low=0, low_open=True)
             elif key in ("momentum", "dampening"):
-                out[key] = _number(source, s, key, value, low=0, high=1, high_open=True)
+                out[key] = _number(source, at, key, value, low=0, high=1, high_open=True)
             elif key == "alpha":
-                out[key] = _number(source, s, key, value, low=0, high=1)
+                out[key] = _number(source, at, key, value, low=0, high=1)
             elif key in ("nesterov", "amsgrad", "centered"):
-                out[key] = _bool(source, s, key, value)
+                out[key] = _bool(source, at, key, value)
             elif key == "betas":
                 if not isinstance(value, list) or len(value) != 2:
-                    raise _fail(source, s, key, f"expected [beta1, beta2], got {value!r}")
-                out[key] = tuple(_number(source, s, key, b, low=0, high=1, high_open=True)
+                    raise _fail(source, at, key, f"expected [beta1, beta2], got {value!r}")
+                out[key] = tuple(_number(source, at, key, b, low=0, high=1, high_open=True)
                                  for b in value)
             elif key == "eps":
-                out[key] = _number(source, s, key, value, low=0, low_open=True)
+                out[key] = _number(source, at, key, value, low=0, low_open=True)
             elif key == "weight_decay":
-                out[key] = _number(source, s, key, value, low=0)
+                out[key] = _number(source, at, key, value, low=0)
             elif key == "clip_grad_norm":
-                out[key] = _number(source, s, key, value, low=0, low_open=True)
+                out[key] = _number(source, at, key, value, low=0, low_open=True)
+            elif key == "groups":
+                out[key] = _groups(source, value)
         elif s == "schedule":
             if key == "name":
-                out[key] = _choice(source, s, key, value, SCHEDULES)
+                out[key] = _choice(source, at, key, value, SCHEDULES)
             elif key == "warmup_steps":
-                out[key] = _number(source, s, key, value, integer=True, low=0)
+                out[key] = _number(source, at, key, value, integer=True, low=0)
             elif key == "step_size":
-                out[key] = _number(source, s, key, value, integer=True, low=1)
-            elif key == "gamma":
-                out[key] = _number(source, s, key, value, low=0, low_open=True)
+                out[key] = _number(source, at, key, value, integer=True, low=1)
+            elif key in ("gamma", "div_factor", "final_div_factor"):
+                out[key] = _number(source, at, key, value, low=0, low_open=True)
+            elif key == "pct_start":
+                out[key] = _number(source, at, key, value, low=0, high=1, low_open=True, high_open=True)
+            elif key in ("base_momentum", "max_momentum"):
+                out[key] = _number(source, at, key, value, low=0, high=1, high_open=True)
+            elif key == "cycle_momentum":
+                out[key] = _bool(source, at, key, value)
         elif s == "train":
             if key in ("epochs", "batch_size"):
-                out[key] = _number(source, s, key, value, integer=True, low=1)
+                out[key] = _number(source, at, key, value, integer=True, low=1)
             elif key == "seed":
-                out[key] = _number(source, s, key, value, integer=True, low=0)
+                out[key] = _number(source, at, key, value, integer=True, low=0)
             elif key == "device":
-                out[key] = _choice(source, s, key, value, ("auto", "cpu", "cuda"))
+                out[key] = _choice(source, at, key, value, ("auto", "cpu", "cuda"))
             elif key == "dtype":
-                out[key] = _choice(source, s, key, value, ("float32", "float64"))
+                out[key] = _choice(source, at, key, value, ("float32", "float64"))
         elif s == "checkpoint":
             if key == "every":
-                out[key] = _number(source, s, key, value, integer=True, low=1)
+                out[key] = _number(source, at, key, value, integer=True, low=1)
     return out
+
+
+def _groups(source: str, value) -> tuple:
+    """[[optim.groups]]: a list of tables, each with params (a pattern or a list of them) and
+    values of GROUP_KEYS."""
+    if not isinstance(value, list) or not all(isinstance(g, dict) for g in value):
+        raise _fail(source, "optim", "groups", "expected [[optim.groups]] tables, each with params = "
+                                               '["*.bias", ...] and the values that differ')
+    groups = []
+    for number, table in enumerate(value, start=1):
+        where = f"[[optim.groups]] #{number}"
+        for key in table:
+            if key not in ("params", *GROUP_KEYS):
+                raise _fail(source, where, key, f"unknown key; a group sets params and any of "
+                                                f"{', '.join(GROUP_KEYS)} (the switches nesterov, amsgrad "
+                                                "and centered hold for every group: set them in [optim])")
+        patterns = table.get("params")
+        patterns = [patterns] if isinstance(patterns, str) else patterns
+        if not isinstance(patterns, list) or not patterns or not all(
+                isinstance(p, str) and p for p in patterns):
+            raise _fail(source, where, "params", f"expected a parameter-name pattern or a list of them, "
+                                                 f'e.g. params = ["*.bias"]; got {table.get("params")!r}')
+        values = _validate_section(source, "optim", {k: v for k, v in table.items() if k != "params"}, where)
+        groups.append(GroupConfig(params=tuple(patterns), **values))
+    return tuple(groups)
 
 
 def parse_config(raw: dict, source: str = "config") -> RunConfig:
@@ -253,7 +318,10 @@ def parse_config(raw: dict, source: str = "config") -> RunConfig:
         sections[name] = cls(**_validate_section(source, name, body))
     config = RunConfig(**sections)
     _check_optimizer_keys(config.optim.name, raw.get("optim", {}), source)
-    _check_combinations(config, source)
+    for number, group in enumerate(raw.get("optim", {}).get("groups", []), start=1):
+        _check_optimizer_keys(config.optim.name, {k: v for k, v in group.items() if k != "params"},
+                              source, f"[[optim.groups]] #{number}")
+    _check_combinations(config, source, raw)
     return config
 
 
@@ -265,22 +333,52 @@ OPTIMIZER_KEYS = {
     "rmsprop": {"alpha", "eps", "momentum", "centered"},
     "adagrad": {"eps"},
 }
-COMMON_OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "clip_grad_norm"}
+COMMON_OPTIMIZER_KEYS = {"name", "lr", "weight_decay", "clip_grad_norm", "groups"}
 
 
-def _check_optimizer_keys(name: str, given: dict, source: str) -> None:
+def _check_optimizer_keys(name: str, given: dict, source: str, where: str = "optim") -> None:
     for key in given:
         if key not in COMMON_OPTIMIZER_KEYS | OPTIMIZER_KEYS[name]:
             users = [o for o, keys in OPTIMIZER_KEYS.items() if key in keys]
-            raise _fail(source, "optim", key, f"not used by {name} (only by {', '.join(users)}); "
-                                              "remove it")
+            raise _fail(source, where, key, f"not used by {name} (only by {', '.join(users)}); "
+                                            "remove it")
 
 
-def _check_combinations(config: RunConfig, source: str) -> None:
+def _check_combinations(config: RunConfig, source: str, raw: dict) -> None:
     o = config.optim
     if o.nesterov and (o.name != "sgd" or o.momentum <= 0 or o.dampening != 0):
         raise _fail(source, "optim", "nesterov",
                     "needs name = \"sgd\", momentum > 0 and dampening = 0 (as torch.optim.SGD)")
+    for number, group in enumerate(o.groups, start=1):
+        momentum = o.momentum if group.momentum is None else group.momentum
+        dampening = o.dampening if group.dampening is None else group.dampening
+        if o.nesterov and (momentum <= 0 or dampening != 0):
+            raise _fail(source, f"[[optim.groups]] #{number}", "momentum",
+                        "[optim] nesterov = true needs every group's momentum > 0 and dampening = 0")
+    sch = config.schedule
+    given = set(raw.get("schedule", {})) - {"name"}
+    if sch.name not in ("onecycle", "cyclic"):  # the older schedules ignore each other's keys, as before
+        given &= CYCLE_ONLY_KEYS
+    unused = sorted(given - SCHEDULE_KEYS[sch.name])
+    if unused:
+        users = [n for n, keys in SCHEDULE_KEYS.items() if unused[0] in keys]
+        raise _fail(source, "schedule", unused[0], f"not used by schedule {sch.name!r} (only by "
+                                                   f"{', '.join(users)}); remove it")
+    if sch.name in ("onecycle", "cyclic") and sch.cycle_momentum and o.name == "adagrad":
+        raise _fail(source, "schedule", "cycle_momentum", "adagrad has no momentum to cycle; set "
+                                                          "cycle_momentum = false")
+
+
+# The [schedule] keys each schedule reads; any other key given is a mistake.
+_CYCLE = {"div_factor", "cycle_momentum", "base_momentum", "max_momentum"}
+SCHEDULE_KEYS = {
+    "constant": {"warmup_steps"},
+    "step": {"warmup_steps", "step_size", "gamma"},
+    "cosine": {"warmup_steps"},
+    "onecycle": {"pct_start", "final_div_factor"} | _CYCLE,
+    "cyclic": {"step_size"} | _CYCLE,
+}
+CYCLE_ONLY_KEYS = (SCHEDULE_KEYS["onecycle"] | SCHEDULE_KEYS["cyclic"]) - {"warmup_steps", "step_size", "gamma"}
 
 
 def load_config(path: str | Path) -> RunConfig:
@@ -306,4 +404,9 @@ def config_from_dict(d: dict) -> RunConfig:
     d = {k: dict(v) for k, v in d.items()}  # a manifest written before [task] existed lacks it
     if "betas" in d.get("optim", {}):
         d["optim"]["betas"] = tuple(d["optim"]["betas"])
+    if "groups" in d.get("optim", {}):  # JSON gives lists back where the config held tuples
+        d["optim"]["groups"] = tuple(
+            GroupConfig(**{**g, "params": tuple(g["params"]),
+                           "betas": None if g.get("betas") is None else tuple(g["betas"])})
+            for g in d["optim"]["groups"])
     return RunConfig(**{name: SECTIONS[name](**body) for name, body in d.items()})

@@ -85,7 +85,7 @@ def _geometry(plan, progress: bool) -> GeometryResult:
             return None
         after = min(t + 1, total)
         step = plan.trajectory.flat(after)
-        return run.decomposition.preconditioner(step.state, step.checkpoint.optim_step)
+        return run.decomposition.preconditioner(step.state, run.update_hyper(step.checkpoint, device))
 
     bar = tqdm(total=len(steps) + len(args.modes_steps(total)), desc="kernel", unit="ckpt",
                disable=not progress, dynamic_ncols=True)

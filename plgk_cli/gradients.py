@@ -27,6 +27,8 @@ tensors and the layers (owning modules) used for the per-layer split of the audi
 
 from __future__ import annotations
 
+import math
+
 import contextlib
 import warnings
 from dataclasses import dataclass
@@ -51,10 +53,12 @@ class ParameterLayout:
     offsets: tuple  # start of each parameter in the flat vector; offsets[-1] == P
 
     @classmethod
-    def of(cls, model: torch.nn.Module) -> "ParameterLayout":
+    def of(cls, model: torch.nn.Module, names: set | None = None) -> "ParameterLayout":
+        """The model's trainable parameters, or those named in ``names``, in the model's order."""
+        selected = names
         names, shapes, offsets = [], [], [0]
         for name, p in model.named_parameters():
-            if p.requires_grad:
+            if (p.requires_grad if selected is None else name in selected):
                 names.append(name)
                 shapes.append(tuple(p.shape))
                 offsets.append(offsets[-1] + p.numel())
@@ -72,14 +76,23 @@ class ParameterLayout:
                 for i, n in enumerate(self.names)}
 
     def flatten_state(self, state: dict, device=None) -> dict:
-        """Optimizer state {name: {key: tensor}} as {key: flat float64 vector} in layout order;
-        raises ValueError when a key is recorded for some parameters only."""
-        keys = [set(state.get(n, {})) for n in self.names]
-        common = set.intersection(*keys) if keys else set()
-        partial = set().union(*keys) - common if keys else set()
-        if partial:
-            raise ValueError(f"optimizer state {sorted(partial)} recorded for some parameters only")
-        return {k: _concatenate([state[n][k] for n in self.names], torch.float64, device) for k in common}
+        """Optimizer state {name: {key: tensor}} as {key: flat float64 vector} in layout order. A
+        parameter without a key (no state yet: never stepped, or in a group without momentum)
+        holds zeros there, as torch starts the state; ``state_held`` says where it is recorded."""
+        keys = set().union(*(state.get(n, {}) for n in self.names)) if self.names else set()
+        return {k: _concatenate([state.get(n, {}).get(k, torch.zeros(s)) for n, s in zip(self.names, self.shapes)],
+                                torch.float64, device) for k in keys}
+
+    def state_held(self, state: dict, device=None) -> dict:
+        """{key: bool P-vector where some parameter lacks the key} (complete keys are left out)."""
+        keys = set().union(*(state.get(n, {}) for n in self.names)) if self.names else set()
+        held = {}
+        for k in keys:
+            present = [k in state.get(n, {}) for n in self.names]
+            if not all(present):
+                sizes = torch.tensor([math.prod(s) for s in self.shapes], dtype=torch.int64)
+                held[k] = torch.repeat_interleave(torch.tensor(present), sizes).to(device)
+        return held
 
     @property
     def layers(self) -> tuple:

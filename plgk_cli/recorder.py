@@ -26,9 +26,15 @@ What replay assumes, and what is checked here:
   training changes are recorded with every checkpoint; a buffer changed between updates, outside
   the forward, is refused (replay re-creates buffers from the training forward only), and so is a
   second random or buffer-changing training forward in one update;
-- the optimizer is torch's SGD, Adam, AdamW, RMSprop or Adagrad with one parameter group over
-  exactly the model's trainable parameters, single-tensor arithmetic (checked); only its lr may
-  change during the run, e.g. by a scheduler (checked before every step);
+- the optimizer is torch's SGD, Adam, AdamW, RMSprop or Adagrad (checked; others are refused
+  with the reason, REFUSED_OPTIMIZERS), with any number of parameter groups over the model's
+  parameters: every trainable one, and frozen ones too if they are to be unfrozen later (checked).
+  Every update records each group's lr, momentum, dampening, betas, eps, alpha and weight decay as
+  they were when it began, so any scheduler may change any of them; the switches (nesterov,
+  amsgrad, centered, ...) and the groups themselves may not change (checked before every step).
+  foreach and fused are accepted: replay's update check holds their arithmetic to the dtype's
+  tolerance. A parameter whose .grad is None in an update (frozen, unused) is skipped by torch and
+  recorded as such; a frozen one holding a zeroed .grad steps on a zero gradient;
 - every optimizer.step() is followed by one recorder.step() (checked);
 - the loss is the task's Σ_m w_m ℓ_m over the training rows ``batch`` (``task``, default
   classification: the mean cross-entropy) and nothing else (not checkable here: `plgk replay`
@@ -53,7 +59,8 @@ from plgk_cli.data import Dataset, load_dataset
 from plgk_cli.errors import ConfigError, DataError, RecorderError
 from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model
-from plgk_cli.optimizers import Hyper
+from plgk_cli.optimizers import HYPER_FIELDS, Hyper
+from plgk_cli.trajectory import GRAD_LOSS, GRAD_NONE, GRAD_ZERO
 from plgk_cli.tasks import Task, task_for
 
 CLIP_EPS = 1e-6  # as torch.nn.utils.clip_grad_norm_
@@ -61,8 +68,31 @@ DTYPE_NAMES = {torch.float32: "float32", torch.float64: "float64"}
 # Exact classes: a subclass may change the update that replay models.
 OPTIMIZER_NAMES = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw",
                    torch.optim.RMSprop: "rmsprop", torch.optim.Adagrad: "adagrad"}
-# Options that switch torch to an update rule or an arithmetic the decomposition does not follow.
-UNSUPPORTED_FLAGS = ("maximize", "fused", "capturable", "differentiable")
+# Why other optimizers are refused, by class name (torch's and the common third-party ones).
+_NOT_LINEAR = ("is not a linear map of the batch gradient given the recorded state, so no exact "
+               "split into per-example terms exists")
+_NO_DECOMPOSITION = ("is linear in the gradients given its recorded state, but plgk has no "
+                     "decomposition for it yet (it would need its own rule in plgk_cli/optimizers.py)")
+REFUSED_OPTIMIZERS = {
+    "Lion": f"its step sign(β1 m + (1 − β1) g) {_NOT_LINEAR}",
+    "Rprop": f"its step, the sign of the gradient with step sizes adapted on sign changes, {_NOT_LINEAR}",
+    "Muon": f"its step, the momentum orthogonalised by Newton–Schulz iterations, {_NOT_LINEAR}",
+    "LBFGS": "it line-searches with several loss evaluations per step (a closure), so its update "
+             "is not one minibatch gradient's linear map",
+    "SparseAdam": "it takes sparse gradients; plgk decomposes dense updates",
+    "Adafactor": "its update is divided by its own root mean square per tensor, a non-linear function "
+                 "of the batch gradient; an exact audit would need that per-tensor scale recorded at "
+                 "every step (not implemented)",
+    **{name: f"its update {_NO_DECOMPOSITION}" for name in ("Adamax", "NAdam", "RAdam", "Adadelta", "ASGD")},
+}
+SUPPORTED = "torch.optim.SGD, Adam, AdamW, RMSprop or Adagrad"
+# Options that switch torch to an update rule the decomposition does not follow. foreach and
+# fused change only the arithmetic's order: replay's update check holds them to the dtype's
+# tolerance and refuses a run where they drift further.
+UNSUPPORTED_FLAGS = ("maximize", "capturable", "differentiable")
+# Options that must hold for every group and the whole run: replay models one family of update.
+STATIC_OPTIONS = ("nesterov", "amsgrad", "centered", "decoupled_weight_decay", "maximize",
+                  "capturable", "differentiable")
 EVAL_CHUNK = 4096  # test examples per forward pass for the final test accuracy
 
 
@@ -83,40 +113,49 @@ def optimizer_state(optimizer: torch.optim.Optimizer, named_params: dict) -> tup
         s = optimizer.state.get(p, {})
         state[name] = {k: v for k, v in s.items() if torch.is_tensor(v) and v.shape == p.shape}
         if "step" in s:
-            step = int(s["step"])
+            step = max(step, int(s["step"]))
     return state, step
 
 
-def hyper_from_optimizer(optimizer: torch.optim.Optimizer, named_params: dict) -> Hyper:
-    """The hyper-parameters replay models, read from the optimizer's only parameter group.
-    Refuses (ConfigError) an optimizer whose update the decomposition would not reproduce."""
+def optimized_parameters(optimizer: torch.optim.Optimizer, model: torch.nn.Module) -> dict:
+    """The model's parameters that the optimizer holds, by name in the model's order: what a run
+    records (a layer frozen now but unfrozen later among them). Refuses (ConfigError) parameters
+    the optimizer holds that are not the model's, and trainable ones it does not hold."""
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    named = {n: p for n, p in model.named_parameters() if id(p) in held}
+    if len(named) != len(held):
+        raise ConfigError("optimizer: holds tensors that are not parameters of the model; build it "
+                          "from model.parameters() (or named groups of them)")
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and id(p) not in held]
+    if idle:
+        raise ConfigError(f"optimizer: does not hold the trainable parameter {idle[0]!r}"
+                          f"{f' (and {len(idle) - 1} more)' if len(idle) > 1 else ''}; add it to a "
+                          "parameter group, or freeze it with requires_grad_(False)")
+    return named
+
+
+def hyper_from_optimizer(optimizer: torch.optim.Optimizer) -> Hyper:
+    """The family and switches replay models, with the first group's values. Refuses
+    (ConfigError) an optimizer whose update the decomposition would not reproduce."""
     cls = type(optimizer)
     name = OPTIMIZER_NAMES.get(cls)
     if name is None:
-        raise ConfigError(f"optimizer: {cls.__module__}.{cls.__qualname__} is not supported; use "
-                          "torch.optim.SGD, Adam, AdamW, RMSprop or Adagrad, whose updates replay "
-                          "models exactly")
-    if len(optimizer.param_groups) != 1:
-        raise ConfigError(f"optimizer: has {len(optimizer.param_groups)} parameter groups; plgk "
-                          "records one: build it from model.parameters() with one set of options")
-    group = optimizer.param_groups[0]
-    ids = [id(p) for p in group["params"]]
-    if len(ids) != len(named_params) or set(ids) != {id(p) for p in named_params.values()}:
-        raise ConfigError("optimizer: its parameters are not exactly the model's trainable "
-                          "parameters; build it from model.parameters()")
+        reason = REFUSED_OPTIMIZERS.get(cls.__name__)
+        where = f"{cls.__module__}.{cls.__qualname__}"
+        raise ConfigError(f"optimizer: {where} is not supported" + (f": {reason}" if reason else "")
+                          + f"; use {SUPPORTED}, whose updates replay models exactly")
+    groups = optimizer.param_groups
     for flag in UNSUPPORTED_FLAGS:
-        if group.get(flag):
+        if any(group.get(flag) for group in groups):
             raise ConfigError(f"optimizer: {flag}=True is not supported (replay models the plain "
-                              f"single-tensor update); build it with {flag}=False")
-    foreach = group.get("foreach")
-    on_cpu = all(p.device.type == "cpu" for p in named_params.values())
-    if foreach:
-        raise ConfigError("optimizer: foreach=True is not supported; build it with foreach=False "
-                          "(replay follows the arithmetic of torch's single-tensor update)")
-    if foreach is None and not on_cpu:
-        raise ConfigError("optimizer: foreach=None lets torch pick its multi-tensor update off the "
-                          "CPU; build it with foreach=False (replay follows the single-tensor one)")
-    if name == "adagrad" and (group.get("lr_decay") or group.get("initial_accumulator_value")):
+                              f"update); build it with {flag}=False")
+    for option in STATIC_OPTIONS:
+        values = [bool(group.get(option, False)) for group in groups]
+        if len(set(values)) > 1:
+            raise ConfigError(f"optimizer: {option} differs between parameter groups ({values}); replay "
+                              "models one update rule: give every group the same value")
+    group = groups[0]
+    if name == "adagrad" and any(g.get("lr_decay") or g.get("initial_accumulator_value") for g in groups):
         raise ConfigError("optimizer: Adagrad's lr_decay and initial_accumulator_value must be 0 "
                           "(replay models neither)")
     if name == "adam" and group.get("decoupled_weight_decay"):
@@ -132,6 +171,28 @@ def hyper_from_optimizer(optimizer: torch.optim.Optimizer, named_params: dict) -
         weight_decay=float(group.get("weight_decay", defaults.weight_decay)),
         amsgrad=bool(group.get("amsgrad", defaults.amsgrad)),
         centered=bool(group.get("centered", defaults.centered)))
+
+
+def group_values(optimizer: torch.optim.Optimizer) -> torch.Tensor:
+    """What each parameter group holds now, one row per group in the columns of HYPER_FIELDS."""
+    defaults = Hyper(hyper_from_optimizer(optimizer).name)
+    rows = []
+    for group in optimizer.param_groups:
+        betas = group.get("betas", defaults.betas)
+        values = {"lr": group["lr"], "momentum": group.get("momentum", defaults.momentum),
+                  "dampening": group.get("dampening", defaults.dampening), "beta1": betas[0],
+                  "beta2": betas[1], "eps": group.get("eps", defaults.eps),
+                  "alpha": group.get("alpha", defaults.alpha),
+                  "weight_decay": group.get("weight_decay", defaults.weight_decay)}
+        rows.append([float(values[f]) for f in HYPER_FIELDS])  # float(): a tensor lr or beta too
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+def _group_record(group: dict, names: list, values: list) -> dict:
+    """A parameter group as the manifest records it: its parameters and starting values."""
+    row = dict(zip(HYPER_FIELDS, values))
+    row["lr"] = float(group.get("initial_lr", row["lr"]))  # a scheduler keeps the base rate there
+    return {"params": names, **row}
 
 
 class Recorder:
@@ -166,7 +227,8 @@ class Recorder:
                            ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
                 raise ConfigError(f"Recorder: {arg} must be an integer >= 1, got {value!r}")
-        named = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        hyper = hyper_from_optimizer(optimizer)
+        named = optimized_parameters(optimizer, model)
         dtypes = {p.dtype for p in named.values()}
         if len(dtypes) != 1 or next(iter(dtypes)) not in DTYPE_NAMES:
             raise ConfigError(f"model: trainable parameters of dtype {sorted(map(str, dtypes))}; plgk "
@@ -176,7 +238,6 @@ class Recorder:
             raise ConfigError(f"model: parameters on several devices {sorted(map(str, devices))}; put "
                               "the model on one device")
         dtype, device = next(iter(dtypes)), next(iter(devices))
-        hyper = hyper_from_optimizer(optimizer, named)
         if not resume and any(int(s.get("step", 0)) > 0 for s in optimizer.state.values()):
             raise RecorderError("optimizer: has already taken steps; create the Recorder before the "
                                 "first optimizer.step(), so that the trajectory starts at θ_0")
@@ -195,12 +256,12 @@ class Recorder:
         except (TypeError, ValueError):
             raise ConfigError(f"model_kwargs: {model_kwargs!r} must be JSON values (numbers, strings, "
                               "lists, dicts): the manifest stores them for replay") from None
-        layout = ParameterLayout.of(model)
+        layout = ParameterLayout.of(model, set(named))
         # Replay rebuilds the model from its name: check now that it builds these parameters.
         # fork_rng: building draws initial weights, which must not shift the user's random stream.
         with torch.random.fork_rng(devices=[]):
-            rebuilt = ParameterLayout.of(build_model(model_name, model_kwargs, data.in_shape,
-                                                     data.num_classes))
+            rebuilt_model = build_model(model_name, model_kwargs, data.in_shape, data.num_classes)
+        rebuilt = ParameterLayout.of(rebuilt_model, set(named))
         if (rebuilt.names, rebuilt.shapes) != (layout.names, layout.shapes):
             raise ConfigError(f"model: {model_name}(**{model_kwargs}) builds parameters "
                               f"{_describe(rebuilt)}, the model being trained has {_describe(layout)}; "
@@ -209,7 +270,10 @@ class Recorder:
         m = len(data.y_train)
         batch_size = min(batch_size, m)
         steps_per_epoch = steps_per_epoch or math.ceil(m / batch_size)
-        group = optimizer.param_groups[0]
+        names_of = {id(p): n for n, p in named.items()}
+        values = group_values(optimizer).tolist()
+        groups = [_group_record(g, [names_of[id(p)] for p in g["params"]], row)
+                  for g, row in zip(optimizer.param_groups, values)]
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
             out_dir, model, optimizer, data, hyper)
         self.task = task
@@ -227,9 +291,10 @@ class Recorder:
             "model": {"name": model_name, "kwargs": model_kwargs},
             "task": {"name": task.name},
             "loss": {"classification": "cross_entropy", "regression": "mse"}.get(task.name, task.name),
-            # a scheduler keeps the base rate as initial_lr; clip_grad_norm is filled in when used
-            "optimizer": dataclasses.asdict(hyper) | {"lr": float(group.get("initial_lr", group["lr"])),
-                                                      "clip_grad_norm": None},
+            # the first group's base rate (a scheduler keeps it as initial_lr) for a quick look;
+            # clip_grad_norm is filled in when used; what each update used is in its step file
+            "optimizer": dataclasses.asdict(hyper) | {"lr": groups[0]["lr"], "clip_grad_norm": None,
+                                                      "groups": groups},
             "schedule": schedule,
             "parameters": [{"name": n, "shape": list(s), "dtype": DTYPE_NAMES[dtype]}
                            for n, s in zip(layout.names, layout.shapes)],
@@ -247,6 +312,10 @@ class Recorder:
         self._max_norms: list[float] = []
         self._clip_coef = 1.0  # product of this update's clip coefficients
         self._lr_used: float | None = None
+        self._hyper_used: torch.Tensor | None = None  # group_values() as the update began
+        self._grad_kinds: list | None = None  # GRAD_* of each recorded parameter in that update
+        self._param_steps = [0] * len(named)  # updates each parameter took part in
+        self._frozen: set = set()  # parameters that in some update had no loss gradient
         self._unrecorded = False  # an optimizer.step() ran that no checkpoint holds yet
         self._finished = False
         self._epoch, self._loss_sum, self._seen, self._correct = 0, 0.0, 0, 0
@@ -334,9 +403,24 @@ class Recorder:
         rng = {}
         if self._rng_used:  # and where the generators stand now, for a resume to continue from
             rng = {**self._rng_used, **{f"{k}_after": v for k, v in self._generator_states().items()}}
+        kinds = self._grad_kinds
+        if self.checkpoint_every > 1 and any(k != GRAD_LOSS for k in kinds):
+            name = list(self._named)[next(i for i, k in enumerate(kinds) if k != GRAD_LOSS)]
+            raise RecorderError(f"checkpoint_every > 1 ([checkpoint] every): parameter {name!r} took no "
+                                f"ordinary step in update {t} (frozen, or its .grad was None), which "
+                                "sparse runs do not re-simulate yet; record every step")
+        self._param_steps = [n + (k != GRAD_NONE) for n, k in zip(self._param_steps, kinds)]
+        frozen = {name for name, k in zip(self._named, kinds) if k != GRAD_LOSS}
+        if not frozen <= self._frozen:  # named in the manifest as it happens, as clip norms are
+            self._frozen |= frozen
+            self.manifest["optimizer"]["frozen"] = sorted(self._frozen)
+            trajectory.write_manifest(self.out_dir, self.manifest)
+        steps = self._param_steps
         self._last_record = dict(step=t, batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
                                  loss=loss_value, extra_metadata={"epoch": str(epoch)},
-                                 rng=rng, buffers=buffers)
+                                 rng=rng, buffers=buffers, hyper=self._hyper_used,
+                                 grad=None if all(k == GRAD_LOSS for k in kinds) else torch.tensor(kinds),
+                                 optim_steps=None if len(set(steps)) <= 1 else torch.tensor(steps))
         self._random_forward |= bool(self._rng_used)
         self._changed |= set(buffers)
         self._write(full=t % self.checkpoint_every == 0)
@@ -413,6 +497,7 @@ class Recorder:
             self.out_dir, self.run_id, record["step"], self._named, state, optim_step or record["step"],
             batch=record["batch"], lr=record["lr"], clip_coef=record["clip_coef"], loss=record["loss"],
             extra_metadata=record["extra_metadata"], rng=record["rng"], buffers=record["buffers"],
+            hyper=record["hyper"], grad=record["grad"], optim_steps=record["optim_steps"],
             records=tuple(r for r in self._block_records if r["step"] != record["step"]))
         self._block_records = []
 
@@ -426,6 +511,9 @@ class Recorder:
         # clip norms are filled in as clipping happens: take the interrupted run's
         recorded_clip = old.get("optimizer", {}).get("clip_grad_norm")
         self.manifest["optimizer"]["clip_grad_norm"] = recorded_clip
+        self._frozen = set(old.get("optimizer", {}).get("frozen", []))
+        if self._frozen:
+            self.manifest["optimizer"]["frozen"] = sorted(self._frozen)
         self._max_norms = [] if recorded_clip is None else (
             list(recorded_clip) if isinstance(recorded_clip, list) else [recorded_clip])
         mine = json.loads(json.dumps({k: v for k, v in self.manifest.items()
@@ -445,11 +533,13 @@ class Recorder:
         with torch.no_grad():
             for name, p in self._named.items():
                 p.copy_(ck.params[name])
-        for name, p in self._named.items():
+        self._param_steps = [ck.optim_step] * len(self._named) if ck.optim_steps is None else \
+            [int(n) for n in ck.optim_steps]
+        for (name, p), steps in zip(self._named.items(), self._param_steps):
             state = {k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in ck.optim_state[name].items()}
-            if self.hyper.name != "sgd":  # torch keeps the step count as a float32 scalar tensor
-                state["step"] = torch.tensor(float(ck.optim_step), dtype=torch.float32)
-            if state:
+            if state and self.hyper.name != "sgd":  # torch keeps the step count as a float32 scalar tensor
+                state["step"] = torch.tensor(float(steps), dtype=torch.float32)
+            if state:  # a parameter never stepped has no state yet
                 self.optimizer.state[p] = state
         with torch.no_grad():  # buffers as they were at step `last`
             for name, b in self._buffers.items():
@@ -472,14 +562,38 @@ class Recorder:
         if self._unrecorded:
             raise RecorderError("optimizer.step() twice without recorder.step() in between; call "
                                 "recorder.step() after every optimizer.step()")
-        hyper = hyper_from_optimizer(optimizer, self._named)
-        if hyper != self.hyper:
-            changed = ", ".join(f"{f.name} {getattr(self.hyper, f.name)!r} -> {getattr(hyper, f.name)!r}"
-                                for f in dataclasses.fields(Hyper)
-                                if getattr(hyper, f.name) != getattr(self.hyper, f.name))
-            raise RecorderError(f"optimizer: {changed} changed during the run; replay models fixed "
-                                "hyper-parameters (only lr may change)")
-        self._lr_used = float(optimizer.param_groups[0]["lr"])
+        hyper = hyper_from_optimizer(optimizer)
+        if len(optimizer.param_groups) != len(self.manifest["optimizer"]["groups"]) or \
+                optimized_parameters(optimizer, self.model) != self._named:
+            raise RecorderError("optimizer: its parameter groups changed during the run "
+                                "(add_param_group); replay needs the groups the run started with: "
+                                "give the optimizer every group from the start")
+        switches = [f.name for f in dataclasses.fields(Hyper) if isinstance(getattr(hyper, f.name), (bool, str))]
+        changed = [f"{k} {getattr(self.hyper, k)!r} -> {getattr(hyper, k)!r}" for k in switches
+                   if getattr(hyper, k) != getattr(self.hyper, k)]
+        if changed:
+            raise RecorderError(f"optimizer: {', '.join(changed)} changed during the run; replay models "
+                                "one update rule (the values, lr, momentum, betas, eps and weight decay, "
+                                "may change)")
+        self._hyper_used = group_values(optimizer)
+        self._lr_used = float(self._hyper_used[0, HYPER_FIELDS.index("lr")])
+        self._grad_kinds = [self._grad_kind(name, p) for name, p in self._named.items()]
+
+    @staticmethod
+    def _grad_kind(name: str, p: torch.Tensor) -> int:
+        """GRAD_*: what the optimizer is about to see as the parameter's gradient."""
+        if p.grad is None:
+            return GRAD_NONE
+        if p.grad.is_sparse:
+            raise RecorderError(f"parameter {name!r} has a sparse gradient (Embedding(sparse=True)); plgk "
+                                "decomposes dense updates: build the layer with sparse=False")
+        if p.requires_grad:
+            return GRAD_LOSS
+        if bool((p.grad != 0).any()):
+            raise RecorderError(f"parameter {name!r} is frozen (requires_grad=False) but holds a non-zero "
+                                ".grad from before, which the update would use; clear it with "
+                                "optimizer.zero_grad() before the step")
+        return GRAD_ZERO
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         self._unrecorded = True

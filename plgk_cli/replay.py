@@ -25,6 +25,7 @@ from pathlib import Path
 import dataclasses
 import functools
 import json
+import math
 import signal
 import threading
 import time
@@ -314,6 +315,10 @@ def _ghost_layers(args: ReplayArguments, run: Run, gradients: GradientComputer) 
         raise AuditSpecError(f"--ghost: the run's optimizer is {hyper.name}"
                              f"{f' with momentum {hyper.momentum:g}' if hyper.momentum else ''}; ghost "
                              "dot products apply to plain SGD without momentum: drop --ghost")
+    if len(run.groups) > 1 or run.manifest["optimizer"].get("frozen"):
+        raise AuditSpecError("--ghost: the run has several parameter groups or parameters that were "
+                             "frozen in some updates; ghost dot products need one rate for every Linear "
+                             "layer's weight and bias at every step: drop --ghost")
     layers = gradients.linear_layers()
     if not layers:
         raise AuditSpecError("--ghost: the model has no Linear layer whose per-example gradients come "
@@ -366,11 +371,15 @@ class WalkState:
     def tensors(self) -> dict:
         # Under euler h is ∇q at the boundary itself; a commit stores each tensor on its own.
         h = self.h.clone() if self.h is self.a_boundary else self.h
+        # μ of the update above the walk: a vector where parameter groups have their own
+        decay = {"walk/decay_next": self.decay_next} if isinstance(self.decay_next, torch.Tensor) else {}
         return {"walk/w": self.w, "walk/h": h, "walk/a_boundary": self.a_boundary,
-                "walk/values": self.values, "walk/buffer_part": self.buffer_part, **self.acc.state_tensors()}
+                "walk/values": self.values, "walk/buffer_part": self.buffer_part, **decay,
+                **self.acc.state_tensors()}
 
     def scalars(self) -> dict:
-        return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": self.decay_next}
+        decay = None if isinstance(self.decay_next, torch.Tensor) else self.decay_next
+        return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": decay}
 
     def restore(self, tensors: dict, scalars: dict) -> None:
         device = self.w.device
@@ -387,7 +396,10 @@ class WalkState:
             getattr(self, name).copy_(saved.to(device))
         self.acc.load_state_tensors(tensors)
         self.next_step, self.h_start = int(scalars["next_step"]), int(scalars["h_start"])
-        self.decay_next = float(scalars["decay_next"])
+        if scalars["decay_next"] is None:
+            self.decay_next = tensors["walk/decay_next"].to(device=device, dtype=torch.float64)
+        else:
+            self.decay_next = float(scalars["decay_next"])
 
 
 # Arguments that do not change the result: a resume may differ in them, and the output file does
@@ -589,9 +601,11 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     theta_t, theta_next, before, after = step.theta, step_next.theta, step.state, step_next.state
     ck_next = step_next.checkpoint
     batch = ck_next.batch.to(device)
-    lr, clip, step_after = ck_next.lr, ck_next.clip_coef, ck_next.optim_step
+    clip = ck_next.clip_coef
+    hp = run.update_hyper(ck_next, device)
+    frozen = run.frozen_coordinates(ck_next, device)  # their gradient was zeros or None, not the loss's
 
-    coeffs = decomposition.coefficients(before, after, lr, clip, step_after)
+    coeffs = decomposition.coefficients(before, after, hp, clip)
     state.w, v = coeffs.adjoint(state.w, state.decay_next, state.h, out=state.v)
     state.decay_next = coeffs.decay
 
@@ -632,6 +646,11 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     else:  # partial audit: the update still saw the whole batch
         batch_grad = plan.gradients.mean_loss_gradient(theta_t.to(compute), plan.x_train[batch],
                                                        plan.y_train[batch]).to(torch.float64)
+    if frozen is not None:  # the optimizer saw no gradient there
+        g = g.masked_fill(frozen, 0.0)
+        batch_grad = batch_grad.masked_fill(frozen, 0.0)
+        if rounding is not None:
+            rounding = rounding.masked_fill(frozen, 0.0)
     scale = clip / len(batch) if weights is None else clip * weights[positions]  # c_s w_m
     acc.add_samples(audited, g, scale, v, run.epoch_of(t), parts)
     acc.add_residual(coeffs.residual(theta_t, v, state.h))
@@ -641,15 +660,21 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
         # full steps; no example owns it, so it goes through the same v_s into the residual.
         acc.add_residual(clip * (rounding @ v))
 
-    delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, lr, clip, step_after)
+    delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, hp, clip)
     recorded_delta = theta_next - theta_t
     errors = [_relative_error(delta, recorded_delta, theta_next, run.dtype)]
-    errors += [_relative_error(predicted_state[k], after[k], after[k], run.dtype)
-               for k in predicted_state if k in after]
-    acc.record_step(t, recorded_delta, state.h, max(errors))
-    if max(errors) > plan.max_update_error:
+    for key in (k for k in predicted_state if k in after):  # where the run holds the state
+        held = step_next.held.get(key)
+        predicted, recorded = (predicted_state[key], after[key]) if held is None else \
+            (predicted_state[key][held], after[key][held])
+        errors.append(_relative_error(predicted, recorded, recorded, run.dtype))
+    # NaN (a record that contradicts itself, e.g. a bias correction of a parameter never stepped)
+    # must fail the gate, and max() would drop it behind a finite error
+    worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
+    acc.record_step(t, recorded_delta, state.h, worst)
+    if not worst <= plan.max_update_error:
         raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "
-                               f"gradients differs from the recorded one by {max(errors):.1e} (gate "
+                               f"gradients differs from the recorded one by {worst:.1e} (gate "
                                f"{plan.max_update_error:g}): {_diagnose(plan, t)}; "
                                "the audit would not describe this run (--max-update-error raises the gate)")
 
@@ -657,7 +682,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 def _check_sum(plan: ReplayPlan, t: int, rounding: torch.Tensor, batch_grad: torch.Tensor) -> None:
     """The per-example gradients must add up to the batch gradient of the same forward."""
     error = float(rounding.norm() / batch_grad.norm().clamp_min(1e-300))
-    if error > plan.max_update_error:
+    if not error <= plan.max_update_error:
         raise UpdateCheckError(
             f"{plan.run.path}: update {t} -> {t + 1}: the per-example loss-term gradients, weighted as the "
             f"task says, miss the batch gradient by {error:.1e} (gate {plan.max_update_error:g}): the "

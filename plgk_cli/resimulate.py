@@ -35,7 +35,8 @@ class FlatStep:
 
     checkpoint: Checkpoint
     theta: torch.Tensor
-    state: dict  # torch state key -> flat float64 vector
+    state: dict  # torch state key -> flat float64 vector (zeros where a parameter has none yet)
+    held: dict  # state key -> bool vector where only some parameters hold it (others: complete)
 
 
 class TrajectoryView:
@@ -62,10 +63,11 @@ class TrajectoryView:
         ck = self.checkpoint(t)
         try:
             state = self.layout.flatten_state(ck.optim_state, self.device)
-        except ValueError as exc:
+        except (ValueError, RuntimeError) as exc:
             raise TrajectoryError(f"{checkpoint_path(self.run.path, t)}: {exc}; the run's optimizer "
                                   "state is inconsistent") from None
-        step = FlatStep(ck, self.layout.flatten(ck.params, device=self.device), state)
+        step = FlatStep(ck, self.layout.flatten(ck.params, device=self.device), state,
+                        self.layout.state_held(ck.optim_state, self.device))
         self._flat[t] = step
         if len(self._flat) > FLAT_CACHED:
             self._flat.popitem(last=False)
@@ -103,8 +105,9 @@ class TrajectoryView:
             batch = record.batch.to(self.device)
             grad = self.gradients.mean_loss_gradient(theta.to(self.compute), self.x_train[batch],
                                                      self.y_train[batch]).to(torch.float64)
-            delta, state, _ = run.decomposition.simulate(state, theta, grad, record.lr, record.clip_coef,
-                                                         record.optim_step)
+            delta, state, _ = run.decomposition.simulate(state, theta, grad,
+                                                         run.update_hyper(record, self.device),
+                                                         record.clip_coef)
             theta = self._stored(theta + delta)
             state = {k: self._stored(v) for k, v in state.items()}
             if record.full:  # the next stored checkpoint: how far did re-simulation drift?
@@ -115,7 +118,8 @@ class TrajectoryView:
                 block[s] = Checkpoint(
                     step=s, params=layout.unflatten(theta.to(run.dtype)),
                     optim_state=self._per_parameter(state), optim_step=record.optim_step,
-                    batch=record.batch, lr=record.lr, clip_coef=record.clip_coef, loss=record.loss)
+                    batch=record.batch, lr=record.lr, clip_coef=record.clip_coef, loss=record.loss,
+                    hyper=record.hyper)
         return block
 
     def _stored(self, x: torch.Tensor) -> torch.Tensor:

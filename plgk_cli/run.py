@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -13,9 +14,10 @@ from plgk_cli.data import Dataset, load_dataset
 from plgk_cli.errors import DataError, TrajectoryError
 from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model, mode_dependent
-from plgk_cli.optimizers import Decomposition, Hyper, decomposition_for
+from plgk_cli.optimizers import HYPER_FIELDS, Decomposition, Hyper, UpdateHyper, decomposition_for
 from plgk_cli.tasks import Task, task_for
-from plgk_cli.trajectory import Checkpoint, check_steps, read_checkpoint, read_fixed, read_manifest
+from plgk_cli.trajectory import (GRAD_LOSS, GRAD_NONE, Checkpoint, check_steps, read_checkpoint,
+                                 read_fixed, read_manifest)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -61,9 +63,13 @@ class Run:
         d = self.manifest["dataset"]
         model = build_model(self.manifest["model"]["name"], self.manifest["model"]["kwargs"],
                             tuple(d["in_shape"]), d["num_classes"])
-        layout = ParameterLayout.of(model)
         recorded = tuple(p["name"] for p in self.manifest["parameters"])
         shapes = tuple(tuple(p["shape"]) for p in self.manifest["parameters"])
+        # The recorded parameters are those the optimizer held, a layer frozen at the start among
+        # them; the model's others are fixed state.
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name in recorded)
+        layout = ParameterLayout.of(model)
         if layout.names != recorded or layout.shapes != shapes:
             raise TrajectoryError(f"{self.path}: the model {self.manifest['model']['name']} now builds "
                                   "parameters that differ from the recorded ones; restore its code")
@@ -117,6 +123,54 @@ class Run:
     @cached_property
     def decomposition(self) -> Decomposition:
         return decomposition_for(self.hyper)
+
+    @cached_property
+    def groups(self) -> tuple:
+        """The parameter names of each optimizer parameter group (one group before format v3)."""
+        groups = self.manifest["optimizer"].get("groups")
+        if groups is None:
+            return (tuple(p["name"] for p in self.manifest["parameters"]),)
+        return tuple(tuple(g["params"]) for g in groups)
+
+    def update_hyper(self, checkpoint: Checkpoint, device=None) -> UpdateHyper:
+        """The hyper-parameters of the update that ended at ``checkpoint``, per coordinate of the
+        flat parameter vector (floats where every group agrees)."""
+        step = float(checkpoint.optim_step)
+        if checkpoint.hyper is None:  # format v1/v2: one group, only the lr was recorded
+            return self.hyper.update_hyper(checkpoint.lr, step)
+        sizes, group_of = self._parameter_groups
+        values = {}
+        for column, name in enumerate(HYPER_FIELDS):
+            per_group = checkpoint.hyper[:, column].to(torch.float64)
+            if bool((per_group == per_group[0]).all()):
+                values[name] = float(per_group[0])
+            else:
+                values[name] = torch.repeat_interleave(per_group[group_of], sizes).to(device)
+        if checkpoint.optim_steps is not None:
+            steps = checkpoint.optim_steps.to(torch.float64)
+            values["step"] = torch.repeat_interleave(steps, sizes).to(device)
+        else:
+            values["step"] = step
+        stepped = None
+        if checkpoint.grad is not None and bool((checkpoint.grad == GRAD_NONE).any()):
+            stepped = torch.repeat_interleave(checkpoint.grad != GRAD_NONE, sizes).to(device)
+        return UpdateHyper(**values, stepped=stepped)
+
+    def frozen_coordinates(self, checkpoint: Checkpoint, device=None) -> torch.Tensor | None:
+        """Where the update's gradient was not the loss's (a frozen parameter's zeros or None):
+        a bool P-vector, None where every recorded parameter had the loss's gradient."""
+        if checkpoint.grad is None or bool((checkpoint.grad == GRAD_LOSS).all()):
+            return None
+        sizes, _ = self._parameter_groups
+        return torch.repeat_interleave(checkpoint.grad != GRAD_LOSS, sizes).to(device)
+
+    @cached_property
+    def _parameter_groups(self) -> tuple:
+        """(numel of each recorded parameter, its group's index), both in layout order."""
+        group_index = {name: g for g, names in enumerate(self.groups) for name in names}
+        params = self.manifest["parameters"]
+        sizes = torch.tensor([math.prod(p["shape"]) for p in params], dtype=torch.int64)
+        return sizes, torch.tensor([group_index[p["name"]] for p in params], dtype=torch.int64)
 
     @cached_property
     def steps(self) -> list[int]:

@@ -7,13 +7,15 @@ same writer a user's own loop uses.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
+import warnings
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from plgk_cli.config import RunConfig, ScheduleConfig
+from plgk_cli.config import GROUP_KEYS, RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, OutputError
 from plgk_cli.models import build_model, mode_dependent
@@ -45,6 +47,76 @@ def resolve_device(name: str, where: str = "[train] device") -> torch.device:
     return torch.device(name)
 
 
+def parameter_groups(config: RunConfig, model: torch.nn.Module) -> list[dict]:
+    """torch parameter groups from [optim] and its [[optim.groups]]: each trainable parameter goes
+    to the first group whose patterns match its name, the others to [optim]'s own group (first).
+    Refuses (ConfigError) a group that matches no parameter."""
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    o = config.optim
+    members: list[list] = [[] for _ in range(len(o.groups) + 1)]
+    for name, p in named:
+        index = next((i for i, g in enumerate(o.groups, start=1)
+                      if any(fnmatch.fnmatchcase(name, pattern) for pattern in g.params)), 0)
+        members[index].append(p)
+    groups = [{"params": members[0]}] if members[0] else []
+    for number, (group, params) in enumerate(zip(o.groups, members[1:]), start=1):
+        if not params:
+            example = ", ".join(repr(n) for n, _ in named[:3])
+            raise ConfigError(f"[[optim.groups]] #{number} params {list(group.params)}: matches no "
+                              f"trainable parameter of the model (its names are like {example}); fix "
+                              "the patterns or remove the group")
+        values = {k: getattr(group, k) for k in GROUP_KEYS if getattr(group, k) is not None}
+        if "betas" in values:
+            values["betas"] = tuple(values["betas"])
+        groups.append({"params": params, **values})
+    return groups
+
+
+class Schedule:
+    """[schedule] over an optimizer's groups: ``before_update(step)`` sets each group's lr for
+    update ``step`` (0-based) from its own base lr, or, for onecycle and cyclic, torch's OneCycleLR
+    or CyclicLR (each group's lr its max_lr) sets lr and momentum / β1 and ``after_update()``
+    advances it. ``done`` updates already made (a resumed run) are stepped over."""
+
+    def __init__(self, config: RunConfig, optimizer: torch.optim.Optimizer, total_steps: int, done: int = 0):
+        self.config, self.optimizer, self.total_steps = config.schedule, optimizer, total_steps
+        self.base_lrs = [g["lr"] for g in optimizer.param_groups]
+        self.scheduler = self._torch_scheduler()
+        if self.scheduler is not None:
+            with warnings.catch_warnings():  # "scheduler.step() before optimizer.step()": on purpose
+                warnings.simplefilter("ignore", UserWarning)
+                for _ in range(done):
+                    self.scheduler.step()
+
+    def _torch_scheduler(self):
+        sch, optimizer = self.config, self.optimizer
+        cycle = dict(cycle_momentum=sch.cycle_momentum, base_momentum=sch.base_momentum,
+                     max_momentum=sch.max_momentum)
+        if sch.name == "onecycle":
+            return torch.optim.lr_scheduler.OneCycleLR(
+                optimizer, max_lr=self.base_lrs, total_steps=self.total_steps, pct_start=sch.pct_start,
+                div_factor=sch.div_factor, final_div_factor=sch.final_div_factor, **cycle)
+        if sch.name == "cyclic":
+            return torch.optim.lr_scheduler.CyclicLR(
+                optimizer, base_lr=[lr / sch.div_factor for lr in self.base_lrs], max_lr=self.base_lrs,
+                step_size_up=sch.step_size, **cycle)
+        return None
+
+    def before_update(self, step: int) -> None:
+        if self.scheduler is None:
+            for group, base_lr in zip(self.optimizer.param_groups, self.base_lrs):
+                group["lr"] = learning_rate(self.config, base_lr, step, self.total_steps)
+
+    def after_update(self) -> None:
+        if self.scheduler is not None:
+            self.scheduler.step()
+
+
+def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """The torch optimizer of [optim] and its [[optim.groups]] over the model's parameters."""
+    return build_torch_optimizer(hyper_from_config(config), parameter_groups(config, model), config.optim.lr)
+
+
 def hyper_from_config(config: RunConfig) -> Hyper:
     o = config.optim
     return Hyper(name=o.name, momentum=o.momentum, dampening=o.dampening, nesterov=o.nesterov,
@@ -71,8 +143,7 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                           f"BatchNorm ({mode_dependent(model)[0]!r}), which sparse runs do not re-simulate "
                           "yet; use every = 1")
     model = model.to(device=device, dtype=dtype).train()
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = build_torch_optimizer(hyper_from_config(config), params, config.optim.lr)
+    optimizer = build_optimizer(config, model)
     m = len(data.y_train)
     batch_size = min(config.train.batch_size, m)
     recorder = Recorder(out_dir, model, optimizer, model_name=config.model.name,
@@ -87,6 +158,7 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
     bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
     done = recorder.step_count  # > 0 when resuming: those updates are recorded already
     bar.update(done)
+    schedule = Schedule(config, optimizer, total_steps, done)
     step = 0
     with recorder:
         for _ in range(config.train.epochs):
@@ -95,10 +167,8 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 step += 1
                 if step <= done:
                     continue
-                # the lr is set before the update and the recorder takes it from the optimizer
-                lr = learning_rate(config.schedule, config.optim.lr, recorder.step_count, total_steps)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
+                # set before the update; the recorder takes each group's values from the optimizer
+                schedule.before_update(recorder.step_count)
                 optimizer.zero_grad(set_to_none=True)
                 rows = batch.to(device)
                 logits = model(x_train[rows])
@@ -111,6 +181,7 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 if config.optim.clip_grad_norm:
                     recorder.clip_grad_norm(config.optim.clip_grad_norm)
                 optimizer.step()
+                schedule.after_update()
                 recorder.step(batch, loss, logits)
                 bar.update(1)
                 running = recorder.epoch_metrics()

@@ -9,14 +9,20 @@ state the update's training forward started from, where that forward drew random
 (dropout), with ``rng/cpu_after`` (``rng/cuda_after``), where the generators stood when the update
 was recorded (a resumed run continues from there), and ``buffer/<name>``, the model's buffers
 after t updates that differ from step 0's ``fixed/<name>`` (BatchNorm running statistics). The
-manifest names the ``task``. Version 1 runs read as classification runs without either. Its
+manifest names the ``task``. Version 1 runs read as classification runs without either. Version 3
+adds ``hyper`` (float64, one row per parameter group, the columns of optimizers.HYPER_FIELDS: the
+lr, momentum, dampening, betas, eps, alpha and weight decay that update used), the manifest's
+``optimizer.groups`` (the parameters of each group), and, where some parameter did not take an
+ordinary step, ``grad`` (uint8 per recorded parameter: GRAD_NONE, GRAD_LOSS or GRAD_ZERO, see
+below) and ``optim_steps`` (int64 per parameter: its own step count, where they differ); runs of
+versions 1 and 2 read as one group whose values are the manifest's but the recorded lr. Its
 safetensors metadata names the run and the step so that a file
 from another run or a renamed file is caught. This module is the only place that knows these names.
 
 A sparse run (``checkpoint_every`` K > 1) has step files at the multiples of K and at the last
 step only; the records of the steps in between travel in the step file that ends their block:
-``record/batch`` (their minibatches, concatenated) and ``record/scalars`` (one row of lr,
-clip_coef, loss per step), with the metadata ``record/step``, ``record/size``,
+``record/batch`` (their minibatches, concatenated), ``record/scalars`` (one row of lr,
+clip_coef, loss per step) and ``record/hyper`` (steps x groups x fields), with the metadata ``record/step``, ``record/size``,
 ``record/optim_step`` and ``record/epoch`` (comma-separated, one entry per step). One file per
 block, not per step: a record of its own cost a file, its 4 KiB disk block and its header.
 """
@@ -38,8 +44,8 @@ from plgk_cli.errors import OutputError, TrajectoryError
 from plgk_cli.faults import fault_hook
 
 FORMAT = "plgk-trajectory"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MANIFEST = "manifest.json"
 STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
 PARAM_PREFIX = "param/"
@@ -49,6 +55,11 @@ RECORD_PREFIX = "record/"
 FIXED_PREFIX = "fixed/"  # step 0 only: the model's frozen parameters and buffers
 RNG_PREFIX = "rng/"  # the generator states the update's training forward started from
 BUFFER_PREFIX = "buffer/"  # buffers after t updates that differ from their step-0 value
+HYPER, GRAD, OPTIM_STEPS = "hyper", "grad", "optim_steps"
+# What each recorded parameter's .grad was when the optimizer stepped (the ``grad`` tensor):
+GRAD_NONE = 0  # None: torch skipped the parameter, its value and state did not change
+GRAD_LOSS = 1  # the loss's gradient (requires_grad was on)
+GRAD_ZERO = 2  # zeros: frozen (requires_grad off) after zero_grad(set_to_none=False)
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
 
@@ -71,6 +82,9 @@ class Checkpoint:
     loss: float | None
     rng: dict = dataclasses.field(default_factory=dict)  # "cpu"/"cuda" -> uint8 generator state
     buffers: dict = dataclasses.field(default_factory=dict)  # name -> tensor, those changed since step 0
+    hyper: torch.Tensor | None = None  # (groups, len(HYPER_FIELDS)) float64; None before format v3
+    grad: torch.Tensor | None = None  # uint8 per recorded parameter (GRAD_*); None: all GRAD_LOSS
+    optim_steps: torch.Tensor | None = None  # int64 per parameter; None: all optim_step
 
     @property
     def full(self) -> bool:
@@ -109,7 +123,7 @@ def read_manifest(run_dir: Path) -> dict:
         newer = (manifest.get("format") == FORMAT and isinstance(version, int)
                  and not isinstance(version, bool) and version > FORMAT_VERSION)
         raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version {version!r}; "
-                              f"this plgk reads {FORMAT} version {FORMAT_VERSION} (and 1)"
+                              f"this plgk reads {FORMAT} versions 1 to {FORMAT_VERSION}"
                               + ("; the run was written by a newer plgk: upgrade plgk" if newer
                                  else ""))
     missing = [k for k in MANIFEST_KEYS if k not in manifest]
@@ -137,12 +151,15 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
                      optim_step: int, batch: torch.Tensor | None = None, lr: float | None = None,
                      clip_coef: float | None = None, loss: float | None = None,
                      extra_metadata: dict | None = None, records: tuple = (), fixed: dict | None = None,
-                     rng: dict | None = None, buffers: dict | None = None) -> Path:
+                     rng: dict | None = None, buffers: dict | None = None,
+                     hyper: torch.Tensor | None = None, grad: torch.Tensor | None = None,
+                     optim_steps: torch.Tensor | None = None) -> Path:
     """Write step file ``step``; ``records``: the records of the steps before it that have no
     file of their own (a sparse run's block), each a dict with step, batch, lr, clip_coef, loss,
     optim_step and extra_metadata; ``fixed``: (step 0) the model's state that training does not
     change, frozen parameters and buffers by state_dict name; ``rng``: the generator states the
-    update's training forward started from; ``buffers``: buffers that differ from step 0's."""
+    update's training forward started from; ``buffers``: buffers that differ from step 0's;
+    ``hyper``, ``grad``, ``optim_steps``: see the module's docstring (records carry ``hyper``)."""
     tensors = {PARAM_PREFIX + name: t.detach().cpu().contiguous() for name, t in params.items()}
     tensors.update({FIXED_PREFIX + name: t.detach().cpu().contiguous() for name, t in (fixed or {}).items()})
     tensors.update({RNG_PREFIX + name: t.detach().cpu().contiguous() for name, t in (rng or {}).items()})
@@ -155,12 +172,18 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
         tensors[LR] = torch.tensor([lr], dtype=torch.float64)
         tensors[CLIP_COEF] = torch.tensor([clip_coef], dtype=torch.float64)
         tensors[LOSS] = torch.tensor([loss], dtype=torch.float64)
+    for key, value, dtype in ((HYPER, hyper, torch.float64), (GRAD, grad, torch.uint8),
+                              (OPTIM_STEPS, optim_steps, torch.int64)):
+        if value is not None:
+            tensors[key] = value.detach().cpu().to(dtype).contiguous()
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION), "run_id": run_id,
                 "step": str(step), "optim_step": str(optim_step), **(extra_metadata or {})}
     if records:
         tensors[RECORD_PREFIX + BATCH] = _indices(torch.cat([r["batch"].reshape(-1) for r in records]))
         tensors[RECORD_PREFIX + "scalars"] = torch.tensor(
             [[r["lr"], r["clip_coef"], r["loss"]] for r in records], dtype=torch.float64)
+        if records[0].get("hyper") is not None:
+            tensors[RECORD_PREFIX + HYPER] = torch.stack([r["hyper"] for r in records]).to(torch.float64)
         columns = {"step": [r["step"] for r in records], "size": [r["batch"].numel() for r in records],
                    "optim_step": [r["optim_step"] for r in records]}
         for key in (records[0].get("extra_metadata") or {}):
@@ -216,6 +239,7 @@ def _read_block_record(run_dir: Path, step: int, every: int, run_id: str | None)
         start = sum(sizes[:index])
         batch = tensors[RECORD_PREFIX + BATCH][start:start + sizes[index]].to(torch.int64)
         lr, clip_coef, loss = tensors[RECORD_PREFIX + "scalars"][index].tolist()
+        hyper = tensors[RECORD_PREFIX + HYPER][index] if RECORD_PREFIX + HYPER in tensors else None
     except (KeyError, ValueError, IndexError):
         where = f"nor in {holder.name}, which ends its block" if holder is not None else \
             "and no later step file of its block"
@@ -223,7 +247,7 @@ def _read_block_record(run_dir: Path, step: int, every: int, run_id: str | None)
                               f"gap at step {step}: restore the files or re-run `plgk train`") from None
     _check_run_id(holder, metadata, run_id)
     return Checkpoint(step=step, params={}, optim_state={}, optim_step=optim_step, batch=batch, lr=lr,
-                      clip_coef=clip_coef, loss=loss)
+                      clip_coef=clip_coef, loss=loss, hyper=hyper)
 
 
 def read_fixed(run_dir: Path, run_id: str | None = None) -> dict:
@@ -271,7 +295,8 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: 
         lr=float(tensors[LR][0]) if has_record else None,
         clip_coef=float(tensors[CLIP_COEF][0]) if has_record else None,
         loss=float(tensors[LOSS][0]) if has_record else None,
-        rng=rng, buffers=buffers,
+        rng=rng, buffers=buffers, hyper=tensors.get(HYPER), grad=tensors.get(GRAD),
+        optim_steps=tensors.get(OPTIM_STEPS),
     )
 
 

@@ -20,8 +20,7 @@ from plgk_cli import trajectory
 from plgk_cli.config import load_config
 from plgk_cli.data import load_dataset
 from plgk_cli.models import build_model
-from plgk_cli.optimizers import build_torch_optimizer
-from plgk_cli.train import hyper_from_config, learning_rate, train
+from plgk_cli.train import Schedule, build_optimizer, train
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_OUT = ROOT / "bench-results" / "experiments"
@@ -118,22 +117,23 @@ def retrain(config, data, keep: np.ndarray | None = None) -> torch.nn.Module:
         x, y = x[keep], y[keep]
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
-    optimizer = build_torch_optimizer(hyper_from_config(config), list(model.parameters()), config.optim.lr)
+    optimizer = build_optimizer(config, model)
     m = len(y)
     bs = min(config.train.batch_size, m)
     total = config.train.epochs * -(-m // bs)
     gen = torch.Generator().manual_seed(config.train.seed)
+    schedule = Schedule(config, optimizer, total)
     step = 0
     for _ in range(config.train.epochs):
         for batch in torch.randperm(m, generator=gen).split(bs):
-            for g in optimizer.param_groups:
-                g["lr"] = learning_rate(config.schedule, config.optim.lr, step, total)
+            schedule.before_update(step)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[batch]), y[batch])
             loss.backward()
             if config.optim.clip_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.optim.clip_grad_norm)
             optimizer.step()
+            schedule.after_update()
             step += 1
     return model.eval()
 

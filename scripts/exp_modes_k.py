@@ -29,11 +29,10 @@ from plgk_cli import trajectory
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.data import load_dataset
 from plgk_cli.models import build_model
-from plgk_cli.optimizers import build_torch_optimizer
 from plgk_cli.recorder import Recorder
 from plgk_cli.replay import replay
 from plgk_cli.store import InfluenceFile
-from plgk_cli.train import hyper_from_config, learning_rate
+from plgk_cli.train import Schedule, build_optimizer
 
 
 def train_pgd_at(config, run: Path, eps: float, step: float, iters: int) -> Path:
@@ -44,17 +43,17 @@ def train_pgd_at(config, run: Path, eps: float, step: float, iters: int) -> Path
     data = load_dataset(config.data.dataset, config.data.seed, torch.float32)
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
-    optimizer = build_torch_optimizer(hyper_from_config(config), list(model.parameters()), config.optim.lr)
+    optimizer = build_optimizer(config, model)
     m = len(data.y_train)
     bs = min(config.train.batch_size, m)
     total = config.train.epochs * -(-m // bs)
     gen = torch.Generator().manual_seed(config.train.seed)
+    schedule = Schedule(config, optimizer, total)
     with Recorder(run, model, optimizer, model_name=config.model.name, model_kwargs=config.model.kwargs,
                   dataset=data, data_seed=config.data.seed, batch_size=bs, epochs=config.train.epochs) as rec:
         for _ in range(config.train.epochs):
             for batch in torch.randperm(m, generator=gen).split(bs):
-                for g in optimizer.param_groups:
-                    g["lr"] = learning_rate(config.schedule, config.optim.lr, rec.step_count, total)
+                schedule.before_update(rec.step_count)
                 x_adv = C.pgd(model, data.x_train[batch], data.y_train[batch], eps, step, iters,
                               seed=rec.step_count)
                 optimizer.zero_grad(set_to_none=True)
@@ -62,6 +61,7 @@ def train_pgd_at(config, run: Path, eps: float, step: float, iters: int) -> Path
                 loss = F.cross_entropy(logits, data.y_train[batch])
                 loss.backward()
                 optimizer.step()
+                schedule.after_update()
                 rec.step(batch, loss, logits)
     return run
 

@@ -182,9 +182,9 @@ def test_manifest_from_another_run(runs, run_copy, existing_out):
 
 
 @pytest.mark.parametrize("edit, needles", [
-    (lambda m: m.update(format_version=3), ("version 3", "reads plgk-trajectory version 2",
+    (lambda m: m.update(format_version=4), ("version 4", "reads plgk-trajectory versions 1 to 3",
                                             "upgrade plgk")),
-    (lambda m: m.update(format_version="1"), ("version '1'", "reads plgk-trajectory version 2")),
+    (lambda m: m.update(format_version="1"), ("version '1'", "reads plgk-trajectory versions 1 to 3")),
     (lambda m: m.update(format="something-else"), ("format 'something-else'",)),
     (lambda m: m.pop("format_version"), ("version None",)),
 ], ids=["newer", "string", "other_format", "no_version"])

@@ -332,6 +332,12 @@ ROUND_TRIP_DOCUMENTS = [
      "schedule": {"name": "step", "step_size": 7, "gamma": 0.3},
      "train": {"epochs": 1, "batch_size": 3, "seed": 9, "device": "cpu", "dtype": "float64"}},
     {"optim": {"name": "adagrad", "lr": 0.01}},
+    {"optim": {"name": "adamw", "lr": 3e-3, "weight_decay": 0.05,
+               "groups": [{"params": ["*.bias", "*norm*"], "weight_decay": 0.0},
+                          {"params": "head.*", "lr": 1e-2, "betas": [0.8, 0.99]}]},
+     "schedule": {"name": "onecycle", "pct_start": 0.25, "div_factor": 10.0, "cycle_momentum": True}},
+    {"optim": {"name": "sgd", "lr": 0.1, "momentum": 0.9},
+     "schedule": {"name": "cyclic", "step_size": 5, "base_momentum": 0.8, "max_momentum": 0.9}},
 ]
 
 
@@ -382,3 +388,62 @@ def test_shipped_config_loads(path):
     family = path.stem.split("_")[0]
     if family in OPTIMIZERS:
         assert config.optim.name == family
+
+
+# --------------------------------------------------------------------------- parameter groups, schedules
+
+
+def test_groups_parse_in_order_with_their_own_values():
+    config = parse_config({"optim": {"name": "adamw", "weight_decay": 0.1, "groups": [
+        {"params": "*.bias", "weight_decay": 0.0}, {"params": ["0.*", "2.weight"], "lr": 0.5}]}})
+    first, second = config.optim.groups
+    assert first.params == ("*.bias",) and first.weight_decay == 0.0 and first.lr is None
+    assert second.params == ("0.*", "2.weight") and second.lr == 0.5 and second.weight_decay is None
+
+
+@pytest.mark.parametrize("raw, needle", [
+    ({"optim": {"groups": [{"params": "*.bias", "nesterov": True}]}},
+     "[[optim.groups]] #1 nesterov: unknown key; a group sets params and any of lr, momentum"),
+    ({"optim": {"groups": [{"weight_decay": 0.0}]}},
+     "[[optim.groups]] #1 params: expected a parameter-name pattern or a list of them"),
+    ({"optim": {"groups": [{"params": []}]}}, "[[optim.groups]] #1 params: expected a parameter-name"),
+    ({"optim": {"groups": [{"params": "a"}, {"params": "b", "lr": -1.0}]}},
+     "[[optim.groups]] #2 lr: must be > 0, got -1.0"),
+    ({"optim": {"name": "adam", "groups": [{"params": "a", "momentum": 0.9}]}},
+     "[[optim.groups]] #1 momentum: not used by adam (only by sgd, rmsprop)"),
+    ({"optim": {"groups": {"params": "a"}}}, "[optim] groups: expected [[optim.groups]] tables"),
+    ({"optim": {"name": "sgd", "momentum": 0.9, "nesterov": True, "groups": [{"params": "a", "momentum": 0.0}]}},
+     "[[optim.groups]] #1 momentum: [optim] nesterov = true needs every group's momentum > 0"),
+    ({"schedule": {"name": "cosine", "pct_start": 0.2}},
+     "[schedule] pct_start: not used by schedule 'cosine' (only by onecycle); remove it"),
+    ({"schedule": {"name": "onecycle", "gamma": 0.5}}, "[schedule] gamma: not used by schedule 'onecycle'"),
+    ({"schedule": {"name": "onecycle", "warmup_steps": 5}}, "[schedule] warmup_steps: not used by schedule"),
+    ({"schedule": {"name": "step", "div_factor": 5.0}}, "[schedule] div_factor: not used by schedule 'step' "
+                                                         "(only by onecycle, cyclic)"),
+    ({"optim": {"name": "adagrad"}, "schedule": {"name": "onecycle"}},
+     "[schedule] cycle_momentum: adagrad has no momentum to cycle"),
+    ({"schedule": {"name": "onecycle", "pct_start": 1.0}}, "[schedule] pct_start: must be < 1"),
+])
+def test_bad_group_or_schedule_names_the_place(raw, needle):
+    with pytest.raises(ConfigError) as excinfo:
+        parse_config(raw, source="run.toml")
+    assert str(excinfo.value).startswith("run.toml: ") and needle in str(excinfo.value), str(excinfo.value)
+
+
+def test_groups_from_a_toml_file(tmp_path):
+    path = _write(tmp_path, """
+[optim]
+name = "adamw"
+weight_decay = 0.01
+
+[[optim.groups]]
+params = ["*.bias"]
+weight_decay = 0.0
+
+[[optim.groups]]
+params = "2.*"
+lr = 0.01
+""")
+    groups = load_config(path).optim.groups
+    assert [g.params for g in groups] == [("*.bias",), ("2.*",)]
+    assert groups[0].weight_decay == 0.0 and groups[1].lr == 0.01

@@ -11,7 +11,7 @@ import torch
 from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.gradients import GradientComputer, ParameterLayout
-from plgk_cli.optimizers import StepCoefficients, decomposition_for
+from plgk_cli.optimizers import StepCoefficients, UpdateHyper, decomposition_for
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 
@@ -51,7 +51,10 @@ def test_update_check_in_float32(tmp_path, tiny_npz, name):
 
 def _worst_simulated_error(run, hyper_change: dict) -> float:
     """Re-simulate every recorded update with a (deliberately wrong) decomposition."""
-    decomposition = decomposition_for(dataclasses.replace(run.hyper, **hyper_change))
+    # the switches (nesterov, amsgrad, centered) are the family's, the values each update's own
+    values = {k: v for k, v in hyper_change.items() if k in UpdateHyper.__dataclass_fields__}
+    switches = {k: v for k, v in hyper_change.items() if k not in values}
+    decomposition = decomposition_for(dataclasses.replace(run.hyper, **switches))
     model = run.build_model().double()
     layout = ParameterLayout.of(model)
     grads = GradientComputer(model, layout, run.dataset.num_classes)
@@ -63,8 +66,8 @@ def _worst_simulated_error(run, hyper_change: dict) -> float:
         theta = layout.flatten(previous.params)
         g = grads.mean_loss_gradient(theta, x[current.batch], y[current.batch])
         before = layout.flatten_state(previous.optim_state)
-        delta, _, _ = decomposition.simulate(before, theta, g, current.lr, current.clip_coef,
-                                             current.optim_step)
+        delta, _, _ = decomposition.simulate(before, theta, g, dataclasses.replace(run.update_hyper(current), **values),
+                                             current.clip_coef)
         recorded = layout.flatten(current.params) - theta
         worst = max(worst, float((delta - recorded).norm() / recorded.norm()))
         previous = current
@@ -85,15 +88,22 @@ def test_a_missing_term_shows(tmp_path, tiny_npz, name, wrong):
     assert _worst_simulated_error(run, wrong) > 1e-4
 
 
-def test_adjoint_walk_equals_forward_sum():
+@pytest.mark.parametrize("per_coordinate", [False, True], ids=["one_group", "groups"])
+def test_adjoint_walk_equals_forward_sum(per_coordinate):
     """Σ_t Δθ_t·h(t) from the forward template equals Σ_s d_s·v_s − Σ_s lr_s λ_d θ_s·h(s)
-    from the backward recursion, for random per-step coefficients (vectors and scalars)."""
+    from the backward recursion, for random per-step coefficients (vectors and scalars); with
+    parameter groups lr, μ, λ₂ and λ_d are per-coordinate vectors that change every step too."""
     torch.manual_seed(0)
     p, q, steps = 7, 3, 6
     f64 = dict(dtype=torch.float64)
-    coeffs = [StepCoefficients(lr=float(torch.rand(1)) + 0.1, clip_coef=float(torch.rand(1)),
-                               decay=float(torch.rand(1)), a=torch.rand(p, **f64), p=torch.rand(p, **f64),
-                               e=torch.rand(p, **f64), l2=0.03, decoupled=0.02) for _ in range(steps)]
+
+    def value(scale):
+        return scale * torch.rand(p, **f64) if per_coordinate else scale * float(torch.rand(1))
+
+    coeffs = [StepCoefficients(lr=value(1.0) + 0.1, clip_coef=float(torch.rand(1)),
+                               decay=value(1.0), a=torch.rand(p, **f64), p=torch.rand(p, **f64),
+                               e=torch.rand(p, **f64), l2=value(0.03), decoupled=value(0.02))
+              for _ in range(steps)]
     grads = [torch.randn(p, **f64) for _ in range(steps)]
     thetas = [torch.randn(p, **f64) for _ in range(steps)]
     hs = [torch.randn(p, q, **f64) for _ in range(steps)]

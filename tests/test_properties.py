@@ -18,8 +18,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from plgk_cli.arguments import parse_rule, resolve_audit_set, resolve_train_subset
-from plgk_cli.config import (COMMON_OPTIMIZER_KEYS, OPTIMIZER_KEYS, OPTIMIZERS, SCHEDULES,
-                             SECTIONS, RunConfig, config_from_dict, parse_config)
+from plgk_cli.config import (COMMON_OPTIMIZER_KEYS, CYCLE_ONLY_KEYS, OPTIMIZER_KEYS, OPTIMIZERS,
+                             SCHEDULE_KEYS, SCHEDULES,
+                             SECTIONS, GroupConfig, RunConfig, config_from_dict, parse_config)
 from plgk_cli.errors import AuditSpecError, ConfigError
 
 FAST = settings(max_examples=200, deadline=None,
@@ -84,10 +85,17 @@ VALID = {
         "betas": st.lists(below_one, min_size=2, max_size=2),
         "eps": positive, "weight_decay": st.one_of(non_negative, st.integers(0, 10)),
         "clip_grad_norm": positive,
+        # values every family reads, so that a group never holds a key its optimizer ignores
+        "groups": st.lists(st.fixed_dictionaries(
+            {"params": st.one_of(name_text, st.lists(name_text, min_size=1, max_size=3))},
+            optional={"lr": positive, "weight_decay": non_negative}), max_size=3),
     },
     "schedule": {
         "name": st.sampled_from(SCHEDULES), "warmup_steps": st.integers(0, 2**63 - 1),
         "step_size": st.integers(1, 2**63 - 1), "gamma": positive,
+        "pct_start": st.floats(min_value=0, max_value=1, exclude_min=True, exclude_max=True),
+        "div_factor": positive, "final_div_factor": positive, "cycle_momentum": st.booleans(),
+        "base_momentum": below_one, "max_momentum": below_one,
     },
     "train": {
         "epochs": st.integers(1, 2**63 - 1), "batch_size": st.integers(1, 2**63 - 1),
@@ -114,13 +122,21 @@ def valid_documents(draw):
         if optim.get("nesterov") and not (optim.get("momentum", 0) > 0
                                           and optim.get("dampening", 0) == 0):
             optim["nesterov"] = False
+    if "schedule" in doc:  # only the schedule's own keys (the older ones ignore the rest, as before)
+        schedule = doc["schedule"]
+        name = schedule.get("name", "constant")
+        doc["schedule"] = schedule = {k: v for k, v in schedule.items() if k == "name" or (
+            k in SCHEDULE_KEYS[name] if name in ("onecycle", "cyclic") else k not in CYCLE_ONLY_KEYS)}
+        if name in ("onecycle", "cyclic") and doc.get("optim", {}).get("name") == "adagrad":
+            schedule["cycle_momentum"] = False
     return doc
 
 
 def assert_names_a_given_key(exc: ConfigError, doc: dict):
     m = re.match(r"src\.toml: \[(\w+)\] (\w+): ", str(exc))
-    assert m, str(exc)
-    section, key = m.groups()
+    group = re.match(r"src\.toml: \[\[optim\.groups\]\] #\d+ (\w+): ", str(exc))
+    assert m or group, str(exc)
+    section, key = m.groups() if m else ("optim", "groups")
     assert key in doc.get(section, {}), (str(exc), doc)
 
 
@@ -153,6 +169,9 @@ def expected_value(section: str, key: str, value):
     field_type = SECTIONS[section].__dataclass_fields__[key].type
     if key == "betas":
         return tuple(float(b) for b in value)
+    if key == "groups":  # GroupConfig tables: compared field by field in the test
+        return tuple(GroupConfig(params=(g["params"],) if isinstance(g["params"], str) else tuple(g["params"]),
+                                 **{k: float(v) for k, v in g.items() if k != "params"}) for g in value)
     if "float" in str(field_type):
         return float(value)
     return value

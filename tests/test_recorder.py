@@ -16,19 +16,21 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import train_tiny
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.config import parse_config
 from plgk_cli.data import load_dataset
-from plgk_cli.errors import ConfigError, DataError, OutputError, RecorderError
-from plgk_cli.optimizers import build_torch_optimizer
+from plgk_cli.errors import ConfigError, DataError, OutputError, RecorderError, UpdateCheckError
+from plgk_cli.optimizers import HYPER_FIELDS, build_torch_optimizer
 from plgk_cli.recorder import Recorder, hyper_from_optimizer
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
 from plgk_cli.train import hyper_from_config
-from plgk_cli.trajectory import check_steps, read_manifest
+from plgk_cli.trajectory import check_steps, read_checkpoint, read_manifest
 
 # conftest.train_tiny: mlp hidden 6, 2 epochs of batch 8, seed 0, float64, cpu; the tiny npz has
 # 22 training rows of 6 features in 3 classes, so 3 updates per epoch (8 + 8 + 6).
@@ -245,13 +247,13 @@ def test_hyper_read_from_torch_equals_the_config(optim):
     model = nn.Linear(3, 2)
     named = dict(model.named_parameters())
     optimizer = build_torch_optimizer(hyper_from_config(config), list(named.values()), optim["lr"])
-    assert hyper_from_optimizer(optimizer, named) == hyper_from_config(config)
+    assert hyper_from_optimizer(optimizer) == hyper_from_config(config)
 
 
 def test_adam_with_decoupled_weight_decay_is_adamw():
     model = nn.Linear(3, 2)
     opt = torch.optim.Adam(model.parameters(), weight_decay=0.1, decoupled_weight_decay=True, foreach=False)
-    assert hyper_from_optimizer(opt, dict(model.named_parameters())).name == "adamw"
+    assert hyper_from_optimizer(opt).name == "adamw"
 
 
 def _model_and_params():
@@ -260,12 +262,19 @@ def _model_and_params():
 
 
 REFUSED = {
-    "nadam": (lambda p: torch.optim.NAdam(p, foreach=False), "torch.optim.nadam.NAdam is not supported"),
-    "two groups": (lambda p: torch.optim.SGD([{"params": p[:2]}, {"params": p[2:], "lr": 0.01}], lr=0.1,
-                                             foreach=False), "2 parameter groups"),
+    "nadam": (lambda p: torch.optim.NAdam(p, foreach=False), "torch.optim.nadam.NAdam is not supported: "
+              "its update is linear in the gradients given its recorded state, but plgk has no decomposition"),
+    "rprop": (lambda p: torch.optim.Rprop(p), "Rprop is not supported: its step, the sign of the gradient"),
+    "adafactor": (lambda p: torch.optim.Adafactor(p), "Adafactor is not supported: its update is divided by "
+                  "its own root mean square"),
+    "nesterov in one group": (lambda p: torch.optim.SGD(
+        [{"params": p[:2], "nesterov": True}, {"params": p[2:]}], lr=0.1, momentum=0.9),
+        r"nesterov differs between parameter groups \(\[True, False\]\)"),
     "missing param": (lambda p: torch.optim.SGD(p[:3], lr=0.1, foreach=False),
-                      "not exactly the model's trainable parameters"),
-    "foreach": (lambda p: torch.optim.Adam(p, foreach=True), "foreach=True is not supported"),
+                      "does not hold the trainable parameter '3.bias'; add it to a parameter group, or "
+                      "freeze it"),
+    "foreign param": (lambda p: torch.optim.SGD(p + [nn.Parameter(torch.zeros(2))], lr=0.1),
+                      "holds tensors that are not parameters of the model"),
     "maximize": (lambda p: torch.optim.SGD(p, lr=0.1, maximize=True, foreach=False), "maximize=True"),
     "adagrad lr_decay": (lambda p: torch.optim.Adagrad(p, lr_decay=0.1, foreach=False), "lr_decay"),
 }
@@ -326,15 +335,32 @@ def test_second_optimizer_step_is_refused_before_it_runs(started):
     assert recorder.step_count == 1
 
 
-def test_changed_hyper_parameter_is_refused(started):
+def test_changed_switch_is_refused_and_changed_values_are_recorded(started, tmp_path):
     recorder, _, optimizer, backward = started
     backward()
     optimizer.step()
     recorder.step(torch.arange(8), 1.0)
-    optimizer.param_groups[0]["momentum"] = 0.5
-    optimizer.param_groups[0]["lr"] = 0.01  # allowed
+    optimizer.param_groups[0]["momentum"] = 0.5  # values may change: each update records its own
+    optimizer.param_groups[0]["lr"] = 0.01
     backward()
-    with pytest.raises(RecorderError, match="momentum 0.9 -> 0.5 changed during the run"):
+    optimizer.step()
+    recorder.step(torch.arange(8), 1.0)
+    hyper = read_checkpoint(tmp_path / "run", 2).hyper
+    assert hyper[0, HYPER_FIELDS.index("momentum")] == 0.5 and hyper[0, HYPER_FIELDS.index("lr")] == 0.01
+    assert read_checkpoint(tmp_path / "run", 1).hyper[0, HYPER_FIELDS.index("momentum")] == 0.9
+    optimizer.param_groups[0]["nesterov"] = True  # a switch changes the update rule itself
+    backward()
+    with pytest.raises(RecorderError, match="nesterov False -> True changed during the run"):
+        optimizer.step()
+
+
+def test_added_parameter_group_is_refused(started):
+    recorder, model, optimizer, backward = started
+    extra = nn.Parameter(torch.zeros(2, dtype=torch.float64))
+    model.register_parameter("extra", extra)
+    optimizer.add_param_group({"params": [extra]})
+    backward()
+    with pytest.raises(RecorderError, match="parameter groups changed during the run"):
         optimizer.step()
 
 
@@ -539,3 +565,40 @@ def test_sparse_run_keeps_batches_a_loop_reuses_in_place(tmp_path, tiny_npz):
                 recorder.step(batch, 0.0)
     run = load_run(tmp_path / "run")
     assert [run.checkpoint(t).batch.tolist() for t in range(1, STEPS + 1)] == [b.tolist() for b in used]
+
+
+def test_a_frozen_layer_is_recorded_and_a_record_that_contradicts_it_stops_replay(tmp_path, tiny_npz):
+    """The first layer is frozen (.grad None) for updates 0-3: its step files say so (grad,
+    optim_steps) and replay passes its coordinates through. Marking it as stepped in one record
+    makes Adam's bias correction 1 − β^0 = 0 there: a NaN update error, which must fail the gate."""
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    torch.manual_seed(0)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.05)
+    run = tmp_path / "run"
+    with Recorder(run, model, optimizer, model_name="test_recorder:user_mlp", model_kwargs={"hidden": HIDDEN},
+                  dataset=data, batch_size=8, epochs=3) as recorder:
+        for t, batch in enumerate(torch.arange(22).repeat(2).split(8)[:6]):
+            model[1].requires_grad_(t >= 4)
+            optimizer.zero_grad(set_to_none=True)
+            loss = F.cross_entropy(model(data.x_train[batch]), data.y_train[batch])
+            loss.backward()
+            optimizer.step()
+            recorder.step(batch, loss)
+    first = read_checkpoint(run, 1)
+    assert first.grad.tolist() == [0, 0, 1, 1] and first.optim_steps.tolist() == [0, 0, 1, 1]
+    assert read_checkpoint(run, 5).optim_steps.tolist() == [1, 1, 5, 5]
+    assert read_manifest(run)["optimizer"]["frozen"] == ["1.bias", "1.weight"]
+    summary = replay(ReplayArguments(ckpts=str(run), audit_set="test[:4]", out=str(tmp_path / "a.h5"),
+                                     device="cpu"), progress=False)
+    assert summary.max_update_error <= 1e-10
+
+    path = run / "step_00000002.safetensors"
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors = load_file(str(path))
+    tensors["grad"][:] = 1  # "every parameter took the loss's gradient": not what happened
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(UpdateCheckError, match=r"update 1 -> 2 .* by nan"):
+        replay(ReplayArguments(ckpts=str(run), audit_set="test[:4]", out=str(tmp_path / "b.h5"),
+                               device="cpu"), progress=False)

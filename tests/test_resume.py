@@ -129,3 +129,18 @@ def test_two_replays_are_bit_identical(run_dir, reference, tmp_path):
     out = tmp_path / "again.h5"
     assert plgk_replay(run_dir, out).returncode == 0
     assert_same_file(reference, out)
+
+
+def test_resume_of_a_run_with_parameter_groups_matches_uninterrupted(tiny_npz, tmp_path):
+    """Momentum differs between the groups, so the walk carries a per-coordinate μ across the
+    commit (walk/decay_next); the resumed replay must still equal the uninterrupted one."""
+    optim = {"name": "sgd", "lr": 0.05, "momentum": 0.9,
+             "groups": [{"params": "*.bias", "momentum": 0.5, "lr": 0.1}]}
+    run = train_tiny(tmp_path / "run", tiny_npz, optim, {"name": "cosine"}, epochs=3)  # μ not cycled
+    reference = tmp_path / "reference.h5"
+    assert plgk_replay(run, reference).returncode == 0
+    out = tmp_path / "out.h5"
+    assert plgk_replay(run, out, fault="after_commit:4:KILL").returncode != 0
+    resumed = plgk_replay(run, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_file(reference, out)

@@ -17,6 +17,8 @@ from safetensors.torch import load_file
 from plgk_cli import train as train_module
 from plgk_cli.config import ScheduleConfig, parse_config
 from plgk_cli.data import load_dataset
+from plgk_cli.errors import ConfigError
+from plgk_cli.optimizers import HYPER_FIELDS
 from plgk_cli.run import load_run
 from plgk_cli.train import learning_rate
 from plgk_cli.trajectory import (FORMAT, FORMAT_VERSION, check_steps, checkpoint_path, list_steps,
@@ -50,7 +52,7 @@ def _batches(run):
 def test_manifest(adam_run, tiny_npz):
     manifest = read_manifest(adam_run)
     assert manifest["format"] == FORMAT == "plgk-trajectory"
-    assert manifest["format_version"] == FORMAT_VERSION == 2
+    assert manifest["format_version"] == FORMAT_VERSION == 3
     assert len(manifest["run_id"]) == 32 and int(manifest["run_id"], 16) >= 0  # uuid4().hex
     assert manifest["complete"] is True
     assert manifest["steps_per_epoch"] == STEPS_PER_EPOCH
@@ -409,3 +411,59 @@ def test_learning_rate_cosine_with_warmup():
     assert learning_rate(schedule, base, warmup, total) == base  # cosine starts at its peak
     assert learning_rate(schedule, base, warmup + 50, total) == pytest.approx(0.5, rel=1e-12)
     assert learning_rate(schedule, base, total, total) == pytest.approx(0.0, abs=1e-15)
+
+
+# --------------------------------------------------------------------------- groups and schedules
+
+ADAMW_GROUPS = {"name": "adamw", "lr": 0.02, "weight_decay": 0.1,
+                "groups": [{"params": "*.bias", "weight_decay": 0.0, "lr": 0.05}]}
+
+
+def _replayed(run_dir, out):
+    from plgk_cli.arguments import ReplayArguments
+    from plgk_cli.replay import replay
+    return replay(ReplayArguments(ckpts=str(run_dir), audit_set="test[:4]", out=str(out), device="cpu"),
+                  progress=False)
+
+
+@pytest.mark.parametrize("schedule", [{"name": "onecycle"}, {"name": "cosine", "warmup_steps": 2},
+                                      {"name": "cyclic", "step_size": 2}], ids=lambda s: s["name"])
+def test_parameter_groups_and_schedules_are_recorded_and_replay_exactly(tmp_path, tiny_npz, schedule):
+    """Weights and biases in their own groups (lr, weight decay), each group scheduled from its
+    own lr; onecycle and cyclic also cycle β1 every update. Every update's values are in its step
+    file, and replay re-derives every float64 update from them."""
+    run = load_run(train_tiny(tmp_path / "run", tiny_npz, ADAMW_GROUPS, schedule, epochs=3))
+    groups = run.manifest["optimizer"]["groups"]
+    assert [g["params"] for g in groups] == [["1.weight", "3.weight"], ["1.bias", "3.bias"]]
+    assert [(g["lr"], g["weight_decay"]) for g in groups] == [(0.02, 0.1), (0.05, 0.0)]
+    fields = HYPER_FIELDS
+    rows = torch.stack([run.checkpoint(t).hyper for t in range(1, run.manifest["total_steps"] + 1)])
+    lr, beta1 = rows[..., fields.index("lr")], rows[..., fields.index("beta1")]
+    torch.testing.assert_close(lr[:, 1] / lr[:, 0], torch.full_like(lr[:, 0], 0.05 / 0.02))  # one shape, two lrs
+    assert len(set(lr[:, 0].tolist())) >= 3
+    assert (len(set(beta1[:, 0].tolist())) >= 3) == (schedule["name"] != "cosine")
+    assert rows[:, 1, fields.index("weight_decay")].eq(0).all() and rows[:, 0, fields.index("weight_decay")].eq(0.1).all()
+    summary = _replayed(run.path, tmp_path / "out.h5")
+    assert summary.max_update_error <= 1e-10
+
+
+def test_group_matching_no_parameter_is_refused(tmp_path, tiny_npz):
+    with pytest.raises(ConfigError, match=r"\[\[optim.groups\]\] #1 params \['\*.gamma'\]: matches "
+                                                      r"no trainable parameter of the model \(its names are like "
+                                                      r"'1.weight', '1.bias', '3.weight'\)"):
+        train_tiny(tmp_path / "run", tiny_npz, {"name": "adam", "groups": [{"params": "*.gamma", "lr": 0.1}]})
+    assert not (tmp_path / "run").exists() or not any((tmp_path / "run").iterdir())
+
+
+def test_sparse_run_replays_its_schedule_from_the_block_records(tmp_path, tiny_npz):
+    """[checkpoint] every = 4 with onecycle: the steps between stored checkpoints carry their
+    per-group values in record/hyper, and re-simulation uses them (drift at float64 rounding)."""
+    config = {"data": {"dataset": f"npz:{tiny_npz}"}, "model": {"name": "mlp", "kwargs": {"hidden": 6}},
+              "optim": ADAMW_GROUPS, "schedule": {"name": "onecycle"}, "checkpoint": {"every": 4},
+              "train": {"epochs": 3, "batch_size": 8, "dtype": "float64", "device": "cpu"}}
+    train_module.train(parse_config(config), tmp_path / "run", progress=False)
+    run = load_run(tmp_path / "run")
+    assert not checkpoint_path(run.path, 2).exists()
+    assert run.checkpoint(2).hyper is not None and run.checkpoint(2).hyper.shape == (2, len(HYPER_FIELDS))
+    summary = _replayed(run.path, tmp_path / "out.h5")
+    assert summary.max_update_error <= 1e-10 and summary.max_drift <= 1e-12

@@ -123,3 +123,25 @@ def test_resumed_dropout_training_draws_the_same_masks(setup, tmp_path):
         assert a.keys() == b.keys() and (step == 0 or "rng/cpu" in a)
         for key in a:
             assert torch.equal(a[key], b[key]), (step, key)
+
+
+def test_resumed_onecycle_run_with_groups_matches_uninterrupted(setup, tmp_path):
+    """OneCycleLR cycles every group's lr and β1 from the update count: a resumed run puts the
+    scheduler back where the killed one stood and writes the same step files."""
+    config, _ = setup
+    text = config.read_text().replace('name = "cosine"\nwarmup_steps = 2', 'name = "onecycle"')
+    text = text.replace("[schedule]", '[[optim.groups]]\nparams = "*.bias"\nweight_decay = 0.0\nlr = 0.05\n\n[schedule]')
+    cycled = tmp_path / "onecycle.toml"
+    cycled.write_text(text)
+    reference = tmp_path / "reference"
+    assert plgk_train(cycled, reference).returncode == 0
+    out = tmp_path / "run"
+    assert plgk_train(cycled, out, fault="after_checkpoint:5:KILL").returncode != 0
+    resumed = plgk_train(cycled, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    for step in list_steps(reference):
+        name = f"step_{step:08d}.safetensors"
+        a, b = load_file(reference / name), load_file(out / name)
+        assert a.keys() == b.keys() and "hyper" in a or step == 0
+        for key in a:
+            assert torch.equal(a[key], b[key]), (step, key)
