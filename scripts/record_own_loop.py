@@ -47,8 +47,11 @@ def train(out: str, epochs: int) -> dict:
     data = load_dataset("digits")  # scikit-learn's 8x8 digits, float32, split 80/20
     torch.manual_seed(0)
     model = small_cnn(data.in_shape, data.num_classes)
-    # foreach=False: the single-tensor update, whose arithmetic replay reproduces
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=1e-2, foreach=False)
+    # two parameter groups, as transformer recipes build them: weight decay on weights, none on biases
+    weights = [p for n, p in model.named_parameters() if not n.endswith("bias")]
+    biases = [p for n, p in model.named_parameters() if n.endswith("bias")]
+    optimizer = torch.optim.AdamW([{"params": weights, "weight_decay": 1e-2},
+                                   {"params": biases, "weight_decay": 0.0}], lr=3e-3)
     num_train = len(data.y_train)
     scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(
         optimizer, T_max=epochs * math.ceil(num_train / BATCH_SIZE))

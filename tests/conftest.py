@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
+import sys
+
 from pathlib import Path
 
 import numpy as np
@@ -43,3 +46,14 @@ def train_tiny(out: Path, npz: Path, optim: dict, schedule: dict | None = None,
 @pytest.fixture(scope="session")
 def tiny_npz(tmp_path_factory) -> Path:
     return write_tiny_npz(tmp_path_factory.mktemp("data") / "tiny.npz")
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (the scripts are not a package), imported once."""
+    if name in sys.modules:
+        return sys.modules[name]
+    spec = importlib.util.spec_from_file_location(name, Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module

@@ -346,7 +346,14 @@ def test_overwrite_file_held_open_for_writing(runs, held_open):
     (lambda c: c.replace('name = "adam"', 'name = "sgd"').replace("lr = 0.01", "lr = 0.01\neps = 1e-6"),
      ("[optim] eps", "not used by sgd")),
     (lambda c: c.replace("lr = 0.01", "lr = nan"), ("[optim] lr", "finite", "nan")),
-], ids=["negative_lr", "betas_for_sgd", "momentum_for_adam", "eps_for_sgd", "nan_lr"])
+    (lambda c: c.replace("lr = 0.01", 'lr = 0.01\n[[optim.groups]]\nparams = "*.bias"\namsgrad = true'),
+     ("[[optim.groups]] #1 amsgrad: unknown key", "the switches nesterov, amsgrad and centered hold for every group")),
+    (lambda c: c.replace("lr = 0.01", 'lr = 0.01\n[[optim.groups]]\nweight_decay = 0.0'),
+     ("[[optim.groups]] #1 params: expected a parameter-name pattern or a list of them",)),
+    (lambda c: c + '\n[schedule]\nname = "cosine"\npct_start = 0.2\n',
+     ("[schedule] pct_start: not used by schedule 'cosine' (only by onecycle); remove it",)),
+], ids=["negative_lr", "betas_for_sgd", "momentum_for_adam", "eps_for_sgd", "nan_lr", "switch_in_a_group",
+        "group_without_params", "onecycle_key_for_cosine"])
 def test_config_value_refused(runs, tmp_path, edit, needles):
     config = tmp_path / "bad.toml"
     config.write_text(edit(runs["config"].read_text()))
@@ -355,6 +362,17 @@ def test_config_value_refused(runs, tmp_path, edit, needles):
     assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"),
                           ConfigError.exit_code, str(config), *needles)
     assert list(out.iterdir()) == []
+
+
+def test_group_matching_no_parameter_is_refused_before_the_run_exists(runs, tmp_path):
+    config = tmp_path / "bad.toml"
+    config.write_text(runs["config"].read_text().replace(
+        "lr = 0.01", 'lr = 0.01\n[[optim.groups]]\nparams = ["*.gamma"]\nweight_decay = 0.0'))
+    out = tmp_path / "run"
+    assert_one_line_error(invoke("train", "--config", config, "--out", out, "--quiet"), ConfigError.exit_code,
+                          "[[optim.groups]] #1 params ['*.gamma']: matches no trainable parameter of the model",
+                          "fix the patterns or remove the group")
+    assert not out.exists() or list(out.iterdir()) == []
 
 
 def test_debug_shows_the_traceback(run_copy, tmp_path):

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -19,21 +18,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import write_tiny_npz
+from conftest import load_script, write_tiny_npz
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, LR = 3, 0.3
 
 
-def _load_bench():
-    spec = importlib.util.spec_from_file_location("bench", ROOT / "scripts" / "bench.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("bench", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-bench = _load_bench()
+bench = load_script("bench")
 
 
 @pytest.fixture(scope="module")

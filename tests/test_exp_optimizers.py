@@ -13,25 +13,13 @@ not a modelling error, which the update check would show.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import pytest
+from conftest import load_script
 
-ROOT = Path(__file__).resolve().parent.parent
 EPOCHS, AUDIT = 1, "test[:16]"
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("exp_optimizers", ROOT / "scripts" / "exp_optimizers.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("exp_optimizers", module)
-    spec.loader.exec_module(module)
-    return module
-
-
-exp = _load()
+exp = load_script("exp_optimizers")
 
 
 @pytest.fixture(scope="module")

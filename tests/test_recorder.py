@@ -523,8 +523,8 @@ def test_float32_run_and_manifest_json(tmp_path, tiny_npz):
 
 
 def test_example_script(tmp_path, capsys, monkeypatch):
-    """scripts/record_own_loop.py: a digits CNN in a plain loop (AdamW, cosine scheduler,
-    clipping), recorded and replayed."""
+    """scripts/record_own_loop.py: a digits CNN in a plain loop (AdamW with no decay on the biases,
+    cosine scheduler, clipping), recorded and replayed."""
     from pathlib import Path
 
     monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
@@ -536,6 +536,7 @@ def test_example_script(tmp_path, capsys, monkeypatch):
     assert "recorded 23 steps" in printed and f"wrote {out}.h5" in printed  # 1438 / 64 -> 23 updates
     manifest = read_manifest(out)
     assert manifest["optimizer"]["name"] == "adamw" and manifest["optimizer"]["clip_grad_norm"] == 1.0
+    assert [g["weight_decay"] for g in manifest["optimizer"]["groups"]] == [1e-2, 0.0]  # weights, biases
     lrs = [load_run(out).checkpoint(t).lr for t in (1, 23)]
     assert lrs[0] == 3e-3 and lrs[1] < 1e-4  # the cosine schedule, as the updates used it
     with InfluenceFile(f"{out}.h5") as f:
