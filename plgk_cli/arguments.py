@@ -4,6 +4,7 @@ and the parsers of the user-facing specs (audit set, rule, train subset)."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,7 @@ from plgk_cli.gradients import TARGETS
 _BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
 SLICE_SPEC = re.compile(rf"(train|test)(?:\[{_BOUND}:{_BOUND}\])?")  # use with fullmatch
 SUBSET_SPEC = re.compile(rf"(?:train)?\[{_BOUND}:{_BOUND}\]|{_BOUND}:{_BOUND}")  # use with fullmatch
-RULES = ("euler", "trapezoid", "supersample:K")
+RULES = ("euler", "trapezoid", "supersample:K", "adaptive[:TOL]")
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class ReplayArguments:
             raise AuditSpecError(f"--memory-budget: must be >= 0 MB, got {self.memory_budget!r}")
         if self.max_update_error is not None and not (
                 isinstance(self.max_update_error, (int, float)) and self.max_update_error > 0):
-            raise AuditSpecError(f"--max-update-error: must be a number > 0, got {self.max_update_error!r}")
+            raise AuditSpecError(f"--accept-update-error: must be a number > 0, got {self.max_update_error!r}")
         if self.chunk_size < 1:
             raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
         if self.ghost and (self.rule != "euler" or self.stride != 1):
@@ -93,7 +94,7 @@ class ReplayArguments:
         return dataclasses.asdict(self)
 
     @property
-    def quadrature_points(self) -> int:
+    def quadrature(self) -> QuadratureRule:
         return parse_rule(self.rule)
 
     @property
@@ -111,17 +112,46 @@ class ReplayArguments:
         return steps
 
 
-def parse_rule(rule: str) -> int:
-    """Number of sub-intervals of the composite trapezoid; 0 means euler (left endpoint)."""
+ADAPTIVE_TOLERANCE = 3e-3  # adaptive's default: mean |segment error| <= TOL x mean |Δq| of the segment
+ADAPTIVE_MAX_SUBINTERVALS = 64  # the cap of adaptive's refinement per segment (6 halvings)
+
+
+@dataclass(frozen=True)
+class QuadratureRule:
+    """How h, the audit gradient averaged over a segment, is formed: the composite trapezoid on
+    ``sub_intervals`` pieces (0: euler, the left endpoint), or, with ``tolerance``, adaptively:
+    halved from the trapezoid until the segment's measured completeness error is within
+    ``tolerance`` of its scale, up to ``sub_intervals`` pieces."""
+
+    sub_intervals: int
+    tolerance: float | None = None
+
+    @property
+    def adaptive(self) -> bool:
+        return self.tolerance is not None
+
+
+def parse_rule(rule: str) -> QuadratureRule:
+    """euler | trapezoid | supersample:K | adaptive[:TOL]."""
     if rule == "euler":
-        return 0
+        return QuadratureRule(0)
     if rule == "trapezoid":
-        return 1
+        return QuadratureRule(1)
     m = re.fullmatch(r"supersample:(\d+)", rule)
     if m and int(m.group(1)) >= 1:
-        return int(m.group(1))
-    raise AuditSpecError(f"--rule: unknown rule {rule!r}; expected euler, trapezoid or supersample:K "
-                         "with K >= 1")
+        return QuadratureRule(int(m.group(1)))
+    m = re.fullmatch(r"adaptive(?::(.+))?", rule)
+    if m:
+        try:
+            tolerance = ADAPTIVE_TOLERANCE if m.group(1) is None else float(m.group(1))
+        except ValueError:
+            tolerance = math.nan
+        if not 0 < tolerance < 1:  # NaN too
+            raise AuditSpecError(f"--rule: {rule!r}: the tolerance of adaptive:TOL must be a number in (0, 1), "
+                                 f"e.g. adaptive:1e-3")
+        return QuadratureRule(ADAPTIVE_MAX_SUBINTERVALS, tolerance)
+    raise AuditSpecError(f"--rule: unknown rule {rule!r}; expected euler, trapezoid, supersample:K "
+                         "with K >= 1 or adaptive[:TOL]")
 
 
 @dataclass(frozen=True)

@@ -35,7 +35,7 @@ class AuditAccumulator:
     """
 
     def __init__(self, row_of: torch.Tensor, num_rows: int, num_columns: int, num_steps: int,
-                 num_epochs: int, layers: tuple, device: torch.device):
+                 num_epochs: int, layers: tuple, device: torch.device, bounded: bool = False):
         f64 = dict(dtype=torch.float64, device=device)
         self.row_of = row_of.to(device)
         self.layers = layers
@@ -48,22 +48,33 @@ class AuditAccumulator:
         # epoch_tail[e] = influence credited to gradients taken from epoch e's first step onwards;
         # the walk goes backwards, so it is a snapshot of `influence` when epoch e is done.
         self.epoch_tail = torch.zeros(num_epochs, num_rows, num_columns, **f64)
+        # adaptive quadrature: Σ_s |c_s w_m| Σ_layers |g_{m,s} · δv_s| with δv_s the adjoint of the
+        # estimated error of h: a bound on each entry's quadrature error (DESIGN.md v2)
+        self.error_bound = torch.zeros(num_rows, num_columns, **f64) if bounded else None
 
     def add_samples(self, batch: torch.Tensor, per_sample_grads: torch.Tensor, scale: float | torch.Tensor,
-                    v: torch.Tensor, epoch: int, parts: dict | None = None) -> None:
+                    v: torch.Tensor, epoch: int, parts: dict | None = None,
+                    dv: torch.Tensor | None = None) -> None:
         """Credit the step's per-sample terms (scale·g_m)·v to their rows, layer by layer;
         ``scale`` is c_s w_m, one number (the mean over the batch) or one per row (the task's
-        weights); ``parts`` {layer index: g_m·v over that layer} replaces the product for those layers."""
+        weights); ``parts`` {layer index: g_m·v over that layer} replaces the product for those
+        layers; ``dv``, how far v may be off (adaptive quadrature), adds to the error bound."""
         rows = self.row_of[batch]
         if isinstance(scale, torch.Tensor):
             scale = scale[:, None]
         total = torch.zeros(len(batch), v.shape[1], dtype=torch.float64, device=v.device)
+        bound = torch.zeros_like(total) if dv is not None else None
         for layer, (_, sl) in enumerate(self.layers):
             part = scale * (parts[layer] if parts and layer in parts else per_sample_grads[:, sl] @ v[sl])
             total += part
             self.layer_epoch_signed[epoch, layer] += part.sum(0)
             self.layer_epoch_abs[epoch, layer] += part.abs().sum(0)
+            if bound is not None:  # the same credit with v's error, layer by layer, no cancellation
+                bound += (per_sample_grads[:, sl] @ dv[sl]).abs()
         self.influence.index_add_(0, rows, total)
+        if bound is not None:
+            self.error_bound.index_add_(0, rows, bound * (scale.abs() if isinstance(scale, torch.Tensor)
+                                                          else abs(scale)))
 
     def add_residual(self, residual: torch.Tensor) -> None:
         self.residual += residual
@@ -73,7 +84,7 @@ class AuditAccumulator:
         self.update_error[step] = update_error
 
     STATE = ("influence", "residual", "layer_epoch_signed", "layer_epoch_abs", "step_change",
-             "update_error", "epoch_tail")
+             "update_error", "epoch_tail", "error_bound")  # error_bound: adaptive replays only
 
     def close_epoch(self, epoch: int) -> None:
         self.epoch_tail[epoch] = self.influence
@@ -87,10 +98,10 @@ class AuditAccumulator:
 
     def state_tensors(self) -> dict:
         """The accumulated sums, for a progress commit (exact float64 copies)."""
-        return {f"audit/{name}": getattr(self, name) for name in self.STATE}
+        return {f"audit/{name}": getattr(self, name) for name in self.STATE if getattr(self, name) is not None}
 
     def load_state_tensors(self, tensors: dict) -> None:
-        for name in self.STATE:
+        for name in (n for n in self.STATE if getattr(self, n) is not None):
             saved = tensors[f"audit/{name}"]
             if saved.shape != getattr(self, name).shape:
                 raise ValueError(f"progress: audit/{name} has shape {tuple(saved.shape)}")

@@ -102,7 +102,7 @@ def train(config_path, out, resume, threads, quiet):
 @click.option("--target", "targets", multiple=True, default=("loss",), show_default=True,
               help="loss | logit | margin | logits; repeat for several.")
 @click.option("--rule", default="trapezoid", show_default=True,
-              help="Quadrature over each update: euler | trapezoid | supersample:K.")
+              help="Quadrature over each update: euler | trapezoid | supersample:K | adaptive[:TOL].")
 @click.option("--train-subset", default=None, help="Partial audit: START:STOP or a file of indices.")
 @click.option("--group-by", type=click.Choice(["label"]), default=None,
               help="Grouped audit: influence per training class.")
@@ -133,9 +133,10 @@ def train(config_path, out, resume, threads, quiet):
 @click.option("--save-modes", is_flag=True, help="Store the modes' parameter-space vectors V (P x K).")
 @click.option("--ghost", is_flag=True, help="Plain SGD, euler: credit Linear layers by ghost dot "
               "products, without their per-example gradients (paper A.2.8).")
-@click.option("--max-update-error", default=None, type=float,
+@click.option("--accept-update-error", "--max-update-error", "max_update_error", default=None, type=float,
               help="The update check's gate: stop where a re-derived update differs from the recorded "
-                   "one by more (relative; default 1e-3 for float32 runs, 1e-8 for float64).")
+                   "one by more (relative; default 1e-3 for float32 runs, 1e-8 for float64); a larger "
+                   "value given here is recorded in the output (accepted_update_error).")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors

@@ -35,7 +35,7 @@ def summary(f: InfluenceFile) -> dict:
                 "epochs": manifest["epochs"], "batch_size": manifest["batch_size"]},
         "audit_set": f.audit_source, "complete_audit": bool(f.attrs["complete_audit"]),
         "group_by": f.attrs["group_by"] or None, "max_resimulation_drift": f.max_drift, "targets": {},
-        "task": f.task,
+        "task": f.task, "accepted_update_error": f.attrs.get("accepted_update_error"),
     }
     for target in f.targets:
         infl = f.influence(target)
@@ -47,6 +47,17 @@ def summary(f: InfluenceFile) -> dict:
             "residual_share": float(np.abs(residual).mean() / max(np.abs(true_change).mean(), 1e-300)),
             "mean_true_change": float(true_change.mean()),
         }
+        quadrature = f.quadrature(target)
+        if quadrature:  # each segment's measured completeness error and the pieces its rule used
+            pieces = quadrature["sub_intervals"].reshape(len(quadrature["sub_intervals"]), -1)[:, 0]
+            out["targets"][target]["quadrature"] = {
+                "mean_sub_intervals": float(pieces.mean()), "max_sub_intervals": int(pieces.max(initial=0)),
+                "worst_segment_error": float(np.abs(quadrature["segment_error"]).max(initial=0.0))}
+        bound = f.error_bound(target)
+        if bound is not None:  # the largest per-entry bound against the largest |influence|
+            out["targets"][target]["error_bound"] = {
+                "max": float(bound.max(initial=0.0)), "max_over_max_influence":
+                    float(bound.max(initial=0.0) / max(float(np.abs(infl).max(initial=0.0)), 1e-300))}
         buffer_part = f.buffer_residual(target)
         if buffer_part is not None:  # BatchNorm statistics: their share of the true change
             out["targets"][target]["buffer_share"] = float(
@@ -90,9 +101,14 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     order = np.argsort(-sign * column.astype(np.float64), kind="stable")
     k = min(k, len(order))
 
+    bound = f.error_bound(target)
+    if bound is not None:
+        bound = bound[:, audit] if bound.ndim == 2 else bound[:, audit, klass]
+
     def entries(idx):
         return [{"rank": r + 1, ("group" if group is not None else "train_index"): int(rows_index[i]),
-                 "label": _label(rows_label[i]), "influence": float(column[i])} for r, i in enumerate(idx)]
+                 "label": _label(rows_label[i]), "influence": float(column[i]),
+                 **({} if bound is None else {"error_bound": float(bound[i])})} for r, i in enumerate(idx)]
 
     index = f.audit_index
     return {"target": target, "class": klass, "audit": audit,
@@ -124,6 +140,18 @@ def format_summary(s: dict) -> str:
         if "buffer_share" in t:
             lines.append(f"{name}: the buffers' part of the change (BatchNorm running statistics, stored as "
                          f"buffer_residual) is {t['buffer_share']:.2e} of the mean |true change|; MRE counts it")
+    for name, t in s["targets"].items():
+        if "quadrature" in t:
+            q = t["quadrature"]
+            lines.append(f"{name}: quadrature {q['mean_sub_intervals']:.2f} pieces per segment on average (at most "
+                         f"{q['max_sub_intervals']}); worst measured segment error {q['worst_segment_error']:.2e}")
+        if "error_bound" in t:
+            b = t["error_bound"]
+            lines.append(f"{name}: error_bound bounds each influence entry's quadrature error (the propagated "
+                         f"estimate of h's error with a safety factor: docs/cli.md#rules); the largest is "
+                         f"{b['max']:.2e}, {b['max_over_max_influence']:.2e} of the largest |influence|")
+    if s.get("accepted_update_error") is not None:
+        lines.append(f"update errors up to {s['accepted_update_error']:g} were accepted (--accept-update-error)")
     if s.get("max_resimulation_drift") is not None:
         lines.append(f"sparse checkpoints: worst re-simulation drift {s['max_resimulation_drift']:.2e} "
                      "(re-simulated θ against the stored checkpoints)")
@@ -138,9 +166,11 @@ def format_top(t: dict) -> str:
              f"{t['initial']:.4f} -> {t['final']:.4f}"]
     for kind in ("helpful", "harmful"):
         lines.append(f"most {kind} training {'groups' if key == 'group' else 'examples'}:")
-        lines.append(f"  {'rank':>4} {key:>12} {'label':>5} {'influence':>12}")
+        bounded = bool(t[kind]) and "error_bound" in t[kind][0]
+        lines.append(f"  {'rank':>4} {key:>12} {'label':>5} {'influence':>12}" + ("  ± bound" if bounded else ""))
         for e in t[kind]:
-            lines.append(f"  {e['rank']:>4} {e[key]:>12} {_show(e['label']):>5} {e['influence']:>12.4e}")
+            lines.append(f"  {e['rank']:>4} {e[key]:>12} {_show(e['label']):>5} {e['influence']:>12.4e}"
+                         + (f"  ± {e['error_bound']:.1e}" if bounded else ""))
     lines.append(f"(influence < 0 pushed the {t['target']}{cls} down; helpful = pushed it "
                  f"{t['helpful_direction']})")
     return "\n".join(lines)

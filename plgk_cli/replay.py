@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from plgk_cli import _callable_module
 from plgk_cli.arguments import ReplayArguments, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
@@ -339,7 +340,7 @@ class WalkState:
         num_rows = len(plan.group) if plan.group is not None else len(plan.train_index)
         epochs = plan.run.epoch_of(plan.total - 1) + 1
         self.acc = AuditAccumulator(plan.row_of, num_rows, plan.columns, plan.total, epochs,
-                                    plan.layout.layers, plan.device)
+                                    plan.layout.layers, plan.device, bounded=plan.args.quadrature.adaptive)
         self.w = _adjoint_buffer(plan)
         self.decay_next = 0.0
         self.values = torch.zeros(len(plan.boundaries), plan.columns, **f64)
@@ -349,6 +350,16 @@ class WalkState:
         self.h = _adjoint_buffer(plan)
         # q(θ_end, b_end) − q(θ_end, b_start) of each segment: what the buffers' change did
         self.buffer_part = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
+        # Each segment's own completeness error Δθ·h − Δq (both ends of q are known), the pieces
+        # its rule used, and ‖h − h_coarser‖ of the nested rules (adaptive): the quadrature record.
+        self.segment_error = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
+        self.sub_intervals = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
+        self.gradient_error = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
+        # adaptive: h − h_coarser of the segment being walked (dh) and its adjoint (dw, dv), which
+        # carry the per-example error bound the way w and v carry the influence
+        self.dh = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
+        self.dw = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
+        self.dv = torch.empty_like(self.dw) if self.dw is not None else None
         # Buffers the walk reuses rather than allocating P x columns float64 tensors each step (a
         # fresh one costs its page faults on first write): v_s, and a free one for ∇q at the
         # next boundary. Not part of the walk's state.
@@ -373,8 +384,11 @@ class WalkState:
         h = self.h.clone() if self.h is self.a_boundary else self.h
         # μ of the update above the walk: a vector where parameter groups have their own
         decay = {"walk/decay_next": self.decay_next} if isinstance(self.decay_next, torch.Tensor) else {}
+        bound = {} if self.dh is None else {"walk/dh": self.dh, "walk/dw": self.dw}
         return {"walk/w": self.w, "walk/h": h, "walk/a_boundary": self.a_boundary,
-                "walk/values": self.values, "walk/buffer_part": self.buffer_part, **decay,
+                "walk/values": self.values, "walk/buffer_part": self.buffer_part,
+                "walk/segment_error": self.segment_error, "walk/sub_intervals": self.sub_intervals,
+                "walk/gradient_error": self.gradient_error, **decay, **bound,
                 **self.acc.state_tensors()}
 
     def scalars(self) -> dict:
@@ -383,7 +397,9 @@ class WalkState:
 
     def restore(self, tensors: dict, scalars: dict) -> None:
         device = self.w.device
-        for name in ("w", "h", "a_boundary", "values", "buffer_part"):
+        names = ("w", "h", "a_boundary", "values", "buffer_part", "segment_error", "sub_intervals",
+                 "gradient_error") + (() if self.dh is None else ("dh", "dw"))
+        for name in names:
             saved = tensors.get(f"walk/{name}")
             if saved is None:
                 raise StoreError(f"progress: walk/{name} missing (written by an older plgk); start over "
@@ -540,6 +556,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
     decomposition = run.decomposition
     last_commit_time, since_commit = time.monotonic(), 0
     segments = list(zip(plan.boundaries, plan.boundaries[1:]))
+    budget = _error_budget(plan, state, len(segments)) if args.quadrature.adaptive else None
     for index in range(len(segments) - 1, -1, -1):
         seg_start, seg_end = segments[index]
         if seg_start > state.next_step:
@@ -568,8 +585,22 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             if plan.buffered:  # ∇q at θ_end with b_start; the rest of the change is the buffers'
                 end_values, a_end_held = plan.audit_side(theta_end, buffers=held)
                 state.buffer_part[index] = state.values[index + 1] - end_values
-            state.h = _quadrature(args.quadrature_points, a_start, a_end_held, theta_start, theta_end,
-                                  functools.partial(plan.audit_side, buffers=held), out=free)
+            rule = args.quadrature
+            q_change = (end_values if plan.buffered else state.values[index + 1]) - values
+            audit_at = functools.partial(plan.audit_side, buffers=held)
+            if rule.adaptive:
+                # q is evaluated in the compute dtype: its rounding is a floor for the measured error
+                noise = 16 * torch.finfo(plan.compute).eps * float(values.abs().mean())
+                state.h, pieces = _adaptive_quadrature(rule, a_start, a_end_held, theta_start, theta_end,
+                                                       q_change, max(budget, noise), audit_at, out=free,
+                                                       coarse_out=state.dh)
+                state.gradient_error[index] = state.dh.norm(dim=0)
+            else:
+                state.h = _quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
+                                      audit_at, out=free)
+                pieces = rule.sub_intervals
+            state.segment_error[index] = (theta_end - theta_start) @ state.h - q_change
+            state.sub_intervals[index] = pieces
             state.a_boundary, state.h_start = a_start, seg_start
             state.spare = a_end if a_end is not state.h else None
         for t in range(state.next_step, seg_start - 1, -1):
@@ -606,6 +637,9 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     frozen = run.frozen_coordinates(ck_next, device)  # their gradient was zeros or None, not the loss's
 
     coeffs = decomposition.coefficients(before, after, hp, clip)
+    dv = None
+    if state.dh is not None:  # the same adjoint of h − h_coarser: how far v may be off
+        state.dw, dv = coeffs.adjoint(state.dw, state.decay_next, state.dh, out=state.dv)
     state.w, v = coeffs.adjoint(state.w, state.decay_next, state.h, out=state.v)
     state.decay_next = coeffs.decay
 
@@ -652,7 +686,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
         if rounding is not None:
             rounding = rounding.masked_fill(frozen, 0.0)
     scale = clip / len(batch) if weights is None else clip * weights[positions]  # c_s w_m
-    acc.add_samples(audited, g, scale, v, run.epoch_of(t), parts)
+    acc.add_samples(audited, g, scale, v, run.epoch_of(t), parts, dv)
     acc.add_residual(coeffs.residual(theta_t, v, state.h))
     if rounding is not None:
         # A coordinate whose gradient is zero in exact arithmetic (a key bias of attention: softmax
@@ -675,8 +709,19 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     if not worst <= plan.max_update_error:
         raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "
                                f"gradients differs from the recorded one by {worst:.1e} (gate "
-                               f"{plan.max_update_error:g}): {_diagnose(plan, t)}; "
-                               "the audit would not describe this run (--max-update-error raises the gate)")
+                               f"{plan.max_update_error:g}; most in {_worst_parameter(plan, delta, recorded_delta, theta_next)}): "
+                               f"{_diagnose(plan, t)}; the audit would not describe this run "
+                               "(--accept-update-error E proceeds up to E and records it)")
+
+
+def _worst_parameter(plan: ReplayPlan, predicted: torch.Tensor, recorded: torch.Tensor,
+                     theta_next: torch.Tensor) -> str:
+    """'<name> (1.2e-01)': the recorded parameter whose update is re-derived worst."""
+    layout, dtype = plan.layout, plan.run.dtype
+    errors = {name: _relative_error(predicted[sl], recorded[sl], theta_next[sl], dtype)
+              for name, sl in ((n, slice(layout.offsets[i], layout.offsets[i + 1])) for i, n in enumerate(layout.names))}
+    name = max(errors, key=lambda n: math.inf if math.isnan(errors[n]) else errors[n])
+    return f"{name} ({errors[name]:.1e})"
 
 
 def _check_sum(plan: ReplayPlan, t: int, rounding: torch.Tensor, batch_grad: torch.Tensor) -> None:
@@ -771,6 +816,54 @@ def _ghost_parts(plan: ReplayPlan, coeffs, train: dict, audit: dict) -> dict:
     return parts
 
 
+# The estimate of h's error (the nested rules' difference; Richardson would take a third of it)
+# times this factor is what the per-entry error bound propagates: chosen so that the bound held
+# for >= 99% of (example, audit point) entries against supersample:64 on the runs measured
+# (docs/results.md); the median entry's bound is then ~27x its actual error.
+ERROR_BOUND_SAFETY = 10.0
+
+
+def _error_budget(plan: ReplayPlan, state: WalkState, segments: int) -> float:
+    """adaptive:TOL's tolerance of each segment's mean error: TOL × mean |q(θ_T) − q(θ_0)| shared
+    equally, so the segments' errors cannot add up to more than TOL × the mean true change (the
+    rel. MRE is certified to TOL, up to the rounding floor of q)."""
+    q_start, _ = plan.audit_side(plan.theta(0), buffers=plan.buffers(0))
+    return plan.args.quadrature.tolerance * float((state.values[-1] - q_start).abs().mean()) / segments
+
+
+def _adaptive_quadrature(rule, a_start, a_end, theta_start, theta_end, q_change, tolerance, audit_side,
+                         out=None, coarse_out=None):
+    """h over a segment by the composite trapezoid, halved (the new midpoints only: nothing is
+    evaluated twice) until the columns' mean measured error |Δθ·h − Δq| is within ``tolerance``,
+    or rule.sub_intervals pieces (DESIGN.md v2: both ends of q are known, so a segment's
+    completeness error is measured, not estimated). Returns (h, pieces) and
+    writes h − h_coarser, the difference of the last two nested rules (euler, the left end, for a
+    segment the trapezoid already meets, scaled), times ERROR_BOUND_SAFETY, into ``coarse_out``:
+    what bounds the error of h."""
+    delta = theta_end - theta_start
+    h = torch.lerp(a_start, a_end, 0.5, out=out if out is not None else torch.empty_like(a_start))
+    coarse_out.copy_(h).sub_(a_start)
+    pieces, interior = 1, None
+    while pieces < rule.sub_intervals and not float((delta @ h - q_change).abs().mean()) <= tolerance:
+        if interior is None:
+            interior = torch.zeros_like(a_start)
+        for j in range(pieces):  # the midpoints of the current pieces
+            interior.add_(audit_side(theta_start + ((2 * j + 1) / (2 * pieces)) * delta)[1])
+        pieces *= 2
+        coarse_out.copy_(h)
+        torch.add(a_start, a_end, out=h).mul_(0.5).add_(interior).div_(pieces)
+        coarse_out.sub_(h).neg_()
+    if pieces == 1:
+        # The nested difference of a segment the trapezoid met is euler's, far larger than the
+        # trapezoid's own error: scale each column to the size measured exactly along the path,
+        # |Δθ·h − Δq| / |Δθ·(h − h_euler)| (at most 1), keeping the difference's direction.
+        measured = (delta @ h - q_change).abs()
+        along = (delta @ coarse_out).abs()
+        coarse_out.mul_(torch.where(along > 0, (measured / along).clamp(max=1.0), torch.ones_like(along)))
+    coarse_out.mul_(ERROR_BOUND_SAFETY)
+    return h, pieces
+
+
 def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audit_side, out=None):
     """h over the segment: euler (0), or the composite trapezoid on `sub_intervals` pieces;
     written into ``out`` (a tensor distinct from a_start and a_end) if given."""
@@ -789,6 +882,7 @@ def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audi
 
 def _target_results(state: WalkState, plan: ReplayPlan) -> list:
     acc, boundaries, targets = state.acc, list(plan.boundaries), plan.args.targets
+    args_adaptive = plan.args.quadrature.adaptive
     n_audit, num_classes = plan.n_audit, plan.gradients.num_classes
     complete = plan.args.train_subset is None
     q = plan.columns // n_audit
@@ -825,5 +919,11 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
             trace_true_change=pick(true_change), trace_reconstructed=pick(reconstructed),
             layer_epoch_signed=pick(acc.layer_epoch_signed), layer_epoch_abs=pick(acc.layer_epoch_abs),
             net=pick(net), gross=pick(gross), mre=metrics.mre, lc=metrics.lc, rmre=metrics.rmre,
-            attribution_gap=float(gap) if complete else float("nan")))
+            attribution_gap=float(gap) if complete else float("nan"),
+            segment_error=pick(state.segment_error), sub_intervals=pick(state.sub_intervals).astype(np.int64),
+            gradient_error=pick(state.gradient_error) if args_adaptive else None,
+            error_bound=pick(acc.error_bound) if acc.error_bound is not None else None))
     return results
+
+
+_callable_module(__name__, "replay")  # plgk_cli.replay(...) stays the function once this module is imported

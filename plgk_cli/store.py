@@ -1,9 +1,10 @@
-"""influences.h5 (schema v3): the only module that knows its names. Writer and reader.
+"""influences.h5 (schema v4): the only module that knows its names. Writer and reader.
 
 Layout (train x audit, as TRAK and dattri):
   /                         attrs: plgk_version, schema_version, created, rule, targets (JSON),
                             replay_arguments (JSON), manifest (JSON), optimizer, complete_audit, group_by,
-                            task, audited_mode (the audited quantities' model mode: "eval")
+                            task, audited_mode (the audited quantities' model mode: "eval"),
+                            accepted_update_error (where --accept-update-error gave the gate)
   /train/index (R)          training-split indices of the influence rows (R = M, or the subset)
   /train/label (R[, ...])   their labels (int64 classes, or float regression targets)
   /train/group (G)          with --group-by label: the class of each influence row (G rows)
@@ -15,6 +16,10 @@ Layout (train x audit, as TRAK and dattri):
   /audit/<target>/buffer_residual (N[, C])  (runs whose training changed buffers, e.g. BatchNorm)
       Σ_s q(θ_{s+1}, b_{s+1}) − q(θ_{s+1}, b_s): the part of the true change the buffers made
   /audit/<target>/trace/step (K), trace/true_change, trace/reconstructed (K, N[, C])
+  /audit/<target>/quadrature/segment_error (K-1, N[, C])  Δθ·h − Δq of each segment (measured:
+      both ends of q are known); quadrature/sub_intervals (K-1, N[, C]) the pieces its rule used;
+      with --rule adaptive also quadrature/gradient_error (K-1, N[, C]) ‖h − h_coarser‖ and
+  /audit/<target>/error_bound (R|G, N[, C])  a bound on each influence entry's quadrature error
   /audit/<target>/by_layer_epoch/signed, abs (E, L, N[, C]); attr `layers`
   /audit/<target>/by_epoch/net, gross (E, N[, C])  S_n(e), G_n(e): Σ_m P̃_mn(e) and Σ_m |P̃_mn(e)|
       with P̃(e) the influence of the gradients taken up to the end of epoch e (paper 6.3)
@@ -50,12 +55,19 @@ import numpy as np
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
 
-SCHEMA_VERSION = 3  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual
-READABLE_SCHEMAS = (2, 3)  # a version 2 file is a classification audit without buffers
+SCHEMA_VERSION = 4  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
+# 4: quadrature/*, error_bound, accepted_update_error, checksums
+READABLE_SCHEMAS = (2, 3, 4)  # a version 2 file is a classification audit without buffers
 KERNEL, MODES = "kernel", "modes"
 SIGN_CONVENTION = ("influence[m, n] < 0: training example m pushed the audited quantity of audit "
                    "point n down over training (for the loss: helpful); > 0: pushed it up (harmful)")
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
+CHECKSUM = dict(fletcher32=True)  # HDF5 checksums every chunk and verifies it on every read
+
+
+def _checksum(array: np.ndarray) -> dict:
+    """CHECKSUM for an array that can take it: not a scalar, not variable-length strings."""
+    return {} if np.ndim(array) == 0 or np.asarray(array).dtype.kind == "O" else CHECKSUM
 
 
 @dataclass(frozen=True)
@@ -79,6 +91,10 @@ class TargetResult:
     rmre: float
     attribution_gap: float
     buffer_residual: np.ndarray | None = None  # (N[, C]) runs whose training changed buffers
+    segment_error: np.ndarray | None = None  # (K-1, N[, C]) Δθ·h − Δq of each segment
+    sub_intervals: np.ndarray | None = None  # (K-1, N[, C]) pieces the segment's rule used
+    gradient_error: np.ndarray | None = None  # (K-1, N[, C]) ‖h − h_coarser‖ (adaptive)
+    error_bound: np.ndarray | None = None  # (R, N[, C]) bound on each entry's quadrature error (adaptive)
 
 
 def check_writable(path: Path, overwrite: bool) -> None:
@@ -154,20 +170,22 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             "complete_audit": complete_audit, "group_by": arguments.get("group_by") or "",
             "task": manifest.get("task", {}).get("name", "classification"), "audited_mode": "eval",
         })
-        f.create_dataset("train/index", data=train_index.astype(np.int64))
-        f.create_dataset("train/label", data=_labels(train_label))
+        if arguments.get("max_update_error") is not None:  # --accept-update-error: the user's gate
+            f.attrs["accepted_update_error"] = float(arguments["max_update_error"])
+        f.create_dataset("train/index", data=train_index.astype(np.int64), **CHECKSUM)
+        f.create_dataset("train/label", data=_labels(train_label), **CHECKSUM)
         if group is not None:
-            f.create_dataset("train/group", data=group.astype(np.int64))
+            f.create_dataset("train/group", data=group.astype(np.int64), **CHECKSUM)
         audit = f.create_group("audit")
         audit.attrs["source"] = audit_source
         if audit_index is not None:
-            audit.create_dataset("index", data=audit_index.astype(np.int64))
+            audit.create_dataset("index", data=audit_index.astype(np.int64), **CHECKSUM)
             audit.attrs["split"] = audit_split
-        f.create_dataset("audit/label", data=_labels(audit_label))
-        f.create_dataset("replay/update_error", data=update_error)
+        f.create_dataset("audit/label", data=_labels(audit_label), **CHECKSUM)
+        f.create_dataset("replay/update_error", data=update_error, **CHECKSUM)
         if drift:  # sparse checkpoints: re-simulated θ against each stored checkpoint
-            f.create_dataset("replay/drift_step", data=np.array(sorted(drift), dtype=np.int64))
-            f.create_dataset("replay/drift", data=np.array([drift[k] for k in sorted(drift)]))
+            f.create_dataset("replay/drift_step", data=np.array(sorted(drift), dtype=np.int64), **CHECKSUM)
+            f.create_dataset("replay/drift", data=np.array([drift[k] for k in sorted(drift)]), **CHECKSUM)
             f["replay"].attrs["max_drift"] = max(drift.values())
         for r in results:
             g = f.create_group(f"audit/{r.name}")
@@ -175,20 +193,26 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
                            max_update_error=float(update_error.max(initial=0.0)),
                            complete=complete_audit)
             infl = g.create_dataset("influence", data=r.influence.astype(np.float32),
-                                    chunks=_chunks(r.influence.shape), **COMPRESSION)
+                                    chunks=_chunks(r.influence.shape), **COMPRESSION, **CHECKSUM)
             infl.attrs["sign"] = SIGN_CONVENTION
             infl.attrs["layout"] = "train x audit" + (" x class" if r.influence.ndim == 3 else "")
             for name in ("residual", "initial", "final"):
-                g.create_dataset(name, data=getattr(r, name))
+                g.create_dataset(name, data=getattr(r, name), **CHECKSUM)
             if r.buffer_residual is not None:
-                g.create_dataset("buffer_residual", data=r.buffer_residual)
-            g.create_dataset("trace/step", data=r.trace_step.astype(np.int64))
-            g.create_dataset("trace/true_change", data=r.trace_true_change)
-            g.create_dataset("trace/reconstructed", data=r.trace_reconstructed)
-            g.create_dataset("by_layer_epoch/signed", data=r.layer_epoch_signed)
-            g.create_dataset("by_layer_epoch/abs", data=r.layer_epoch_abs)
-            g.create_dataset("by_epoch/net", data=r.net)
-            g.create_dataset("by_epoch/gross", data=r.gross)
+                g.create_dataset("buffer_residual", data=r.buffer_residual, **CHECKSUM)
+            for name in ("segment_error", "sub_intervals", "gradient_error"):
+                if getattr(r, name) is not None:
+                    g.create_dataset(f"quadrature/{name}", data=getattr(r, name), **CHECKSUM)
+            if r.error_bound is not None:
+                g.create_dataset("error_bound", data=r.error_bound.astype(np.float32),
+                                 chunks=_chunks(r.error_bound.shape), **COMPRESSION, **CHECKSUM)
+            g.create_dataset("trace/step", data=r.trace_step.astype(np.int64), **CHECKSUM)
+            g.create_dataset("trace/true_change", data=r.trace_true_change, **CHECKSUM)
+            g.create_dataset("trace/reconstructed", data=r.trace_reconstructed, **CHECKSUM)
+            g.create_dataset("by_layer_epoch/signed", data=r.layer_epoch_signed, **CHECKSUM)
+            g.create_dataset("by_layer_epoch/abs", data=r.layer_epoch_abs, **CHECKSUM)
+            g.create_dataset("by_epoch/net", data=r.net, **CHECKSUM)
+            g.create_dataset("by_epoch/gross", data=r.gross, **CHECKSUM)
             g["by_layer_epoch"].attrs["layers"] = json.dumps(layers)
         if geometry is not None:
             kernel = f.create_group(KERNEL)
@@ -196,18 +220,48 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             for name, array in geometry.kernel.items():
                 big = array.ndim == 2 and array.size > 4096
                 kernel.create_dataset(name, data=array, **(dict(chunks=_chunks(array.shape), **COMPRESSION)
-                                                           if big else {}))
+                                                           if big else {}), **_checksum(array))
             for name, arrays in geometry.modes.items():
                 group = f.create_group(f"{MODES}/{name}")
                 group.attrs.update({k: v for k, v in arrays["attrs"].items()})
                 for key, array in arrays.items():
                     if key != "attrs":
-                        group.create_dataset(key, data=array)
+                        group.create_dataset(key, data=array, **_checksum(array))
 
 
 def _labels(labels: np.ndarray) -> np.ndarray:
     """Class labels as int64, regression targets as float64."""
     return labels.astype(np.int64 if np.issubdtype(labels.dtype, np.integer) else np.float64)
+
+
+class _Verified:
+    """An h5py file, group or dataset whose reads turn HDF5's failed chunk checksum (fletcher32;
+    an OSError) into one StoreError naming the file and the dataset."""
+
+    def __init__(self, node, path: Path):
+        self._node, self._path = node, path
+
+    def __getitem__(self, key):
+        if not isinstance(self._node, h5py.Dataset):
+            return _Verified(self._node[key], self._path)
+        try:
+            return self._node[key]
+        except OSError as exc:
+            raise StoreError(f"{self._path}: dataset {self._node.name} is damaged (HDF5: {exc}; a "
+                             "chunk failed its checksum): restore the file or re-run `plgk replay`"
+                             ) from None
+
+    def __contains__(self, key) -> bool:
+        return key in self._node
+
+    def __iter__(self):
+        return iter(self._node)
+
+    def __len__(self) -> int:
+        return len(self._node)
+
+    def __getattr__(self, name):  # attrs, close, shape, dtype, ...
+        return getattr(self._node, name)
 
 
 class InfluenceFile:
@@ -223,7 +277,7 @@ class InfluenceFile:
                                  "with `plgk replay ... --resume`")
             raise StoreError(f"{self.path}: file not found")
         try:
-            self._f = h5py.File(self.path, "r")
+            self._f = _Verified(h5py.File(self.path, "r"), self.path)
         except OSError as exc:
             if "lock" in str(exc).lower():
                 raise StoreError(f"{self.path}: another process has it open for writing; wait for "
@@ -260,6 +314,18 @@ class InfluenceFile:
     def task(self) -> str:
         """The run's task (files of schema 2 hold classification audits)."""
         return str(self._f.attrs.get("task", "classification"))
+
+    def quadrature(self, target: str) -> dict:
+        """{"segment_error", "sub_intervals"[, "gradient_error"]} of each segment (empty for files
+        written before schema 4)."""
+        group = self._target(target)
+        return {name: group[f"quadrature/{name}"][()] for name in ("segment_error", "sub_intervals", "gradient_error")
+                if f"quadrature/{name}" in group}
+
+    def error_bound(self, target: str = "loss") -> np.ndarray | None:
+        """The bound on each influence entry's quadrature error (--rule adaptive; else None)."""
+        group = self._target(target)
+        return group["error_bound"][()] if "error_bound" in group else None
 
     def buffer_residual(self, target: str) -> np.ndarray | None:
         """The buffers' part of the true change (None: training changed no buffer)."""

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from plgk_cli import _callable_module
 from plgk_cli.config import GROUP_KEYS, RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, OutputError
@@ -190,3 +191,6 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                                 **({} if accuracy is None else {"acc": f"{accuracy:.3f}"}))
     bar.close()
     return recorder.manifest
+
+
+_callable_module(__name__, "train")  # plgk_cli.train(...) stays the function once this module is imported

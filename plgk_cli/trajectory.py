@@ -25,6 +25,11 @@ step only; the records of the steps in between travel in the step file that ends
 clip_coef, loss per step) and ``record/hyper`` (steps x groups x fields), with the metadata ``record/step``, ``record/size``,
 ``record/optim_step`` and ``record/epoch`` (comma-separated, one entry per step). One file per
 block, not per step: a record of its own cost a file, its 4 KiB disk block and its header.
+
+Every tensor carries a checksum in the metadata, ``crc32/<tensor name>`` (zlib.crc32 of its raw
+bytes, 8 hex digits), with ``checksum`` = ``crc32`` saying the file has them; every read verifies
+the tensors it loads (a mismatch is a TrajectoryError naming the file and the tensor). Files
+written before carry none: they read, with one warning per run directory.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ import dataclasses
 import json
 import os
 import re
+import sys
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -60,6 +67,7 @@ HYPER, GRAD, OPTIM_STEPS = "hyper", "grad", "optim_steps"
 GRAD_NONE = 0  # None: torch skipped the parameter, its value and state did not change
 GRAD_LOSS = 1  # the loss's gradient (requires_grad was on)
 GRAD_ZERO = 2  # zeros: frozen (requires_grad off) after zero_grad(set_to_none=False)
+CHECKSUM, CHECKSUM_KIND, CRC_PREFIX = "checksum", "crc32", "crc32/"  # metadata: per-tensor checksums
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
 
@@ -139,6 +147,50 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def _crc32(t: torch.Tensor) -> str:
+    """zlib.crc32 of a (CPU) tensor's raw bytes, as 8 hex digits."""
+    t = t.detach().contiguous()
+    try:
+        data = t.numpy()  # the tensor's own buffer, no copy
+    except TypeError:  # a dtype numpy lacks (bfloat16): its bytes
+        data = t.reshape(-1).view(torch.uint8).numpy()
+    return f"{zlib.crc32(data):08x}"
+
+
+def checksum_metadata(tensors: dict) -> dict:
+    """The metadata entries that let a reader verify every tensor of a step file."""
+    return {CHECKSUM: CHECKSUM_KIND, **{CRC_PREFIX + key: _crc32(t) for key, t in tensors.items()}}
+
+
+_unchecked_runs: set = set()  # run directories already warned about: one warning line each
+
+
+def _verify(path: Path, metadata: dict, tensors: dict) -> None:
+    """Every loaded tensor against its recorded checksum; files written before checksums were
+    recorded read with one warning per run directory."""
+    kind = metadata.get(CHECKSUM)
+    if kind is None:
+        run_dir = path.parent.resolve()
+        if run_dir not in _unchecked_runs:
+            _unchecked_runs.add(run_dir)
+            print(f"plgk: warning: {path.parent}: step files carry no checksums (written by an "
+                  "older plgk); corruption cannot be detected", file=sys.stderr)
+        return
+    if kind != CHECKSUM_KIND:
+        raise TrajectoryError(f"{path}: checksums of kind {kind!r}; this plgk verifies "
+                              f"{CHECKSUM_KIND}: upgrade plgk")
+    for key, t in tensors.items():
+        recorded = metadata.get(CRC_PREFIX + key)
+        if recorded is None:
+            raise TrajectoryError(f"{path}: tensor {key} has no checksum, though the file's others "
+                                  "do; the file was altered: restore it or re-run `plgk train`")
+        actual = _crc32(t)
+        if actual != recorded:
+            raise TrajectoryError(f"{path}: tensor {key} fails its checksum (crc32 {actual}, "
+                                  f"recorded {recorded}); the file is corrupt: restore it or re-run "
+                                  "`plgk train`")
+
+
 def _indices(batch: torch.Tensor) -> torch.Tensor:
     """Minibatch indices in the narrowest integer type that holds them."""
     batch = batch.detach().cpu()
@@ -189,6 +241,7 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
         for key in (records[0].get("extra_metadata") or {}):
             columns[key] = [r["extra_metadata"][key] for r in records]
         metadata.update({RECORD_PREFIX + k: ",".join(map(str, v)) for k, v in columns.items()})
+    metadata.update(checksum_metadata(tensors))
     path = checkpoint_path(run_dir, step)
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata=metadata)
@@ -208,7 +261,8 @@ def _block_holder(run_dir: Path, step: int, every: int) -> Path | None:
 
 
 def _open(path: Path, keys=None) -> tuple[dict, dict]:
-    """(metadata, tensors) of a step file: all tensors, or those whose names start with ``keys``."""
+    """(metadata, tensors) of a step file: all tensors, or those whose names start with ``keys``,
+    each verified against its checksum."""
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -216,6 +270,7 @@ def _open(path: Path, keys=None) -> tuple[dict, dict]:
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         raise TrajectoryError(f"{path}: cannot read checkpoint ({exc}); the file is truncated or "
                               "corrupt: restore it or re-run `plgk train`") from None
+    _verify(Path(path), metadata, tensors)
     return metadata, tensors
 
 

@@ -7,6 +7,8 @@
     python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
     python scripts/bench.py --workload transformer           # dropout transformer: hooks vs generic, layer split
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
+    python scripts/bench.py --workload quadrature --threads 1 # trapezoid vs adaptive vs supersample:64
+    python scripts/bench.py --workload quadrature --quadrature-runs demo,cnn-adam   # a subset
 
 Workloads:
   digits           configs/demo.toml (CNN, Adam, 5 epochs), audit test[:64], rule trapezoid.
@@ -30,6 +32,18 @@ Workloads:
                    the generic Jacobian over all of θ (method "generic", and jacobian_rows on the
                    same graph as the hooks), each layer type's hook rule, each type alone, with the
                    rules and the engine's rows checked against the Jacobian rows.
+  quadrature       the rules side by side: every configs/*.toml as it is (but QUADRATURE_SKIPPED, now
+                   none) and four larger-step runs of the digits CNN (batch
+                   64, 2 epochs: RMSprop lr 1e-3 momentum 0.5, Adagrad lr 1e-2, Adam lr 1e-2, SGD
+                   momentum 0.9 lr 0.1), float32, each trained once and replayed on test[:64] with
+                   trapezoid, adaptive (its default TOL) and supersample:64, every replay in its own
+                   child (--repeat K: trapezoid and adaptive K times each, interleaved, the fastest
+                   kept; supersample:64 once). Per run: replay time of each rule, adaptive/trapezoid,
+                   rel. MRE and LC of each, adaptive's mean sub-intervals per segment, the influence
+                   matrices' relative Frobenius distance from supersample:64, the share of entries
+                   with |I_adaptive - I_ss64| <= error_bound (and with a float32 rounding allowance
+                   2^-23 (|a| + |b|)), and the issue's bars (QUADRATURE_BARS) passed or missed.
+                   --quadrature-runs picks runs by name (QUADRATURE_RUNS).
 
 How it measures. Every phase (train, train without recording, replay, captum) runs in its own
 child process (`python -c`); times are taken inside the child around the phase itself, so they
@@ -77,7 +91,7 @@ MNIST_BATCH = 256
 # split are most of that), 10 minutes with two threads at load 3-5 (docs/performance.md).
 DEFAULT_STEPS_SCALE = 0.02
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
-ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer")
+ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer", "quadrature")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
                "peak RSS includes the Python+torch process itself")
 
@@ -228,6 +242,52 @@ def memory_workloads(audit_sizes=(16, 64, 256), batch_sizes=(32, 64, 128),
               "train": {"epochs": long_epochs, "batch_size": batch, "seed": 0}}
     out.append(Workload("memory", config, f"test[:{n}]", "trapezoid",
                         label=f"N={n} B={batch} {long_epochs}ep"))
+    return out
+
+
+QUADRATURE_RULES = ("trapezoid", "adaptive", "supersample:64")  # the last is the reference
+QUADRATURE_AUDIT = "test[:64]"
+# The issue's bars for adaptive (its default TOL), per run.
+QUADRATURE_BARS = {"lc": 0.99999, "rmre": 2e-3, "time_ratio": 1.5, "influence_rel": 1e-3, "bound_share": 0.99}
+FLOAT32_ROUNDING = 2.0 ** -23  # the rounding allowance of two float32 influences: 2^-23 (|a| + |b|)
+
+
+def _cnn_run(optim: dict) -> dict:
+    return {"data": {"dataset": "digits", "seed": 0}, "model": {"name": "cnn"}, "optim": optim,
+            "train": {"epochs": 2, "batch_size": 64, "seed": 0}}
+
+
+# {run name: (config or a configs/*.toml path, note)}; every config as it is, then larger steps.
+QUADRATURE_RUNS = {
+    **{path.stem: (path, f"configs/{path.name}") for path in sorted((ROOT / "configs").glob("*.toml"))},
+    "cnn-rmsprop": (_cnn_run({"name": "rmsprop", "lr": 1e-3, "momentum": 0.5}),
+                    "digits CNN, RMSprop lr 1e-3 momentum 0.5, batch 64, 2 epochs"),
+    "cnn-adagrad": (_cnn_run({"name": "adagrad", "lr": 1e-2}), "digits CNN, Adagrad lr 1e-2, batch 64, 2 epochs"),
+    "cnn-adam": (_cnn_run({"name": "adam", "lr": 1e-2}), "digits CNN, Adam lr 1e-2, batch 64, 2 epochs"),
+    "cnn-sgd-momentum": (_cnn_run({"name": "sgd", "lr": 0.1, "momentum": 0.9}),
+                         "digits CNN, SGD momentum 0.9 lr 0.1, batch 64, 2 epochs"),
+}
+# Runs left out unless named in --quadrature-runs, and why. None now: transformer_text's
+# supersample:64 replay (the longest) took 116 s with --threads 1 on the 2-core CPU machine.
+QUADRATURE_SKIPPED: dict = {}
+
+
+def quadrature_workloads(names=None) -> list[Workload]:
+    """One Workload per run (rule: the first of QUADRATURE_RULES; run_quadrature replays them all);
+    ``names``: None for every run but QUADRATURE_SKIPPED, else those runs in that order."""
+    if names is None:
+        names = [n for n in QUADRATURE_RUNS if n not in QUADRATURE_SKIPPED]
+    unknown = [n for n in names if n not in QUADRATURE_RUNS]
+    if unknown:
+        raise SystemExit(f"--quadrature-runs: unknown run(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(QUADRATURE_RUNS)}")
+    out = []
+    for name in names:
+        config, note = QUADRATURE_RUNS[name]
+        config = _toml_config(config) if isinstance(config, Path) else json.loads(json.dumps(config))
+        config.setdefault("train", {})["dtype"] = "float32"
+        out.append(Workload("quadrature", config, QUADRATURE_AUDIT, QUADRATURE_RULES[0], label=name,
+                            notes=[note]))
     return out
 
 
@@ -961,6 +1021,72 @@ def captum_comparison(row: dict, workdir: Path, batch_size: int = 512, repeat: i
             "convention": "plgk influence[m, n] = -captum_scores[n, m] / M"}
 
 
+def run_quadrature(w: Workload, workdir: Path, *, device: str = "cpu", rules=QUADRATURE_RULES,
+                   repeat: int = 1) -> dict:
+    """Train w.config once (recorded), replay it with each of ``rules`` (the last is the reference),
+    every replay in its own child; with ``repeat`` > 1 the other rules run that many times each,
+    interleaved (so that load on the machine falls on them alike), the fastest kept. One row."""
+    from plgk_cli.store import InfluenceFile
+
+    load_before = os.getloadavg()[0]
+    config = _with_device(w.config, device)
+    trained = train_phase(config, workdir, f"{w.name}-{w.label}", baseline=False)
+    run_dir = Path(trained["run_dir"])
+    tasks, times = {}, {rule: [] for rule in rules}
+    for rule in rules:
+        out = run_dir.parent / f"{run_dir.name}-{rule.replace(':', '')}.h5"
+        tasks[rule] = {"kind": "replay", "arguments": {"ckpts": str(run_dir), "audit_set": w.audit_set,
+                                                       "out": str(out), "rule": rule, "device": device,
+                                                       "overwrite": True, **w.replay_options}}
+    best: dict = {}
+    rounds = [rules[:-1]] * (max(1, repeat) - 1) + [rules]  # the reference once, last
+    for group in rounds:
+        for rule in group:
+            result = run_child(tasks[rule], workdir / "logs", f"replay-{rule.replace(':', '')}")
+            times[rule].append(result["replay_s"])
+            if rule not in best or result["replay_s"] < best[rule]["replay_s"]:
+                best[rule] = dict(result, peak_rss_mib=max(result["peak_rss_mib"],
+                                                           best.get(rule, {}).get("peak_rss_mib", 0.0)))
+    per_rule, influence, bound, sub_intervals = {}, {}, None, None
+    for rule in rules:
+        with InfluenceFile(tasks[rule]["arguments"]["out"]) as f:
+            influence[rule] = f.influence("loss").astype(np.float64)
+            metrics = f.metrics("loss")
+            if rule.startswith("adaptive"):
+                bound = f.error_bound("loss")
+                sub_intervals = f.quadrature("loss")["sub_intervals"]
+        r = best[rule]
+        per_rule[rule] = {"replay_s": r["replay_s"], "cpu_s": r["cpu_s"], "all_s": times[rule],
+                          "peak_rss_mib": r["peak_rss_mib"], "mre": metrics["mre"], "rmre": metrics["rmre"],
+                          "lc": metrics["lc"], "max_update_error": r["max_update_error"]}
+    reference = rules[-1]
+    ref = influence[reference]
+    ref_norm = float(np.linalg.norm(ref))
+    for rule in rules[:-1]:
+        per_rule[rule]["rel_frobenius"] = float(np.linalg.norm(influence[rule] - ref)) / ref_norm
+    adaptive = next((rule for rule in rules if rule.startswith("adaptive")), None)
+    row = {"workload": w.name, "label": w.label, "rules": per_rule, "reference": reference,
+           "audit_set": w.audit_set, "device": device, "notes": list(w.notes), **trained,
+           "num_audit": int(ref.shape[1]) if ref.ndim > 1 else 1, "load_average": [load_before, os.getloadavg()[0]]}
+    if adaptive is not None:
+        a, diff = per_rule[adaptive], np.abs(influence[adaptive] - ref)
+        bound = np.asarray(bound, dtype=np.float64)
+        rounding = FLOAT32_ROUNDING * (np.abs(influence[adaptive]) + np.abs(ref))
+        row.update(adaptive_rule=adaptive, sub_intervals_mean=float(np.mean(sub_intervals)),
+                   sub_intervals_max=int(np.max(sub_intervals)), segments=int(len(sub_intervals)),
+                   bound_share=float(np.mean(diff <= bound)),
+                   bound_share_rounding=float(np.mean(diff <= bound + rounding)),
+                   bound_median_ratio=float(np.median(bound[diff > 0] / diff[diff > 0])) if (diff > 0).any() else None)
+        if rules[0] != adaptive:
+            row["time_ratio"] = a["replay_s"] / per_rule[rules[0]]["replay_s"]
+        bars = QUADRATURE_BARS
+        row["bars"] = {"lc": a["lc"] >= bars["lc"], "rmre": a["rmre"] <= bars["rmre"],
+                       "time": row.get("time_ratio", 0.0) <= bars["time_ratio"],
+                       "influence": a["rel_frobenius"] <= bars["influence_rel"],
+                       "bound": row["bound_share"] >= bars["bound_share"]}
+    return row
+
+
 def idle_rss(workdir: Path) -> float:
     return run_child({"kind": "idle"}, workdir / "logs", "idle")["peak_rss_mib"]
 
@@ -1012,12 +1138,72 @@ def format_table(rows: list) -> str:
     return "\n".join([line(headers)] + [line(c) for c in cells])
 
 
+def _short_rule(rule: str) -> str:
+    return {"trapezoid": "trap", "supersample:64": "ss64"}.get(rule, rule.replace("supersample:", "ss")
+                                                                   .replace("adaptive", "adapt"))
+
+
+def format_quadrature_table(rows: list) -> str:
+    """The quadrature rows: one line per run, the rules side by side."""
+    rows = [r for r in rows if r["workload"] == "quadrature"]
+    if not rows:
+        return ""
+    rules = list(rows[0]["rules"])
+    short = [_short_rule(rule) for rule in rules]
+    adaptive = rows[0].get("adaptive_rule")
+    headers = ["run", "T", "P"] + [f"{s} s" for s in short] + [f"{_short_rule(adaptive)}/{short[0]}"]
+    headers += [f"rmre {s}" for s in short] + [f"LC {s}" for s in short] + ["sub-int"]
+    headers += [f"dF {s}" for s in short[:-1]] + ["bound", "bound+rnd", "bars"]
+    cells = []
+    for r in rows:
+        per = r["rules"]
+        bars = r.get("bars") or {}
+        missed = [k for k, ok in bars.items() if not ok]
+        c = [r["label"], str(r["steps"]), str(r["parameters"])]
+        c += [f"{per[rule]['replay_s']:.2f}" for rule in rules]
+        c += [f"{r['time_ratio']:.2f}x" if r.get("time_ratio") is not None else "-"]
+        c += [f"{per[rule]['rmre']:.2e}" for rule in rules] + [f"{per[rule]['lc']:.6f}" for rule in rules]
+        c += [f"{r['sub_intervals_mean']:.2f}" if r.get("sub_intervals_mean") is not None else "-"]
+        c += [f"{per[rule]['rel_frobenius']:.2e}" for rule in rules[:-1]]
+        c += [f"{r['bound_share']:.2%}" if r.get("bound_share") is not None else "-",
+              f"{r['bound_share_rounding']:.2%}" if r.get("bound_share_rounding") is not None else "-",
+              ("pass" if not missed else "miss:" + ",".join(missed)) if bars else "-"]
+        cells.append(c)
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(headers)]
+    line = lambda items: "  ".join(s.ljust(w) if i == 0 else s.rjust(w)  # noqa: E731
+                                   for i, (s, w) in enumerate(zip(items, widths)))
+    b = QUADRATURE_BARS
+    ref = _short_rule(rows[0]["reference"])
+    out = [f"quadrature: {rows[0]['audit_set']}, float32, {rows[0]['device']}; replay s = wall time of each rule's "
+           f"replay in its own child; {_short_rule(adaptive)}/{short[0]} = their ratio; rmre = rel. "
+           f"MRE, LC of each rule; sub-int = {adaptive}'s mean sub-intervals per segment; dF = relative Frobenius "
+           f"distance of the influence matrix from {ref}; bound = share of (example, audit point) entries with "
+           f"|I_adapt - I_{ref}| <= error_bound, bound+rnd = with + 2^-23 (|a| + |b|); bars ({adaptive}): LC >= "
+           f"{b['lc']}, rmre <= {b['rmre']:g}, time <= {b['time_ratio']}x {short[0]}, dF <= {b['influence_rel']:g}, "
+           f"bound >= {b['bound_share']:.0%}", "", line(headers)] + [line(c) for c in cells]
+    for r in rows:
+        text = f"  {r['label']}: " + "; ".join(r["notes"])
+        times = "; ".join(f"{_short_rule(rule)} " + "/".join(f"{t:.2f}" for t in v["all_s"])
+                          for rule, v in r["rules"].items() if len(v["all_s"]) > 1)
+        if times:
+            text += f"; replay times seen (s): {times}"
+        text += f"; train {r['train_s']:.2f} s; max update error {max(v['max_update_error'] for v in r['rules'].values()):.1e}"
+        if r.get("load_average"):
+            text += f"; 1-min load average {r['load_average'][0]:.1f} -> {r['load_average'][1]:.1f}"
+        out.append(text)
+    left_out = [f"{name} ({why})" for name, why in QUADRATURE_SKIPPED.items()
+                if name not in {r["label"] for r in rows}]
+    if left_out:
+        out.append("  not run (name it in --quadrature-runs to run it): " + "; ".join(left_out))
+    return "\n".join(out)
+
+
 def format_notes(rows: list, comparisons: dict) -> str:
     out = [f"[{TIMING_NOTE}; RSS trn/rep = peak RSS of the train/replay process; "
            "rec.ovh = checkpoint-write time / rest of training; rep/trn = wall-time ratio, cpu r/t = the same "
            "in process CPU time, which other load on the machine disturbs less]"]
     for r in rows:
-        if r["workload"] == "memory":
+        if r["workload"] in ("memory", "quadrature"):  # quadrature: format_quadrature_table
             continue
         base = r.get("train_unrecorded_s")
         line = f"{r['workload']}: " + "; ".join(r["notes"])
@@ -1163,7 +1349,7 @@ def _jsonable(x):
 
 def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scale: float =
               DEFAULT_STEPS_SCALE, baseline: bool = True, profile: bool = False,
-              captum_steps: int = 10, repeat: int = 1, echo=print) -> dict:
+              captum_steps: int = 10, repeat: int = 1, quadrature_runs=None, echo=print) -> dict:
     rows, comparisons = [], {"idle_rss_mib": idle_rss(workdir)}
     train_cache: dict = {}
     for name in workloads:
@@ -1177,6 +1363,11 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
             todo = memory_workloads()
         elif name == "transformer":
             todo = transformer_workloads()
+        elif name == "quadrature":
+            for w in quadrature_workloads(quadrature_runs):
+                echo(f"... {w.name} {w.label}: {', '.join(QUADRATURE_RULES)}", flush=True)
+                rows.append(run_quadrature(w, workdir, device=device, repeat=repeat))
+            continue
         else:
             raise SystemExit(f"unknown workload {name!r}; expected one of {', '.join(ALL_WORKLOADS)}")
         for w in todo:
@@ -1274,6 +1465,9 @@ def main(argv=None) -> None:
                         help="torch threads in every phase (default: torch's, = cores). On a machine "
                              "shared with other busy processes, 2 threads on 2 cores can make small "
                              "models' steps 10-30x slower (threads wait on each other); 1 is robust")
+    parser.add_argument("--quadrature-runs", default=None,
+                        help="quadrature: comma-separated run names (default: all but "
+                             f"{', '.join(QUADRATURE_SKIPPED)}); one of {', '.join(QUADRATURE_RUNS)}")
     parser.add_argument("--no-baseline", action="store_true",
                         help="skip the second, un-recorded training run")
     parser.add_argument("--profile", action="store_true", help="cProfile the replay phase (top 25 printed)")
@@ -1288,6 +1482,13 @@ def main(argv=None) -> None:
     if "all" in workloads:
         workloads = list(ALL_WORKLOADS)
     workloads = list(dict.fromkeys(workloads))
+    quadrature_runs = None
+    if args.quadrature_runs:
+        quadrature_runs = [n.strip() for n in args.quadrature_runs.split(",") if n.strip()]
+        unknown = [n for n in quadrature_runs if n not in QUADRATURE_RUNS]
+        if unknown:
+            parser.error(f"--quadrature-runs: unknown run(s) {', '.join(unknown)}; expected some of "
+                         f"{', '.join(QUADRATURE_RUNS)}")
     command = " ".join([Path(sys.executable).name, "scripts/bench.py", *(argv if argv is not None else sys.argv[1:])])
     started = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     env_at_start = environment(args.device)
@@ -1295,11 +1496,17 @@ def main(argv=None) -> None:
         workdir = Path(args.workdir) if args.workdir else Path(tmp)
         result = run_bench(workloads, workdir, device=args.device, steps_scale=args.steps_scale,
                            baseline=not args.no_baseline, profile=args.profile,
-                           captum_steps=args.captum_steps, repeat=args.repeat)
+                           captum_steps=args.captum_steps, repeat=args.repeat,
+                           quadrature_runs=quadrature_runs)
         rows = result["rows"]
         print()
-        print(format_table(rows))
+        plain = [r for r in rows if r["workload"] != "quadrature"]
+        if plain:
+            print(format_table(plain))
         print(format_notes(rows, result["comparisons"]))
+        if len(plain) < len(rows):
+            print()
+            print(format_quadrature_table(rows))
         if args.profile:
             for r in rows:
                 print(f"\n--- replay profile: {r['workload']} {r.get('label') or ''} (top 25 by own time) ---")

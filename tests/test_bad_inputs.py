@@ -28,6 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
                              TrajectoryError)
 from plgk_cli.progress import progress_path
+from plgk_cli.trajectory import checksum_metadata
 from test_cli_errors import (assert_nothing_written, assert_one_line_error, invoke, replay,
                              train_run, write_config, write_npz)
 
@@ -76,12 +77,15 @@ def first_param(run: Path) -> str:
 
 
 def rewrite_checkpoint(path: Path, edit) -> None:
-    """Load every tensor, let `edit` change the dict in place, save with the same metadata."""
+    """Load every tensor, let `edit` change the dict in place, save with the same metadata and
+    fresh checksums: a file as a writer would have written it (a NaN from a diverged run carries
+    a valid checksum), so the check under test, not the checksum, catches it (tests/test_integrity.py
+    has the damaged files)."""
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata()
     tensors = load_file(str(path))
     edit(tensors)
-    save_file(tensors, str(path), metadata=metadata)
+    save_file(tensors, str(path), metadata={**metadata, **checksum_metadata(tensors)})
 
 
 def assert_replay_refused(run: Path, existing_out: Path, code: int, *needles) -> str:

@@ -361,12 +361,15 @@ def test_train_subset_file_is_its_indices_or_error(values, kind, raw):
 
 
 @FAST
-@given(st.text(max_size=20) | st.builds("supersample:{}".format, st.text("-0123456789", max_size=4)))
+@given(st.text(max_size=20) | st.builds("supersample:{}".format, st.text("-0123456789", max_size=4))
+       | st.builds("adaptive:{}".format, st.text("-0123456789.e", max_size=6)))
 def test_rule_parses_or_is_an_audit_spec_error(rule):
     try:
-        k = parse_rule(rule)
+        parsed = parse_rule(rule)
     except AuditSpecError as exc:
-        assert str(exc).startswith(f"--rule: unknown rule {rule!r}")
+        assert str(exc).startswith((f"--rule: unknown rule {rule!r}", f"--rule: {rule!r}: the tolerance"))
         return
+    k = parsed.sub_intervals
     m = re.fullmatch(r"supersample:(\d+)", rule)
-    assert (rule, k) in (("euler", 0), ("trapezoid", 1)) or (m and int(m.group(1)) == k >= 1)
+    assert parsed.adaptive == rule.startswith("adaptive")
+    assert parsed.adaptive or (rule, k) in (("euler", 0), ("trapezoid", 1)) or (m and int(m.group(1)) == k >= 1)

@@ -30,7 +30,7 @@ from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
 from plgk_cli.train import hyper_from_config
-from plgk_cli.trajectory import check_steps, read_checkpoint, read_manifest
+from plgk_cli.trajectory import check_steps, checksum_metadata, read_checkpoint, read_manifest
 
 # conftest.train_tiny: mlp hidden 6, 2 epochs of batch 8, seed 0, float64, cpu; the tiny npz has
 # 22 training rows of 6 features in 3 classes, so 3 updates per epoch (8 + 8 + 6).
@@ -599,7 +599,7 @@ def test_a_frozen_layer_is_recorded_and_a_record_that_contradicts_it_stops_repla
         metadata = f.metadata()
     tensors = load_file(str(path))
     tensors["grad"][:] = 1  # "every parameter took the loss's gradient": not what happened
-    save_file(tensors, str(path), metadata=metadata)
-    with pytest.raises(UpdateCheckError, match=r"update 1 -> 2 .* by nan"):
+    save_file(tensors, str(path), metadata={**metadata, **checksum_metadata(tensors)})
+    with pytest.raises(UpdateCheckError, match=r"update 1 -> 2 .* by nan \(gate 1e-08; most in 1\.weight \(nan\)\)"):
         replay(ReplayArguments(ckpts=str(run), audit_set="test[:4]", out=str(tmp_path / "b.h5"),
                                device="cpu"), progress=False)

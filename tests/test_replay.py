@@ -60,6 +60,54 @@ def test_quadrature_rules_order(run_dir, tmp_path):
     assert mre["supersample:4"] < mre["trapezoid"]
 
 
+@pytest.fixture(scope="module")
+def large_steps(tmp_path_factory, tiny_npz):
+    """Adam at lr 0.1: steps large enough that the trapezoid's error shows."""
+    return train_tiny(tmp_path_factory.mktemp("large") / "run", tiny_npz, {"name": "adam", "lr": 0.1}, epochs=3)
+
+
+def test_segment_errors_are_what_the_trace_misses(large_steps, tmp_path):
+    """quadrature/segment_error is each segment's Δθ·h − Δq, measured: they add up to the audit's
+    completeness error (Σ influence + residual − true change) of every audit point."""
+    _, f = _replay(large_steps, tmp_path, rule="trapezoid")
+    with f:
+        q = f.quadrature("loss")
+        assert q["segment_error"].shape == (9, 5) and (q["sub_intervals"] == 1).all()
+        gap = f.influence("loss").astype(np.float64).sum(0) + f.array("loss", "residual") - _true_change(f)
+        np.testing.assert_allclose(q["segment_error"].sum(0), gap, rtol=1e-4, atol=1e-7)
+
+
+@pytest.mark.parametrize("tolerance", [1e-2, 1e-3])
+def test_adaptive_rule_certifies_its_tolerance_and_bounds_each_entry(large_steps, tmp_path, tolerance):
+    """adaptive:TOL refines where a segment's measured error is large: the rel. MRE stays within
+    TOL (each segment within TOL / K of the mean true change), below the trapezoid's; the
+    influence approaches supersample:64's, whose difference the stored error bound covers."""
+    trapezoid, _ = _replay(large_steps, tmp_path, "trapezoid.h5", rule="trapezoid")
+    summary, f = _replay(large_steps, tmp_path, f"adaptive{tolerance}.h5", rule=f"adaptive:{tolerance}")
+    _, fine = _replay(large_steps, tmp_path, "fine.h5", rule="supersample:64")
+    with f, fine:
+        assert trapezoid.metrics["loss"]["rmre"] > tolerance  # the run needs refining at all
+        assert summary.metrics["loss"]["rmre"] <= tolerance
+        pieces = f.quadrature("loss")["sub_intervals"][:, 0]
+        assert pieces.max() > 1 and pieces.min() >= 1
+        a, b, bound = f.influence("loss").astype(np.float64), fine.influence("loss"), f.error_bound("loss")
+        assert bound.shape == a.shape and (bound >= 0).all()
+        assert np.mean(np.abs(a - b) <= bound + 2.0 ** -23 * (np.abs(a) + np.abs(b))) >= 0.95
+        assert bound.max() < 0.2 * np.abs(a).max()  # a bound that says something
+        assert f.quadrature("loss")["gradient_error"].shape == (9, 5)
+
+
+def test_an_accepted_update_error_is_recorded_and_said(run_dir, tmp_path):
+    from plgk_cli.inspect import format_summary, summary
+    _, f = _replay(run_dir, tmp_path, max_update_error=1e-2)
+    with f:
+        assert f.attrs["accepted_update_error"] == 1e-2
+        assert "update errors up to 0.01 were accepted (--accept-update-error)" in format_summary(summary(f))
+    _, default = _replay(run_dir, tmp_path, "default.h5")
+    with default:
+        assert "accepted_update_error" not in default.attrs
+
+
 def test_targets_together_equal_targets_alone(run_dir, tmp_path):
     _, together = _replay(run_dir, tmp_path, "all.h5", targets=("loss", "margin", "logits"))
     _, margin = _replay(run_dir, tmp_path, "margin.h5", targets=("margin",))

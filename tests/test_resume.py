@@ -83,6 +83,7 @@ def test_resume_after_fault_matches_uninterrupted(run_dir, reference, tmp_path, 
 @pytest.mark.parametrize("extra, audit_set, targets", [
     (("--stride", "3"), "test[0:4]", "loss,margin"),  # killed inside a segment of three updates
     (("--rule", "euler"), "test[0:1]", "loss"),  # one column: h is ∇q at the boundary itself
+    (("--rule", "adaptive:1e-3"), "test[0:4]", "loss,margin"),  # dh and dw travel with the commit
 ])
 def test_resume_matches_uninterrupted_for_strides_and_rules(run_dir, tmp_path, extra, audit_set, targets):
     kwargs = dict(audit_set=audit_set, targets=targets)
