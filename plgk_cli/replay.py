@@ -360,7 +360,6 @@ class WalkState:
         self.dh = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
         self.dw = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
         self.dv = torch.empty_like(self.dw) if self.dw is not None else None
-        self.budget: tuple | None = None  # adaptive: (the error budget, what the walk spent of it)
         # Buffers the walk reuses rather than allocating P x columns float64 tensors each step (a
         # fresh one costs its page faults on first write): v_s, and a free one for ∇q at the
         # next boundary. Not part of the walk's state.
@@ -394,8 +393,7 @@ class WalkState:
 
     def scalars(self) -> dict:
         decay = None if isinstance(self.decay_next, torch.Tensor) else self.decay_next
-        return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": decay,
-                "budget": None if self.budget is None else list(self.budget)}
+        return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": decay}
 
     def restore(self, tensors: dict, scalars: dict) -> None:
         device = self.w.device
@@ -414,7 +412,6 @@ class WalkState:
             getattr(self, name).copy_(saved.to(device))
         self.acc.load_state_tensors(tensors)
         self.next_step, self.h_start = int(scalars["next_step"]), int(scalars["h_start"])
-        self.budget = tuple(scalars["budget"]) if scalars.get("budget") is not None else None
         if scalars["decay_next"] is None:
             self.decay_next = tensors["walk/decay_next"].to(device=device, dtype=torch.float64)
         else:
@@ -559,8 +556,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
     decomposition = run.decomposition
     last_commit_time, since_commit = time.monotonic(), 0
     segments = list(zip(plan.boundaries, plan.boundaries[1:]))
-    if args.quadrature.adaptive and state.budget is None:  # not restored from a progress commit
-        state.budget = _error_budget(plan, state)
+    budget = _error_budget(plan, state, len(segments)) if args.quadrature.adaptive else None
     for index in range(len(segments) - 1, -1, -1):
         seg_start, seg_end = segments[index]
         if seg_start > state.next_step:
@@ -595,14 +591,9 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             if rule.adaptive:
                 # q is evaluated in the compute dtype: its rounding is a floor for the measured error
                 noise = 16 * torch.finfo(plan.compute).eps * float(values.abs().mean())
-                total, spent = state.budget
-                # this segment's share of what the segments walked so far left, never below a tenth
-                # of an equal share (a segment that hit the cap must not starve the rest)
-                share = max((total - spent) / (index + 1), 0.1 * total / len(segments), noise)
                 state.h, pieces = _adaptive_quadrature(rule, a_start, a_end_held, theta_start, theta_end,
-                                                       q_change, share, audit_at, out=free,
+                                                       q_change, max(budget, noise), audit_at, out=free,
                                                        coarse_out=state.dh)
-                state.budget = (total, spent + float(((theta_end - theta_start) @ state.h - q_change).abs().mean()))
                 state.gradient_error[index] = state.dh.norm(dim=0)
             else:
                 state.h = _quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
@@ -828,18 +819,16 @@ def _ghost_parts(plan: ReplayPlan, coeffs, train: dict, audit: dict) -> dict:
 # The estimate of h's error (the nested rules' difference; Richardson would take a third of it)
 # times this factor is what the per-entry error bound propagates: chosen so that the bound held
 # for >= 99% of (example, audit point) entries against supersample:64 on the runs measured
-# (docs/results.md); the median entry's bound is then ~27x its actual error.
+# (docs/results.md: ≥ 99.95% on 14 runs); the median entry's bound is then 28-91x its actual error.
 ERROR_BOUND_SAFETY = 10.0
 
 
-def _error_budget(plan: ReplayPlan, state: WalkState) -> tuple:
-    """(TOL × mean |q(θ_T) − q(θ_0)|, 0): what adaptive:TOL lets the segments' mean errors add up
-    to, and what the walk has spent of it. Each segment may spend what the later ones (walked
-    first) left, shared among the segments still to come, so the errors cannot add up to more
-    than TOL × the mean true change: the rel. MRE is certified to TOL, unless a segment hits the
-    cap of pieces or the rounding floor of q, which its stored segment_error then shows."""
+def _error_budget(plan: ReplayPlan, state: WalkState, segments: int) -> float:
+    """adaptive:TOL's tolerance of each segment's mean error: TOL × mean |q(θ_T) − q(θ_0)| shared
+    equally, so the segments' errors cannot add up to more than TOL × the mean true change (the
+    rel. MRE is certified to TOL, up to the rounding floor of q)."""
     q_start, _ = plan.audit_side(plan.theta(0), buffers=plan.buffers(0))
-    return plan.args.quadrature.tolerance * float((state.values[-1] - q_start).abs().mean()), 0.0
+    return plan.args.quadrature.tolerance * float((state.values[-1] - q_start).abs().mean()) / segments
 
 
 def _adaptive_quadrature(rule, a_start, a_end, theta_start, theta_end, q_change, tolerance, audit_side,
