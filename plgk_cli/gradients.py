@@ -64,9 +64,22 @@ class ParameterLayout:
                 offsets.append(offsets[-1] + p.numel())
         return cls(tuple(names), tuple(shapes), tuple(offsets))
 
+    @classmethod
+    def of_shapes(cls, names, shapes) -> "ParameterLayout":
+        """The layout of parameters given by name and shape, in that order (a manifest's)."""
+        offsets = [0]
+        for shape in shapes:
+            offsets.append(offsets[-1] + math.prod(shape))
+        return cls(tuple(names), tuple(tuple(s) for s in shapes), tuple(offsets))
+
     @property
     def size(self) -> int:
         return self.offsets[-1]
+
+    def expand(self, per_parameter: torch.Tensor, device=None) -> torch.Tensor:
+        """A P-vector holding each parameter's entry of ``per_parameter`` on all its coordinates."""
+        sizes = torch.tensor([b - a for a, b in zip(self.offsets, self.offsets[1:])], dtype=torch.int64)
+        return torch.repeat_interleave(per_parameter.cpu(), sizes).to(device)
 
     def flatten(self, tensors: dict, dtype=torch.float64, device=None) -> torch.Tensor:
         return _concatenate([tensors[n] for n in self.names], dtype, device)
@@ -90,8 +103,7 @@ class ParameterLayout:
         for k in keys:
             present = [k in state.get(n, {}) for n in self.names]
             if not all(present):
-                sizes = torch.tensor([math.prod(s) for s in self.shapes], dtype=torch.int64)
-                held[k] = torch.repeat_interleave(torch.tensor(present), sizes).to(device)
+                held[k] = self.expand(torch.tensor(present), device)
         return held
 
     @property

@@ -173,9 +173,10 @@ def hyper_from_optimizer(optimizer: torch.optim.Optimizer) -> Hyper:
         centered=bool(group.get("centered", defaults.centered)))
 
 
-def group_values(optimizer: torch.optim.Optimizer) -> torch.Tensor:
-    """What each parameter group holds now, one row per group in the columns of HYPER_FIELDS."""
-    defaults = Hyper(hyper_from_optimizer(optimizer).name)
+def group_values(optimizer: torch.optim.Optimizer, family: str) -> torch.Tensor:
+    """What each parameter group holds now, one row per group in the columns of HYPER_FIELDS;
+    ``family`` (hyper_from_optimizer's name) gives the values of options it lacks."""
+    defaults = Hyper(family)
     rows = []
     for group in optimizer.param_groups:
         betas = group.get("betas", defaults.betas)
@@ -271,7 +272,7 @@ class Recorder:
         batch_size = min(batch_size, m)
         steps_per_epoch = steps_per_epoch or math.ceil(m / batch_size)
         names_of = {id(p): n for n, p in named.items()}
-        values = group_values(optimizer).tolist()
+        values = group_values(optimizer, hyper.name).tolist()
         groups = [_group_record(g, [names_of[id(p)] for p in g["params"]], row)
                   for g, row in zip(optimizer.param_groups, values)]
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
@@ -575,7 +576,7 @@ class Recorder:
             raise RecorderError(f"optimizer: {', '.join(changed)} changed during the run; replay models "
                                 "one update rule (the values, lr, momentum, betas, eps and weight decay, "
                                 "may change)")
-        self._hyper_used = group_values(optimizer)
+        self._hyper_used = group_values(optimizer, hyper.name)
         self._lr_used = float(self._hyper_used[0, HYPER_FIELDS.index("lr")])
         self._grad_kinds = [self._grad_kind(name, p) for name, p in self._named.items()]
 

@@ -718,8 +718,8 @@ def _worst_parameter(plan: ReplayPlan, predicted: torch.Tensor, recorded: torch.
                      theta_next: torch.Tensor) -> str:
     """'<name> (1.2e-01)': the recorded parameter whose update is re-derived worst."""
     layout, dtype = plan.layout, plan.run.dtype
-    errors = {name: _relative_error(predicted[sl], recorded[sl], theta_next[sl], dtype)
-              for name, sl in ((n, slice(layout.offsets[i], layout.offsets[i + 1])) for i, n in enumerate(layout.names))}
+    errors = {name: _relative_error(*parts, dtype) for name, *parts in zip(
+        layout.names, *(layout.unflatten(x).values() for x in (predicted, recorded, theta_next)))}
     name = max(errors, key=lambda n: math.inf if math.isnan(errors[n]) else errors[n])
     return f"{name} ({errors[name]:.1e})"
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -138,22 +137,21 @@ class Run:
         step = float(checkpoint.optim_step)
         if checkpoint.hyper is None:  # format v1/v2: one group, only the lr was recorded
             return self.hyper.update_hyper(checkpoint.lr, step)
-        sizes, group_of = self._parameter_groups
+        layout, group_of = self._parameter_groups
         values = {}
         for column, name in enumerate(HYPER_FIELDS):
             per_group = checkpoint.hyper[:, column].to(torch.float64)
             if bool((per_group == per_group[0]).all()):
                 values[name] = float(per_group[0])
             else:
-                values[name] = torch.repeat_interleave(per_group[group_of], sizes).to(device)
+                values[name] = layout.expand(per_group[group_of], device)
         if checkpoint.optim_steps is not None:
-            steps = checkpoint.optim_steps.to(torch.float64)
-            values["step"] = torch.repeat_interleave(steps, sizes).to(device)
+            values["step"] = layout.expand(checkpoint.optim_steps.to(torch.float64), device)
         else:
             values["step"] = step
         stepped = None
         if checkpoint.grad is not None and bool((checkpoint.grad == GRAD_NONE).any()):
-            stepped = torch.repeat_interleave(checkpoint.grad != GRAD_NONE, sizes).to(device)
+            stepped = layout.expand(checkpoint.grad != GRAD_NONE, device)
         return UpdateHyper(**values, stepped=stepped)
 
     def frozen_coordinates(self, checkpoint: Checkpoint, device=None) -> torch.Tensor | None:
@@ -161,16 +159,15 @@ class Run:
         a bool P-vector, None where every recorded parameter had the loss's gradient."""
         if checkpoint.grad is None or bool((checkpoint.grad == GRAD_LOSS).all()):
             return None
-        sizes, _ = self._parameter_groups
-        return torch.repeat_interleave(checkpoint.grad != GRAD_LOSS, sizes).to(device)
+        return self._parameter_groups[0].expand(checkpoint.grad != GRAD_LOSS, device)
 
     @cached_property
     def _parameter_groups(self) -> tuple:
-        """(numel of each recorded parameter, its group's index), both in layout order."""
+        """(the recorded parameters' layout, each parameter's group index in layout order)."""
         group_index = {name: g for g, names in enumerate(self.groups) for name in names}
         params = self.manifest["parameters"]
-        sizes = torch.tensor([math.prod(p["shape"]) for p in params], dtype=torch.int64)
-        return sizes, torch.tensor([group_index[p["name"]] for p in params], dtype=torch.int64)
+        layout = ParameterLayout.of_shapes([p["name"] for p in params], [p["shape"] for p in params])
+        return layout, torch.tensor([group_index[p["name"]] for p in params], dtype=torch.int64)
 
     @cached_property
     def steps(self) -> list[int]:
