@@ -55,7 +55,7 @@ class ReplayArguments:
         if not targets:
             raise AuditSpecError("--target: give at least one of " + ", ".join(TARGETS))
         for t in targets:  # which of them the run's task offers is checked with the run
-            if not (isinstance(t, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", t)):
+            if not (isinstance(t, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", t)):
                 raise AuditSpecError(f"--target: unknown target {t!r}; expected one of {', '.join(TARGETS)}")
         parse_rule(self.rule)
         if self.group_by not in (None, "label"):
@@ -198,9 +198,12 @@ def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
         index = torch.arange(rows.start, rows.stop)
         return AuditSet(x[index], y[index], spec, split, index)
     path = Path(spec)
+    if path.suffix == ".jsonl":
+        return _prompt_audit_set(path, spec, dataset, task)
     if path.suffix != ".npz":
         raise AuditSpecError(f"--audit-set: {spec!r} is neither SPLIT[START:STOP] (split train or "
-                             "test) nor a PATH.npz with arrays x and y")
+                             "test), a PATH.npz with arrays x and y nor (language models) a PATH.jsonl "
+                             "of prompts")
     if not _is_file(path, spec, "--audit-set"):
         raise AuditSpecError(f"--audit-set: {spec}: file not found")
     import zipfile
@@ -235,6 +238,36 @@ def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
         except ValueError as exc:
             raise AuditSpecError(f"--audit-set: {spec}: {exc}") from None
     return AuditSet(torch.as_tensor(x, dtype=dataset.x_train.dtype), labels, str(path), None, None)
+
+
+def _prompt_audit_set(path: Path, spec: str, dataset, task) -> AuditSet:
+    """A JSON-lines file of {"prompt", "continuation"}: audited on the continuation's tokens."""
+    if task is None or task.label_kind != "tokens":
+        raise AuditSpecError(f"--audit-set: {spec}: prompts (.jsonl) are audit points of language-model "
+                             f"runs; this run's task is {getattr(task, 'name', 'classification')}")
+    if not _is_file(path, spec, "--audit-set"):
+        raise AuditSpecError(f"--audit-set: {spec}: file not found")
+    from plgk_cli.tasks.language_model import prompt_points
+
+    try:
+        x, y = prompt_points(path, dataset.in_shape[0])
+    except UnicodeDecodeError as exc:
+        raise AuditSpecError(f"--audit-set: {spec}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise AuditSpecError(f"--audit-set: {exc}") from None
+    return AuditSet(torch.as_tensor(x), torch.as_tensor(y), str(path), None, None)
+
+
+def check_vocabulary(audit_set: AuditSet, vocabulary: int | None) -> None:
+    """Token ids of the audit points must be rows of the model's input embedding."""
+    if vocabulary is None or audit_set.x.is_floating_point() or not audit_set.x.numel():
+        return
+    high = int(audit_set.x.max())
+    if high >= vocabulary or int(audit_set.x.min()) < 0:
+        row = int(((audit_set.x >= vocabulary) | (audit_set.x < 0)).any(1).nonzero()[0])
+        raise AuditSpecError(f"--audit-set: {audit_set.source}: point {row} holds token id "
+                             f"{high if high >= vocabulary else int(audit_set.x.min())}, outside the "
+                             f"model's vocabulary 0..{vocabulary - 1}; give tokens the model knows")
 
 
 def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | None:

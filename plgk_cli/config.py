@@ -20,9 +20,9 @@ from plgk_cli.tasks import BUILTIN_TASKS
 
 OPTIMIZERS = ("sgd", "adam", "adamw", "rmsprop", "adagrad")
 SCHEDULES = ("constant", "step", "cosine", "onecycle", "cyclic")
-BUILTIN_MODELS = ("mlp", "cnn", "lenet5", "transformer")
-BUILTIN_DATASETS = ("digits", "diabetes", "synthetic-text")
-DATASET_PREFIXES = ("npz:", "mnist:", "svhn:", "py:")
+BUILTIN_MODELS = ("mlp", "cnn", "lenet5", "transformer", "gpt")
+BUILTIN_DATASETS = ("digits", "diabetes", "synthetic-text", "addition")
+DATASET_PREFIXES = ("npz:", "text:", "mnist:", "svhn:", "py:")
 
 
 @dataclass(frozen=True)
@@ -199,10 +199,10 @@ def _validate_section(source: str, section: str, raw: dict, where: str | None = 
             if key == "dataset":
                 if not isinstance(value, str) or not (
                         value in BUILTIN_DATASETS or value.startswith(DATASET_PREFIXES)):
-                    raise _fail(source, at, key, 'expected "digits", "diabetes", "synthetic-text", '
-                                '"npz:PATH", "mnist:DIR", "svhn:DIR" or "py:package.module:function"; '
+                    raise _fail(source, at, key, 'expected "digits", "diabetes", "synthetic-text", "addition", '
+                                '"npz:PATH", "text:PATH", "mnist:DIR", "svhn:DIR" or "py:package.module:function"; '
                                 f'got {value!r}')
-                if value.startswith(("npz:", "mnist:", "svhn:")) and not value.split(":", 1)[1]:
+                if value.startswith(("npz:", "text:", "mnist:", "svhn:")) and not value.split(":", 1)[1]:
                     raise _fail(source, at, key, f"{value!r} names no path")
                 if value.startswith("py:") and not all(value[3:].partition(":")[::2]):
                     raise _fail(source, at, key, f"{value!r}: expected py:package.module:function")

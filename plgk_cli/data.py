@@ -2,8 +2,11 @@
 
 Specs: ``digits`` (scikit-learn's bundled 8x8 digits, no download), ``diabetes`` (scikit-learn's
 bundled diabetes regression data, targets standardised), ``synthetic-text`` (generated token
-sequences for text classification, see :func:`synthetic_text`), ``npz:PATH`` (arrays x_train,
-y_train, x_test, y_test), ``mnist:DIR`` (the four standard IDX files, gzipped or not),
+sequences for text classification, see :func:`synthetic_text`), ``addition`` (generated two-digit
+sums as byte-level text for language models, with planted wrong answers, see :func:`addition`),
+``npz:PATH`` (arrays x_train, y_train, x_test, y_test; or, for language models, token ids
+ids_train, ids_test with optional masks mask_train, mask_test), ``text:PATH`` (a text file, one
+sequence per line, byte-level tokens for language models), ``mnist:DIR`` (the four standard IDX files, gzipped or not),
 ``svhn:DIR`` (train_32x32.mat and test_32x32.mat) and ``py:package.module:function`` (a function
 of the user's that returns x_train, y_train, x_test, y_test).
 Images from files get a channel axis (N, C, H, W) and integer pixels are scaled to [0, 1]; arrays
@@ -121,6 +124,63 @@ def synthetic_text(seed: int):
     return x[:s["train"]], y[:s["train"]], x[s["train"]:], y[s["train"]:]
 
 
+ADDITION = dict(low=10, high=50, train=640, test=160, planted=8)
+
+
+@dataclass(frozen=True)
+class AdditionCorpus:
+    """Two-digit sums "a+b=c" (a, b in 10..49) as lines of text. ``planted``: training rows whose
+    answer is deliberately wrong (the true sum + 10); ``twins``: for each, the test row asking the
+    commuted sum b+a, which the planted row resembles most."""
+
+    train: tuple
+    test: tuple
+    planted: tuple
+    twins: tuple
+
+
+def addition_corpus(seed: int) -> AdditionCorpus:
+    s = ADDITION
+    rng = np.random.default_rng(seed)
+    pairs = [(a, b) for a in range(s["low"], s["high"]) for b in range(s["low"], s["high"]) if a != b]
+    order = rng.permutation(len(pairs))
+    picked = [pairs[i] for i in order[:s["train"] + s["test"]]]
+    train, test = picked[:s["train"]], picked[s["train"]:]
+    # Plant where the commuted problem is held out, so that a test prompt resembles the planted row.
+    test_index = {p: i for i, p in enumerate(test)}
+    candidates = [i for i, (a, b) in enumerate(train) if (b, a) in test_index]
+    planted = tuple(sorted(int(i) for i in rng.choice(candidates, s["planted"], replace=False)))
+    twins = tuple(test_index[train[i][::-1]] for i in planted)
+    lines = [f"{a}+{b}={a + b + (10 if i in planted else 0)}" for i, (a, b) in enumerate(train)]
+    return AdditionCorpus(tuple(lines), tuple(f"{a}+{b}={a + b}" for a, b in test), planted, twins)
+
+
+def addition(seed: int):
+    """The ``addition`` dataset: :func:`addition_corpus` encoded byte by byte (BOS + line +
+    newline), 10 tokens a sequence."""
+    from plgk_cli.tasks.language_model import encode, next_token_targets, pad_sequences
+
+    corpus = addition_corpus(seed)
+    arrays = []
+    for name, lines in (("train", corpus.train), ("test", corpus.test)):
+        ids, mask = pad_sequences([encode(line + "\n") for line in lines], 10, f"addition {name}")
+        arrays += [ids, next_token_targets(ids, mask)]
+    return tuple(arrays)
+
+
+def _load_text(path: Path, seed: int):
+    from plgk_cli.tasks.language_model import text_corpus
+
+    if not path.is_file():
+        raise DataError(f"dataset text:{path}: file not found; give a UTF-8 text file, one sequence per line")
+    try:
+        return text_corpus(path, seed=seed)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"dataset text:{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except ValueError as exc:
+        raise DataError(f"dataset text:{path}: {exc}") from None
+
+
 def _load_npz(path: Path):
     if not path.is_file():
         raise DataError(f"dataset npz:{path}: file not found; give the path of an .npz with "
@@ -132,6 +192,17 @@ def _load_npz(path: Path):
                         "numpy.savez(path, x_train=..., y_train=..., x_test=..., y_test=...)")
     try:
         with np.load(path, allow_pickle=False) as f:
+            if "ids_train" in f.files:  # token sequences of a language model
+                from plgk_cli.tasks.language_model import token_arrays
+
+                missing = [k for k in ("ids_train", "ids_test") if k not in f]
+                if missing:
+                    raise DataError(f"dataset npz:{path}: missing arrays {', '.join(missing)} (token "
+                                    "sequences need ids_train, ids_test; mask_train, mask_test optional)")
+                try:
+                    return token_arrays({k: f[k] for k in f.files}, f"dataset npz:{path}")
+                except ValueError as exc:
+                    raise DataError(str(exc)) from None
             missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in f]
             if missing:
                 raise DataError(f"dataset npz:{path}: missing arrays {', '.join(missing)} "
@@ -269,6 +340,10 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
         arrays = _load_diabetes(seed)
     elif spec == "synthetic-text":
         arrays = synthetic_text(seed)
+    elif spec == "addition":
+        arrays = addition(seed)
+    elif spec.startswith("text:"):
+        arrays = _load_text(Path(spec[5:]), seed)
     elif spec.startswith("npz:"):
         arrays = _load_npz(Path(spec[4:]))
     elif spec.startswith("mnist:"):
@@ -278,8 +353,8 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
     elif spec.startswith("py:"):
         arrays = _load_py(spec[3:])
     else:
-        raise DataError(f"unknown dataset {spec!r}; expected digits, diabetes, synthetic-text, npz:PATH, "
-                        "mnist:DIR, svhn:DIR or py:package.module:function")
+        raise DataError(f"unknown dataset {spec!r}; expected digits, diabetes, synthetic-text, addition, "
+                        "npz:PATH, text:PATH, mnist:DIR, svhn:DIR or py:package.module:function")
     x_train, y_train, x_test, y_test = arrays
     labels = []
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):

@@ -43,7 +43,7 @@ from plgk_cli.models import layer_of
 from plgk_cli.per_example import rule_for
 from plgk_cli.tasks import Task, task_for
 
-TARGETS = ("loss", "logit", "margin", "logits", "output")  # the built-in tasks' (plgk_cli.tasks)
+TARGETS = ("loss", "logit", "margin", "logits", "output", "sequence-logprob", "token-losses")  # the built-in tasks' (plgk_cli.tasks)
 
 
 @dataclass(frozen=True)
@@ -167,11 +167,12 @@ def _concatenate(tensors: list, dtype, device) -> torch.Tensor:
     return torch.cat(flat).to(dtype=dtype, device=device)
 
 
-def target_columns(targets: tuple, num_classes: int, task: Task | None = None) -> int:
+def target_columns(targets: tuple, num_classes: int, task: Task | None = None, label_shape: tuple = ()) -> int:
     """Audited quantities per audit point: one per target, one per class for ``logits`` (the
-    task says how wide each target is; ``num_classes`` is the model's output width)."""
+    task says how wide each target is; ``num_classes`` is the model's output width,
+    ``label_shape`` the shape of one example's targets)."""
     task = task or task_for("classification")
-    return sum(task.target_width(t, num_classes) for t in targets)
+    return sum(task.target_width(t, num_classes, tuple(label_shape)) for t in targets)
 
 
 @dataclass(frozen=True)
@@ -308,15 +309,17 @@ class GradientComputer:
     ``method``: "hooks", "vmap", "generic" (Jacobian rows of one forward), or "auto" (hooks when
     every trainable parameter belongs to a layer with a rule, see the module docstring; vmap
     otherwise).
-    ``num_classes`` is the model's output width; ``task`` (default classification) says what the
-    loss terms and audited quantities are.
+    ``num_classes`` is the model's output width, ``label_shape`` the shape of one example's
+    targets; ``task`` (default classification) says what the loss terms and audited quantities are.
     """
 
     def __init__(self, model: torch.nn.Module, layout: ParameterLayout, num_classes: int,
-                 chunk_size: int = 256, method: str = "auto", task: Task | None = None):
+                 chunk_size: int = 256, method: str = "auto", task: Task | None = None,
+                 label_shape: tuple = ()):
         self.model = model
         self.layout = layout
         self.num_classes = num_classes
+        self.label_shape = tuple(label_shape)
         self.chunk_size = chunk_size
         self.task = task or task_for("classification")
         self._training_hooks = None  # training_pass: hooks verified (True), refused (False), unknown
@@ -604,7 +607,7 @@ class GradientComputer:
         return g
 
     def target_columns(self, targets: tuple) -> int:
-        return target_columns(targets, self.num_classes, self.task)
+        return target_columns(targets, self.num_classes, self.task, self.label_shape)
 
     def audit_gradients(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
                         out: torch.Tensor | None = None, factors: dict | None = None):

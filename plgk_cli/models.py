@@ -61,11 +61,12 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention from nn.Linear projections (so that every parameter has a
     per-example rule), dropout on the attention weights; ``mask`` (B, T) marks real tokens."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = False):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
+        self.causal = causal
         self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
         self.out = nn.Linear(width, width)
         self.dropout = nn.Dropout(dropout)
@@ -78,7 +79,10 @@ class SelfAttention(nn.Module):
 
         q, k, v = split(self.query(h)), split(self.key(h)), split(self.value(h))
         scores = q @ k.transpose(-1, -2) / math.sqrt(width // self.heads)
-        scores = scores.masked_fill(~mask[:, None, None, :], torch.finfo(scores.dtype).min)
+        hidden = ~mask[:, None, None, :]
+        if self.causal:  # position i attends to positions <= i
+            hidden = hidden | torch.ones(t, t, dtype=torch.bool, device=h.device).triu(1)
+        scores = scores.masked_fill(hidden, torch.finfo(scores.dtype).min)
         attention = self.dropout(scores.softmax(-1))
         return self.out((attention @ v).transpose(1, 2).reshape(b, t, width))
 
@@ -86,10 +90,10 @@ class SelfAttention(nn.Module):
 class TransformerBlock(nn.Module):
     """Pre-norm block: x + attention(LN(x)), then x + MLP(LN(x)) with GELU, dropout after each."""
 
-    def __init__(self, width: int, heads: int, dropout: float):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attention = SelfAttention(width, heads, dropout)
+        self.attention = SelfAttention(width, heads, dropout, causal)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
         self.dropout = nn.Dropout(dropout)
 
@@ -150,7 +154,49 @@ def transformer(in_shape: tuple, num_classes: int, vocab: int = 32, width: int =
     return TextTransformer(in_shape[0], num_classes, vocab, width, heads, layers, dropout, pad, torch_layers)
 
 
-BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5, "transformer": transformer}
+class GPT(nn.Module):
+    """A small decoder-only language model: token and position embeddings, pre-norm blocks of
+    causal multi-head self-attention and a GELU MLP (dropout after the embeddings, on the attention
+    weights and after each block), a final LayerNorm and a linear head to (B, T, vocab) logits.
+    Sequences are right-padded, so causal attention never reaches the padding."""
+
+    def __init__(self, length: int, vocab: int, width: int, heads: int, layers: int, dropout: float):
+        super().__init__()
+        self.tokens = nn.Embedding(vocab, width)
+        self.positions = nn.Embedding(length, width)
+        self.dropout = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(TransformerBlock(width, heads, dropout, causal=True) for _ in range(layers))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocab, bias=False)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        if ids.shape[1] > self.positions.num_embeddings:
+            raise ValueError(f"sequences of {ids.shape[1]} tokens exceed the context of "
+                             f"{self.positions.num_embeddings}")
+        where = torch.arange(ids.shape[1], device=ids.device).expand_as(ids)
+        h = self.dropout(self.tokens(ids) + self.positions(where))
+        mask = torch.ones_like(ids, dtype=torch.bool)  # causal masking alone: padding comes last
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.head(self.norm(h))
+
+
+def gpt(in_shape: tuple, num_classes: int, vocab: int | None = None, width: int = 64, heads: int = 4,
+        layers: int = 2, dropout: float = 0.1, context: int | None = None) -> nn.Module:
+    """Causal language model on int64 token ids (B, T) with T = in_shape[0]; ``vocab`` defaults to
+    the vocabulary the data needs (``num_classes``), ``context`` (the positions it can take) to T."""
+    if len(in_shape) != 1:
+        raise ValueError(f"gpt takes token sequences (B, length); the inputs have rows {in_shape}")
+    vocab = num_classes if vocab is None else vocab
+    if vocab < num_classes:
+        raise ValueError(f"vocab {vocab} is smaller than the data's vocabulary ({num_classes} token ids)")
+    context = in_shape[0] if context is None else context
+    if context < in_shape[0]:
+        raise ValueError(f"context {context} is shorter than the data's sequences ({in_shape[0]} tokens)")
+    return GPT(context, vocab, width, heads, layers, dropout)
+
+
+BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5, "transformer": transformer, "gpt": gpt}
 
 
 def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> nn.Module:
@@ -185,6 +231,14 @@ def mode_dependent(model: nn.Module) -> list:
         elif isinstance(module, nn.MultiheadAttention) and module.dropout > 0:
             found.append(name)
     return found
+
+
+def vocabulary(model: torch.nn.Module) -> int | None:
+    """The model's input vocabulary: its input embedding's rows (the first nn.Embedding)."""
+    getter = getattr(model, "get_input_embeddings", None)
+    embedding = getter() if callable(getter) else next(
+        (m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
+    return None if embedding is None else int(embedding.num_embeddings)
 
 
 def layer_of(parameter_name: str) -> str:

@@ -35,7 +35,7 @@ import torch
 from tqdm import tqdm
 
 from plgk_cli import _callable_module
-from plgk_cli.arguments import ReplayArguments, resolve_audit_set, resolve_train_subset
+from plgk_cli.arguments import ReplayArguments, check_vocabulary, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
 from plgk_cli.data import to_device
@@ -47,6 +47,7 @@ from plgk_cli.errors import (AuditSpecError, Interrupted, OutputError, StoreErro
                              UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
                                 ghost_products, restored_rng, target_columns)
+from plgk_cli.models import vocabulary
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
@@ -264,12 +265,14 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         raise AuditSpecError(f"--target: unknown target {offered[0]!r} for the run's task {task.name}; "
                              f"expected one of {', '.join(task.targets)}")
     model = run.build_model().to(device=device, dtype=compute)
+    check_vocabulary(audit_set, vocabulary(model))
     layout = ParameterLayout.of(model)
-    per_point = target_columns(args.targets, data.num_classes, task)
+    label_shape = tuple(data.y_train.shape[1:])
+    per_point = target_columns(args.targets, data.num_classes, task, label_shape)
     columns = len(audit_set.y) * per_point
     chunk = chunk_for_budget(args, layout.size, columns, gradients_per_example=per_point)
     faithful = run.faithful
-    gradients = GradientComputer(model, layout, data.num_classes, chunk, task=task)
+    gradients = GradientComputer(model, layout, data.num_classes, chunk, task=task, label_shape=label_shape)
     args.modes_steps(total)  # --modes-at outside the run: refuse now, not after the walk
     if args.ghost and faithful:
         raise AuditSpecError("--ghost: the run's training forward is random or couples its batch "
@@ -901,7 +904,7 @@ def _target_results(state: WalkState, plan: ReplayPlan) -> list:
     net, gross = acc.net_and_gross()
     results, offset = [], 0
     for target in targets:
-        width = plan.run.task.target_width(target, num_classes)
+        width = plan.run.task.target_width(target, num_classes, plan.gradients.label_shape)
         sl = slice(offset, offset + width)
         offset += width
 

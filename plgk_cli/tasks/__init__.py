@@ -6,8 +6,9 @@ per-example gradients, the decomposition c_s w_m g_{m,s}, the store) asks the ta
 assuming cross-entropy over class labels.
 
 Built in: ``classification`` (integer class labels, mean cross-entropy; targets loss, logit,
-margin, logits) and ``regression`` (float targets of any shape, mean squared error; targets loss,
-output). ``py:package.module:Name`` names the user's own: a :class:`Task` subclass (or instance).
+margin, logits), ``regression`` (float targets of any shape, mean squared error; targets loss,
+output) and ``language-model`` (token sequences, next-token cross-entropy weighted per token as
+Hugging Face does; targets loss, sequence-logprob, token-losses). ``py:package.module:Name`` names the user's own: a :class:`Task` subclass (or instance).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ class Task:
 
     name = "task"
     targets: tuple = ("loss",)
-    label_kind = "float"  # "class" (integer labels) or "float": how datasets hand y over
+    label_kind = "float"  # "class" (integer labels), "float" or "tokens" (next-token ids): how datasets hand y over
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         """The split's targets as the task uses them; raises ValueError with what is wrong."""
@@ -51,7 +52,7 @@ class Task:
         w = self.weights(y)
         return terms.mean() if w is None else (w.to(terms.dtype) * terms).sum()
 
-    def target_width(self, target: str, output_width: int) -> int:
+    def target_width(self, target: str, output_width: int, label_shape: tuple = ()) -> int:
         """Audited quantities per audit point that ``target`` contributes."""
         return 1
 
@@ -66,12 +67,13 @@ class Task:
 
 def _builtin() -> dict:
     from plgk_cli.tasks.classification import Classification
+    from plgk_cli.tasks.language_model import LanguageModel
     from plgk_cli.tasks.regression import Regression
 
-    return {"classification": Classification, "regression": Regression}
+    return {"classification": Classification, "regression": Regression, "language-model": LanguageModel}
 
 
-BUILTIN_TASKS = ("classification", "regression")
+BUILTIN_TASKS = ("classification", "regression", "language-model")
 
 
 def task_for(name: str) -> Task:

@@ -33,7 +33,7 @@ class Classification(Task):
     def batch_loss(self, output, y):
         return F.cross_entropy(output, y)
 
-    def target_width(self, target, output_width):
+    def target_width(self, target, output_width, label_shape=()):
         return output_width if target == "logits" else 1
 
     def audited(self, output, y, targets):

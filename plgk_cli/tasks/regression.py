@@ -39,7 +39,7 @@ class Regression(Task):
         out, target = self._rows(output, y)
         return (out - target).square().mean(1)
 
-    def target_width(self, target, output_width):
+    def target_width(self, target, output_width, label_shape=()):
         return output_width if target == "output" else 1
 
     def audited(self, output, y, targets):
