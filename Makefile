@@ -3,8 +3,9 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PLGK := $(VENV)/bin/plgk
 DEMO_RUN ?= runs/demo
+DEMO_LM_RUN ?= runs/demo-lm
 
-.PHONY: install demo test bench clean
+.PHONY: install demo demo-lm test bench clean
 
 # Without a GPU, take torch's CPU wheel first: a bare `torch` requirement can pull a multi-GB CUDA build.
 $(VENV)/.installed: pyproject.toml
@@ -21,6 +22,18 @@ demo: install
 	$(PLGK) replay --ckpts $(DEMO_RUN) --audit-set 'test[:64]' --out $(DEMO_RUN).h5 --overwrite
 	$(PLGK) inspect $(DEMO_RUN).h5
 	$(PLGK) inspect $(DEMO_RUN).h5 --audit 0 --top 5
+
+# A byte-level GPT on two-digit sums with planted wrong answers: which training sums helped and
+# hurt each prompt's completion, and where the planted ones rank (docs/tutorial-lm.md).
+demo-lm: install
+	rm -rf $(DEMO_LM_RUN)
+	$(PLGK) train --config configs/lm_addition.toml --out $(DEMO_LM_RUN)
+	$(PY) scripts/demo_lm.py prompts $(DEMO_LM_RUN)-prompts.jsonl
+	$(PLGK) replay --ckpts $(DEMO_LM_RUN) --audit-set $(DEMO_LM_RUN)-prompts.jsonl --target sequence-logprob \
+		--out $(DEMO_LM_RUN).h5 --overwrite
+	$(PLGK) inspect $(DEMO_LM_RUN).h5
+	$(PLGK) inspect $(DEMO_LM_RUN).h5 --audit 0 --top 5
+	$(PY) scripts/demo_lm.py report $(DEMO_LM_RUN).h5
 
 test: install
 	$(PY) -m pytest -q

@@ -130,7 +130,7 @@ ADDITION = dict(low=10, high=50, train=640, test=160, planted=8)
 @dataclass(frozen=True)
 class AdditionCorpus:
     """Two-digit sums "a+b=c" (a, b in 10..49) as lines of text. ``planted``: training rows whose
-    answer is deliberately wrong (the true sum + 10); ``twins``: for each, the test row asking the
+    answer is deliberately wrong in both digits (the true sum + 11, or − 11 past 99); ``twins``: for each, the test row asking the
     commuted sum b+a, which the planted row resembles most."""
 
     train: tuple
@@ -151,7 +151,10 @@ def addition_corpus(seed: int) -> AdditionCorpus:
     candidates = [i for i, (a, b) in enumerate(train) if (b, a) in test_index]
     planted = tuple(sorted(int(i) for i in rng.choice(candidates, s["planted"], replace=False)))
     twins = tuple(test_index[train[i][::-1]] for i in planted)
-    lines = [f"{a}+{b}={a + b + (10 if i in planted else 0)}" for i, (a, b) in enumerate(train)]
+    def wrong(c):
+        return c + 11 if c + 11 <= 99 else c - 11
+
+    lines = [f"{a}+{b}={wrong(a + b) if i in planted else a + b}" for i, (a, b) in enumerate(train)]
     return AdditionCorpus(tuple(lines), tuple(f"{a}+{b}={a + b}" for a, b in test), planted, twins)
 
 
@@ -375,11 +378,14 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
                         f"{tuple(y_test.shape[1:])} differ in shape")
     if y_train.is_floating_point():
         y_train, y_test = y_train.to(dtype), y_test.to(dtype)
+    width = task.output_width(y_train, y_test)
+    if task.label_kind == "tokens":  # a token met only as input (a sequence's first, padding) needs a row too
+        width = max(width, int(max(np.max(x_train), np.max(x_test) if np.size(x_test) else 0)) + 1)
     return Dataset(
         spec=spec,
         x_train=as_inputs(x_train, dtype),
         y_train=y_train,
         x_test=as_inputs(x_test, dtype),
         y_test=y_test,
-        num_classes=task.output_width(y_train, y_test),
+        num_classes=width,
     )

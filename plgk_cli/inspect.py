@@ -8,13 +8,20 @@ import numpy as np
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.store import InfluenceFile
+from plgk_cli.tasks.language_model import BYTE_VOCAB, IGNORE, decode
 
 
 def _label(value):
-    """A class label as int, a regression target as a float (or a list of floats)."""
+    """A class label as int, a regression target as a float (or a list of floats), a sequence's
+    next-token targets as the text they spell (byte-level tokens) or their ids."""
     value = np.asarray(value)
     if np.issubdtype(value.dtype, np.integer):
-        return int(value)
+        if value.ndim == 0:
+            return int(value)
+        ids = value[value != IGNORE]
+        if len(ids) and ids.min() >= 0 and ids.max() < BYTE_VOCAB:
+            return decode(ids)
+        return ids.tolist()
     return float(value) if value.ndim == 0 else value.astype(float).tolist()
 
 
@@ -23,6 +30,10 @@ def _show(label) -> str:
         return str(label)
     if isinstance(label, float):
         return f"{label:.3g}"
+    if isinstance(label, str):
+        return json.dumps(label, ensure_ascii=False)  # quoted, newlines as \n
+    if label and isinstance(label[0], int):
+        return "[" + " ".join(map(str, label)) + "]"
     return "[" + ", ".join(f"{v:.3g}" for v in label) + "]"
 
 def summary(f: InfluenceFile) -> dict:
@@ -119,6 +130,7 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
 
 def format_summary(s: dict) -> str:
     run = s["run"]
+    width = max([8, *map(len, s["targets"])])
     lines = [
         f"{s['file']}  (schema v{s['schema_version']})",
         f"run        {run['run_id'][:12]}  {run['model']} on {run['dataset']}, {s['optimizer']}, "
@@ -126,11 +138,11 @@ def format_summary(s: dict) -> str:
         f"audit set  {s['audit_set']}   rule {s['rule']}"
         + ("" if s["complete_audit"] else "   PARTIAL audit (train subset): MRE not meaningful")
         + (f"   grouped by {s['group_by']}" if s["group_by"] else ""),
-        f"{'target':<8} {'influence':>16} {'MRE':>10} {'rel. MRE':>9} {'LC':>9} {'upd. err':>9} "
+        f"{'target':<{width}} {'influence':>16} {'MRE':>10} {'rel. MRE':>9} {'LC':>9} {'upd. err':>9} "
         f"{'resid. share':>12} {'mean change':>11}",
     ]
     for name, t in s["targets"].items():
-        lines.append(f"{name:<8} {'x'.join(map(str, t['influence_shape'])):>16} {t['mre']:>10.3e} "
+        lines.append(f"{name:<{width}} {'x'.join(map(str, t['influence_shape'])):>16} {t['mre']:>10.3e} "
                      f"{t['rmre']:>9.2e} {t['lc']:>9.6f} {t['max_update_error']:>9.1e} "
                      f"{t['residual_share']:>12.2e} {t['mean_true_change']:>11.4f}")
     lines.append("MRE: mean |Σ influence + residual − true change| over audit points (paper eq. 22); "
@@ -167,9 +179,11 @@ def format_top(t: dict) -> str:
     for kind in ("helpful", "harmful"):
         lines.append(f"most {kind} training {'groups' if key == 'group' else 'examples'}:")
         bounded = bool(t[kind]) and "error_bound" in t[kind][0]
-        lines.append(f"  {'rank':>4} {key:>12} {'label':>5} {'influence':>12}" + ("  ± bound" if bounded else ""))
-        for e in t[kind]:
-            lines.append(f"  {e['rank']:>4} {e[key]:>12} {_show(e['label']):>5} {e['influence']:>12.4e}"
+        shown = [_show(e["label"]) for e in t[kind]]
+        width = max([5, *map(len, shown)])
+        lines.append(f"  {'rank':>4} {key:>12} {'label':>{width}} {'influence':>12}" + ("  ± bound" if bounded else ""))
+        for e, label in zip(t[kind], shown):
+            lines.append(f"  {e['rank']:>4} {e[key]:>12} {label:>{width}} {e['influence']:>12.4e}"
                          + (f"  ± {e['error_bound']:.1e}" if bounded else ""))
     lines.append(f"(influence < 0 pushed the {t['target']}{cls} down; helpful = pushed it "
                  f"{t['helpful_direction']})")
