@@ -143,10 +143,11 @@ def _model(kind):
     return model, (1, 9, 9)
 
 
-@pytest.mark.parametrize("kind,method", [("shared", "vmap"), ("tied", "vmap"), ("inplace", "vmap"),
+@pytest.mark.parametrize("kind,method", [("shared", "vmap"), ("tied", "hooks"), ("inplace", "vmap"),
                                          ("layernorm", "hooks"), ("scale", "vmap"), ("sequence", "hooks")])
 def test_method_choice_and_fallback_match_loop(kind, method):
-    """Hooks where they are exact; vmap for reused, tied, in-place-modified or other layers."""
+    """Hooks where they are exact (tied weights too: both uses add up); vmap for reused,
+    in-place-modified or other layers."""
     model, in_shape = _model(kind)
     model, layout, theta, grads = _setup(model)
     x, y = torch.randn(5, *in_shape, dtype=torch.float64), torch.randint(0, NUM_CLASSES, (5,))
