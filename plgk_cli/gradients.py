@@ -11,6 +11,13 @@ other than along dimension 0 (a folded or sequence-first batch) or has its recor
 output changed in place, and when a first comparison of hooks with plain per-example autograd on
 a few examples disagrees.
 
+A parameter reached by several modules (tied weights: GPT-2's token embedding and its output
+head share one tensor, which ``named_parameters`` lists once) gets the sum of those modules'
+per-example gradients. A layer called on a batch of 1 while the batch is B (GPT-2's position
+embedding looks up (1, T) position ids and broadcasts them over the batch) has its output expanded
+to (B, ...) by its forward hook, so that each example's own output gradient is separate, and its
+input is taken as expanded too.
+
 Runs whose training forward is random or couples its batch (dropout, BatchNorm) replay that
 forward itself (:meth:`GradientComputer.training_pass`): train mode, the random state it started
 from, the buffers it saw, the whole minibatch; each example owns the gradient of its own loss term
@@ -267,14 +274,22 @@ def _layer_gradients(module: nn.Module, a: torch.Tensor, delta: torch.Tensor) ->
 
 
 class _LayerRecorder:
-    """Forward hooks that keep each hooked layer's input and output for one forward pass."""
+    """Forward hooks that keep each hooked layer's input and output for one forward pass.
 
-    def __init__(self, modules: dict):
+    ``batch``: the forward's batch size B. A layer whose input and output both have batch 1 when
+    B > 1 (a lookup of (1, T) position ids broadcast over the batch afterwards) gets its output
+    expanded to B rows, returned in its place: the expanded output adds to the batch exactly as the
+    broadcast did, and its gradient is each example's own δ_m, as for any other layer. Its input is
+    recorded expanded too (example m looked up the same ids). ``expanded`` names those layers."""
+
+    def __init__(self, modules: dict, batch: int | None = None):
         self.modules = modules  # module name -> module
+        self.batch = batch
         self.inputs: dict = {}
         self.outputs: dict = {}
         self.calls: dict = {}
         self.versions: dict = {}
+        self.expanded: set = set()
 
     def __enter__(self):
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in self.modules.items()]
@@ -283,9 +298,17 @@ class _LayerRecorder:
     def _hook(self, name):
         def hook(module, inputs, output):
             self.calls[name] = self.calls.get(name, 0) + 1
-            self.inputs[name] = inputs[0].detach()
+            a = inputs[0].detach()
+            replaced = None
+            if self.batch is not None and self.batch > 1 and isinstance(output, torch.Tensor) and \
+                    a.dim() > 0 and output.dim() > 0 and a.shape[0] == 1 == output.shape[0]:
+                a = a.expand(self.batch, *a.shape[1:])
+                output = replaced = output.expand(self.batch, *output.shape[1:])
+                self.expanded.add(name)
+            self.inputs[name] = a
             self.outputs[name] = output
             self.versions[name] = self._version(name)
+            return replaced  # None keeps the module's own output
         return hook
 
     def __exit__(self, *exc):
@@ -301,6 +324,30 @@ class _LayerRecorder:
 
     def _version(self, name):
         return self.inputs[name]._version, self.outputs[name]._version
+
+
+def _rows(output, rows):
+    """Rows of a batched model output: of the tensor, or of the ``.logits`` of a model output
+    object (a transformers CausalLMOutput, which indexes by field, not by row)."""
+    if not isinstance(output, torch.Tensor) and isinstance(getattr(output, "logits", None), torch.Tensor):
+        output = output.logits
+    return output[rows]
+
+
+def _put(out: torch.Tensor, sl: slice, g: torch.Tensor | None, written: set,
+         loss_out: torch.Tensor | None = None, loss_g: torch.Tensor | None = None) -> None:
+    """out[:, sl] = g (zeros for None) where this pass has not filled ``sl`` yet, else out[:, sl] += g:
+    a tied parameter's per-example gradient is the sum over the modules that use it. ``loss_out``
+    takes ``loss_g`` (the x_loss rows riding along) the same way."""
+    first = sl.start not in written
+    written.add(sl.start)
+    for target, value in ((out, g), (loss_out, loss_g)):
+        if target is None:
+            continue
+        if first:
+            target[:, sl] = 0 if value is None else value
+        elif value is not None:
+            target[:, sl] += value
 
 
 class GradientComputer:
@@ -337,21 +384,42 @@ class GradientComputer:
         self._hooks_checked = False
 
     def _hooked_layers(self) -> dict | None:
-        """{layer name: [(weight|bias, slice of the flat vector)]}, or None where hooks do not apply."""
+        """{layer name: [(weight|bias, slice of the flat vector)]}, or None where hooks do not apply.
+        A module that reaches a parameter listed under another module's name (tied weights) is
+        hooked too, with that parameter's slice: its per-example gradient adds to the owner's."""
         modules = dict(self.model.named_modules(remove_duplicate=False))
         names = set(self.layout.names)
-        for owner, module in modules.items():  # a trainable parameter reached under another name
-            for kind, p in module.named_parameters(recurse=False, remove_duplicate=False):
-                if p.requires_grad and (f"{owner}.{kind}" if owner else kind) not in names:
-                    return None
+        slices = {n: slice(self.layout.offsets[i], self.layout.offsets[i + 1])
+                  for i, n in enumerate(self.layout.names)}
+        listed = {id(p): n for n, p in self.model.named_parameters() if n in names}
         hooked: dict = {}
         for i, name in enumerate(self.layout.names):
             owner, _, kind = name.rpartition(".")
+            hooked.setdefault(owner, []).append((kind, slices[name]))
+        for owner, module in modules.items():  # a trainable parameter reached under another name
+            for kind, p in module.named_parameters(recurse=False, remove_duplicate=False):
+                full = f"{owner}.{kind}" if owner else kind
+                if full in names:
+                    continue
+                if id(p) not in listed:  # not in the layout: hooks cannot split it if it trains
+                    if p.requires_grad:
+                        return None
+                    continue
+                entry = (kind, slices[listed[id(p)]])
+                if entry not in hooked.setdefault(owner, []):
+                    hooked[owner].append(entry)
+        for owner, entries in hooked.items():
             module = modules[owner]
-            if not ((_hookable(module) and kind in ("weight", "bias")) or rule_for(module) is not None):
+            if not ((_hookable(module) and all(k in ("weight", "bias") for k, _ in entries))
+                    or rule_for(module) is not None):
                 return None
-            hooked.setdefault(owner, []).append((kind, slice(self.layout.offsets[i], self.layout.offsets[i + 1])))
         return hooked
+
+    def _tied(self, name: str) -> bool:
+        """Whether another hooked layer writes one of this layer's parameter slices too."""
+        mine = {sl.start for _, sl in self._hooked[name]}
+        return any(sl.start in mine for other, entries in self._hooked.items() if other != name
+                   for _, sl in entries)
 
     def _hooked_pass(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, targets: tuple,
                      out: torch.Tensor, x_loss: torch.Tensor | None = None,
@@ -368,11 +436,17 @@ class GradientComputer:
         modules = {name: self.model.get_submodule(name) for name in self._hooked}
         params = self.layout.unflatten(theta.detach().requires_grad_(True))
         n = len(x)
-        with _LayerRecorder(modules) as recorder:
-            logits = functional_call(self.model, params, (x if x_loss is None else torch.cat([x, x_loss[0]]),))
-        if not recorder.per_sample(len(logits)):
+        inputs = x if x_loss is None else torch.cat([x, x_loss[0]])
+        with _LayerRecorder(modules, len(inputs)) as recorder:
+            try:
+                logits = functional_call(self.model, params, (inputs,))
+            except RuntimeError:
+                if not recorder.expanded:
+                    raise
+                return None  # the expanded output did not fit where the batch-1 one went: not hooks
+        if not recorder.per_sample(len(inputs)):
             return None
-        values = self.task.audited(logits[:n], y, targets)
+        values = self.task.audited(_rows(logits, slice(0, n)), y, targets)
         names = list(modules)
         outputs = [recorder.outputs[name] for name in names]
         width = values.shape[1]
@@ -382,31 +456,28 @@ class GradientComputer:
             total = values[:, q].sum()
             rows = n
             if q == 0 and x_loss is not None:
-                total = total + self.task.loss_terms(logits[n:], x_loss[1]).sum()
-                rows = len(logits)
+                total = total + self.task.loss_terms(_rows(logits, slice(n, None)), x_loss[1]).sum()
+                rows = len(inputs)
             deltas = torch.autograd.grad(total, outputs, retain_graph=q + 1 < width, allow_unused=True)
+            written: set = set()  # slices filled in this backward: a tied parameter's next module adds
             for name, delta in zip(names, deltas):
                 module = modules[name]
                 if factors is not None and name in factors:
                     self._record_factors(factors, name, module, recorder.inputs[name][:n], delta, n)
                     if skip_factored:
                         for _, sl in self._hooked[name]:
-                            out[:, q, sl] = 0
+                            _put(out[:, q], sl, None, written)
                         continue
                 if delta is None:  # the layer does not reach this quantity
                     for _, sl in self._hooked[name]:
-                        out[:, q, sl] = 0
-                        if rows > n:
-                            loss_out[:, sl] = 0
+                        _put(out[:, q], sl, None, written, loss_out if rows > n else None)
                     continue
                 layer = _layer_gradients(module, recorder.inputs[name][:rows], delta[:rows])
                 if layer is None:  # a rule that is not exact in this mode (BatchNorm in train mode)
                     return None
                 for kind, sl in self._hooked[name]:
                     g = layer[kind].reshape(rows, -1)
-                    out[:, q, sl] = g[:n]
-                    if rows > n:
-                        loss_out[:, sl] = g[n:]
+                    _put(out[:, q], sl, g[:n], written, loss_out if rows > n else None, g[n:])
         return values.detach()
 
     def _check_hooks(self, theta, x, y, targets: tuple) -> None:
@@ -499,7 +570,7 @@ class GradientComputer:
         self.method = "vmap"  # shared, folded-batch or in-place-modified layers: hooks would be wrong
 
     def _logits(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return functional_call(self.model, self.layout.unflatten(theta), (x.unsqueeze(0),))[0]
+        return _rows(functional_call(self.model, self.layout.unflatten(theta), (x.unsqueeze(0),)), 0)
 
     def _sample_targets(self, theta, x, y, targets: tuple):
         out = self.task.audited(self._logits(theta, x)[None], y[None], targets)[0]
@@ -529,8 +600,17 @@ class GradientComputer:
         was_training = self.model.training
         self.model.train()
         try:
-            with restored_rng(rng, theta.device), _LayerRecorder(modules) as recorder:
-                output = functional_call(self.model, state, (x,))
+            try:
+                with restored_rng(rng, theta.device), _LayerRecorder(modules, len(x)) as recorder:
+                    output = functional_call(self.model, state, (x,))
+            except RuntimeError:
+                if not recorder.expanded:
+                    raise
+                # an expanded batch-1 output did not fit downstream: the forward again, unhooked
+                self._training_hooks = False
+                state = {**self.layout.unflatten(theta), **{n: b.clone() for n, b in buffers.items()}}
+                with restored_rng(rng, theta.device), _LayerRecorder({}) as recorder:
+                    output = functional_call(self.model, state, (x,))
             terms = self.task.loss_terms(output, y)
             hooked = self._training_hooks is not False and self._training_hooks_pass(recorder, terms, rows, out)
             if hooked and self._training_hooks is None:
@@ -560,16 +640,17 @@ class GradientComputer:
         names = list(self._hooked)
         deltas = torch.autograd.grad(terms.sum(), [recorder.outputs[n] for n in names], retain_graph=True,
                                      allow_unused=True)
+        written: set = set()  # a tied parameter's second module adds to its first
         for name, delta in zip(names, deltas):
             if delta is None:
                 for _, sl in self._hooked[name]:
-                    out[:, sl] = 0
+                    _put(out, sl, None, written)
                 continue
             layer = _layer_gradients(self.model.get_submodule(name), recorder.inputs[name], delta)
             if layer is None:
                 return False
             for kind, sl in self._hooked[name]:
-                out[:, sl] = layer[kind].reshape(len(terms), -1)[rows]
+                _put(out, sl, layer[kind].reshape(len(terms), -1)[rows], written)
         return True
 
     def _vmap_pass(self, theta, x, y, targets: tuple):
@@ -593,7 +674,9 @@ class GradientComputer:
         """The hooked Linear layers (ghost dot products apply to them), in layout order."""
         if self._hooked is None:
             return ()
-        return tuple(name for name in self._hooked if type(self.model.get_submodule(name)) is nn.Linear)
+        # not a layer whose weight is tied to another's: its ghost factors would miss the other's share
+        return tuple(name for name in self._hooked if type(self.model.get_submodule(name)) is nn.Linear
+                     and not self._tied(name))
 
     def layer_parameters(self, name: str) -> list:
         """[(weight|bias, slice of the flat vector)] of a hooked layer."""

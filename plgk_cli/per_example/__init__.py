@@ -56,6 +56,6 @@ def batch_sum(t: Tensor, trailing: int) -> Tensor:
     return t.reshape(t.shape[0], -1, *t.shape[t.dim() - trailing:]).sum(1)
 
 
-from plgk_cli.per_example import conv, embedding, linear, norm  # noqa: E402,F401  (registration)
+from plgk_cli.per_example import conv, embedding, hf_conv1d, linear, norm  # noqa: E402,F401  (registration)
 
 __all__ = ["LayerRule", "register", "rule_for"]
