@@ -6,6 +6,8 @@
     python scripts/bench.py --workload captum-sgd            # plgk euler vs captum TracInCP
     python scripts/bench.py --workload memory                # replay peak RSS over audit size and batch
     python scripts/bench.py --workload transformer           # dropout transformer: hooks vs generic, layer split
+    python scripts/bench.py --workload lm                    # the LM demo (byte-level GPT), sequence-logprob
+    python scripts/bench.py --device cuda --workload lm --workload mnist-synthetic --steps-scale 0.1
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
     python scripts/bench.py --workload quadrature --threads 1 # trapezoid vs adaptive vs supersample:64
     python scripts/bench.py --workload quadrature --quadrature-runs demo,cnn-adam   # a subset
@@ -32,6 +34,14 @@ Workloads:
                    the generic Jacobian over all of θ (method "generic", and jacobian_rows on the
                    same graph as the hooks), each layer type's hook rule, each type alone, with the
                    rules and the engine's rows checked against the Jacobian rows.
+  lm               configs/lm_addition.toml as it is (the LM demo, `make demo-lm`: byte-level GPT, 2
+                   pre-norm blocks of width 64, dropout 0.1, AdamW lr 3e-3 with clipping and a cosine
+                   schedule, batch 32, 20 epochs = 400 steps on the 640 `addition` sums), replayed on the
+                   demo's audit prompts (scripts/demo_lm.py prompts: 20 prompt + continuation points)
+                   with --target sequence-logprob, rule trapezoid; one row like digits' (train,
+                   train without recording, replay, replay/train, rel. MRE, LC, worst update error of
+                   sequence-logprob). --steps-scale S runs round(20 S) epochs (at least 1); without
+                   it, the whole 20.
   quadrature       the rules side by side: every configs/*.toml as it is (but QUADRATURE_SKIPPED, now
                    none) and four larger-step runs of the digits CNN (batch
                    64, 2 epochs: RMSprop lr 1e-3 momentum 0.5, Adagrad lr 1e-2, Adam lr 1e-2, SGD
@@ -53,6 +63,8 @@ ru_maxrss read with os.wait4, so it includes the ~0.3 GiB of the Python+torch pr
 (comparisons.idle_rss_mib in the JSON: a child that only imports). Record overhead = time spent inside
 trajectory.write_checkpoint (timed by a wrapper patched in the child) over the rest of training;
 a second training run with write_checkpoint replaced by a no-op gives the un-recorded baseline.
+--device cuda trains and replays every workload on the GPU (GPU MiB = torch's peak allocated memory
+of the train/replay child); scripts/gpu_check.sh runs lm and mnist-synthetic that way.
 Results go to --json-out (default bench-results/bench.json) and the terminal.
 """
 
@@ -91,7 +103,7 @@ MNIST_BATCH = 256
 # split are most of that), 10 minutes with two threads at load 3-5 (docs/performance.md).
 DEFAULT_STEPS_SCALE = 0.02
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
-ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer", "quadrature")
+ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer", "lm", "quadrature")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
                "peak RSS includes the Python+torch process itself")
 
@@ -222,6 +234,46 @@ def transformer_workloads() -> list[Workload]:
                      notes=[f"configs/transformer_text.toml with kwargs torch_layers = true: {common}; "
                             "nn.TransformerEncoderLayer blocks: training side by generic Jacobian rows, audit "
                             "side by vmap"])]
+
+
+LM_CONFIG = ROOT / "configs" / "lm_addition.toml"
+LM_TARGET = "sequence-logprob"  # the demo's audited quantity: log p(continuation | prompt)
+
+
+def lm_workload(data_dir: Path, steps_scale: float | None = None) -> Workload:
+    """configs/lm_addition.toml, audited on the demo's prompts (scripts/demo_lm.py prompts, written
+    under ``data_dir``) with target sequence-logprob; ``steps_scale``: round(epochs x S) epochs
+    (at least one), None for the config's own."""
+    import contextlib
+    import io
+
+    config = _toml_config(LM_CONFIG)
+    epochs = int(config["train"]["epochs"])
+    notes = []
+    if steps_scale is not None and steps_scale != 1:
+        scaled = max(1, round(epochs * steps_scale))
+        notes.append(f"--steps-scale {steps_scale:g}: {scaled} of the config's {epochs} epochs")
+        config["train"]["epochs"] = epochs = scaled
+    prompts = Path(data_dir) / "lm-prompts.jsonl"
+    prompts.parent.mkdir(parents=True, exist_ok=True)
+    if str(SCRIPTS) not in sys.path:
+        sys.path.insert(0, str(SCRIPTS))
+    import demo_lm
+
+    seed = int(config.get("data", {}).get("seed", 0))
+    with contextlib.redirect_stdout(io.StringIO()):  # it says what it wrote
+        demo_lm.write_prompts(prompts, seed)
+    n = sum(1 for line in prompts.read_text().splitlines() if line.strip())
+    m = config["model"]
+    kwargs = ", ".join(f"{k} {v}" for k, v in m.get("kwargs", {}).items())
+    o = config["optim"]
+    notes.insert(0, f"configs/lm_addition.toml: {m['name']} ({kwargs}), {o['name']} lr {o['lr']:g}"
+                    + (f" clip {o['clip_grad_norm']:g}" if o.get("clip_grad_norm") else "")
+                    + f", {config.get('schedule', {}).get('name', 'constant')} schedule, batch "
+                    f"{config['train']['batch_size']}, {epochs} epochs; audit: the demo's {n} prompts "
+                    f"(scripts/demo_lm.py prompts), target {LM_TARGET}")
+    return Workload("lm", config, str(prompts), "trapezoid", notes=notes,
+                    replay_options={"targets": [LM_TARGET]})
 
 
 MEMORY_MODEL = {"name": "cnn", "kwargs": {"channels": 16, "hidden": 128}}  # P = 22,602
@@ -975,8 +1027,9 @@ def run_workload(w: Workload, workdir: Path, *, device: str = "cpu", baseline: b
     if keep_scores:
         task["scores"] = str(out.with_suffix(".npy"))
     rep = best_of(repeat, lambda i: task, workdir, "replay", "replay_s")
-    metrics = rep["metrics"]["loss"]
-    row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set,
+    target = (w.replay_options.get("targets") or ["loss"])[0]  # the row's figures: the first target's
+    metrics = rep["metrics"][target]
+    row = {"workload": w.name, "label": w.label, "rule": w.rule, "audit_set": w.audit_set, "target": target,
            "_replay_arguments": arguments,
            "device": device, "notes": list(w.notes), **trained, "num_audit": rep["num_audit"],
            "replay_s": rep["replay_s"], "replay_ratio": rep["replay_s"] / trained["train_s"],
@@ -1114,11 +1167,13 @@ def memory_fit(rows: list) -> dict:
 COLUMNS = [  # (header, key, format)
     ("workload", "name", "{}"), ("rule", "rule", "{}"), ("T", "steps", "{}"), ("M", "num_train", "{}"),
     ("N", "num_audit", "{}"), ("P", "parameters", "{}"), ("train s", "train_s", "{:.2f}"),
+    ("norec s", "train_unrecorded_s", "{:.2f}"),
     ("rec.ovh", "record_overhead", "{:.1%}"), ("replay s", "replay_s", "{:.2f}"),
     ("rep/trn", "replay_ratio", "{:.2f}x"), ("cpu r/t", "replay_cpu_ratio", "{:.2f}x"),
     ("ms/step", "replay_ms_per_step", "{:.1f}"),
     ("RSS trn", "train_peak_rss_mib", "{:.0f}M"), ("RSS rep", "replay_peak_rss_mib", "{:.0f}M"),
-    ("GPU MiB", "gpu", "{}"), ("MRE", "mre", "{:.2e}"), ("LC", "lc", "{:.6f}"),
+    ("GPU MiB", "gpu", "{}"), ("MRE", "mre", "{:.2e}"), ("rMRE", "rmre", "{:.2e}"), ("LC", "lc", "{:.6f}"),
+    ("upd.err", "max_update_error", "{:.1e}"),
 ]
 
 
@@ -1199,9 +1254,11 @@ def format_quadrature_table(rows: list) -> str:
 
 
 def format_notes(rows: list, comparisons: dict) -> str:
-    out = [f"[{TIMING_NOTE}; RSS trn/rep = peak RSS of the train/replay process; "
-           "rec.ovh = checkpoint-write time / rest of training; rep/trn = wall-time ratio, cpu r/t = the same "
-           "in process CPU time, which other load on the machine disturbs less]"]
+    out = [f"[{TIMING_NOTE}; RSS trn/rep = peak RSS of the train/replay process; norec s = the same training "
+           "with checkpoint writes a no-op; rec.ovh = checkpoint-write time / rest of training; rep/trn = "
+           "wall-time ratio, cpu r/t = the same in process CPU time, which other load on the machine disturbs "
+           "less; MRE, rMRE (relative MRE), LC of the row's target (loss unless noted), upd.err = the worst "
+           "update error of the replay's update check]"]
     for r in rows:
         if r["workload"] in ("memory", "quadrature"):  # quadrature: format_quadrature_table
             continue
@@ -1347,8 +1404,8 @@ def _jsonable(x):
     return x
 
 
-def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scale: float =
-              DEFAULT_STEPS_SCALE, baseline: bool = True, profile: bool = False,
+def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scale: float | None =
+              None, baseline: bool = True, profile: bool = False,
               captum_steps: int = 10, repeat: int = 1, quadrature_runs=None, echo=print) -> dict:
     rows, comparisons = [], {"idle_rss_mib": idle_rss(workdir)}
     train_cache: dict = {}
@@ -1356,13 +1413,15 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
         if name == "digits":
             todo = [digits_workload()]
         elif name == "mnist-synthetic":
-            todo = [mnist_workload(workdir / "data", steps_scale)]
+            todo = [mnist_workload(workdir / "data", DEFAULT_STEPS_SCALE if steps_scale is None else steps_scale)]
         elif name == "captum-sgd":
             todo = [captum_workload(captum_steps)]
         elif name == "memory":
             todo = memory_workloads()
         elif name == "transformer":
             todo = transformer_workloads()
+        elif name == "lm":
+            todo = [lm_workload(workdir / "data", steps_scale)]
         elif name == "quadrature":
             for w in quadrature_workloads(quadrature_runs):
                 echo(f"... {w.name} {w.label}: {', '.join(QUADRATURE_RULES)}", flush=True)
@@ -1452,10 +1511,11 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workload", action="append", choices=ALL_WORKLOADS + ("all",),
                         help=f"repeatable; default: {' '.join(DEFAULT_WORKLOADS)}; all = every workload")
-    parser.add_argument("--steps-scale", type=float, default=DEFAULT_STEPS_SCALE,
+    parser.add_argument("--steps-scale", type=float, default=None,
                         help="mnist-synthetic: fraction of the paper's 10,000 steps "
                              f"(default {DEFAULT_STEPS_SCALE:g} = {round(DEFAULT_STEPS_SCALE * 10000)} steps; "
-                             "0.02 = one epoch of 200)")
+                             "0.02 = one epoch of 200); lm: that fraction of the config's epochs, "
+                             "rounded, at least one (default: all of them)")
     parser.add_argument("--captum-steps", type=int, default=10, help="captum-sgd: full-batch SGD steps")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--repeat", type=int, default=1,
@@ -1476,7 +1536,7 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     global TORCH_THREADS
     TORCH_THREADS = args.threads
-    if not 0 < args.steps_scale <= 1:
+    if args.steps_scale is not None and not 0 < args.steps_scale <= 1:
         parser.error("--steps-scale must be in (0, 1]")
     workloads = args.workload or list(DEFAULT_WORKLOADS)
     if "all" in workloads:
