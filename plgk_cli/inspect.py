@@ -238,7 +238,7 @@ def kernel_summary(f: InfluenceFile) -> dict:
         cr = f.mode(name, "cancellation")  # (kernel checkpoints, N, K)
         entry["mean_cr_all_modes_by_checkpoint"] = np.nanmean(cr[:, :, -1], axis=1).tolist()
         out["modes"][name] = entry
-    if not np.issubdtype(f.audit_label.dtype, np.integer):  # Table 1 ranks misclassified points
+    if not np.issubdtype(f.audit_label.dtype, np.integer) or f.audit_label.ndim != 1:  # Table 1 ranks misclassified points
         out["difficulty"] = None
         return out
     scores = f.difficulty_scores()

@@ -76,7 +76,8 @@ def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: s
 
     report = PlotReport()
     column_class = None if classes is None else int(classes[audit])
-    sign = helpful_sign(target, column_class, int(labels[audit]))
+    label = np.asarray(labels[audit])
+    sign = helpful_sign(target, column_class, int(label) if label.ndim == 0 else None)
     report.written.append(_completeness(f, target, out_dir / "completeness.png"))
     report.written.append(_sorted_influence(f, target, columns[:, audit].astype(np.float64), audit,
                                             column_class, sign, out_dir / f"influence_sorted_audit{audit}.png"))
@@ -388,6 +389,8 @@ def _embedding(columns: np.ndarray, labels: np.ndarray, audit: int, target: str,
     coords, share = classical_mds(cosine_distance(columns))
     fig = _figure(WIDE)
     ax = fig.subplots()
+    if labels.ndim > 1:  # a sequence's targets (language models): no classes to colour by
+        labels = np.zeros(len(labels), dtype=np.int64)
     classes = np.unique(labels)
     for i, c in enumerate(classes):
         mine = labels == c

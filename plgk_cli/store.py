@@ -453,7 +453,7 @@ class InfluenceFile:
 
         from plgk_cli.kernel import ips_class_margin, ips_l2_norm
 
-        if not np.issubdtype(self.audit_label.dtype, np.integer):
+        if not np.issubdtype(self.audit_label.dtype, np.integer) or self.audit_label.ndim != 1:
             raise StoreError(f"{self.path}: difficulty scores rank misclassified points; the run's task "
                              f"{self.task} has no class labels")
         logits = torch.from_numpy(self.kernel("audit_logits"))

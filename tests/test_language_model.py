@@ -195,6 +195,9 @@ def test_recorded_gpt_with_dropout_replays_exactly_and_completely(lm_run, tmp_pa
         assert np.allclose(tokens.sum(2), -logprob, rtol=1e-4, atol=1e-6 * np.abs(logprob).max())
     result = invoke("inspect", out, "--audit", "1", "--top", "2", "--target", "sequence-logprob")
     assert result.exit_code == 0 and '"10\\n"' in result.stdout, result.output
+    result = invoke("inspect", out, "--audit", "1", "--target", "sequence-logprob", "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output  # (N, T) targets: no classes to colour or group by
+    assert (tmp_path / "plots" / "examples_audit1.png").is_file()
 
 
 def test_prompt_longer_than_the_context_is_one_line(lm_run, tmp_path):
@@ -235,3 +238,13 @@ def test_model_vocabulary_smaller_than_the_data_is_one_line(lm_run, tmp_path):
     result = invoke("train", "--config", config, "--out", tmp_path / "run", "--quiet")
     assert_one_line_error(result, 10, "vocab 40", "vocabulary")
     assert not (tmp_path / "run").exists()
+
+
+def test_kernel_and_modes_of_a_language_model(lm_run, tmp_path):
+    out = tmp_path / "k.h5"
+    result = invoke("replay", "--ckpts", lm_run["run"], "--audit-set", lm_run["prompts"], "--out", out,
+                    "--target", "sequence-logprob", "--kernel", "--modes", "2", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("inspect", out, "--kernel")
+    assert result.exit_code == 0, result.output  # Table 1 needs class labels: said, not a traceback
+    assert "for classification runs only" in result.stdout
