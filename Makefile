@@ -29,7 +29,7 @@ demo-lm: install
 	rm -rf $(DEMO_LM_RUN)
 	$(PLGK) train --config configs/lm_addition.toml --out $(DEMO_LM_RUN)
 	$(PY) scripts/demo_lm.py prompts $(DEMO_LM_RUN)-prompts.jsonl
-	$(PLGK) replay --ckpts $(DEMO_LM_RUN) --audit-set $(DEMO_LM_RUN)-prompts.jsonl --target sequence-logprob \
+	$(PLGK) replay --ckpts $(DEMO_LM_RUN) --audit-set $(DEMO_LM_RUN)-prompts.jsonl --target sequence-logprob --rule supersample:2 \
 		--out $(DEMO_LM_RUN).h5 --overwrite
 	$(PLGK) inspect $(DEMO_LM_RUN).h5
 	$(PLGK) inspect $(DEMO_LM_RUN).h5 --audit 0 --top 5

@@ -14,6 +14,7 @@ import torch
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.gradients import TARGETS
+from plgk_cli.tasks.language_model import IGNORE
 
 _BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
 SLICE_SPEC = re.compile(rf"(train|test)(?:\[{_BOUND}:{_BOUND}\])?")  # use with fullmatch
@@ -245,6 +246,10 @@ def _prompt_audit_set(path: Path, spec: str, dataset, task) -> AuditSet:
     if task is None or task.label_kind != "tokens":
         raise AuditSpecError(f"--audit-set: {spec}: prompts (.jsonl) are audit points of language-model "
                              f"runs; this run's task is {getattr(task, 'name', 'classification')}")
+    if not (dataset.spec == "addition" or dataset.spec.startswith("text:")):
+        raise AuditSpecError(f"--audit-set: {spec}: prompts are encoded with plgk's byte-level tokenizer, "
+                             f"which the run's data ({dataset.spec}) was not: give the audit points as an "
+                             "npz of token ids x and targets y from your own tokenizer")
     if not _is_file(path, spec, "--audit-set"):
         raise AuditSpecError(f"--audit-set: {spec}: file not found")
     from plgk_cli.tasks.language_model import prompt_points
@@ -258,16 +263,29 @@ def _prompt_audit_set(path: Path, spec: str, dataset, task) -> AuditSet:
     return AuditSet(torch.as_tensor(x), torch.as_tensor(y), str(path), None, None)
 
 
-def check_vocabulary(audit_set: AuditSet, vocabulary: int | None) -> None:
-    """Token ids of the audit points must be rows of the model's input embedding."""
+def check_vocabulary(audit_set: AuditSet, vocabulary: int | None, task=None, output_width: int | None = None) -> None:
+    """Token ids of the audit points must be rows of the model's input embedding; a language
+    model's audit points need a target, each one a token of its output."""
+    tokens = task is not None and task.label_kind == "tokens"
+    if tokens:
+        y = audit_set.y
+        empty = (y == IGNORE).all(1).nonzero()
+        if len(empty):
+            raise AuditSpecError(f"--audit-set: {audit_set.source}: point {int(empty[0])} has no target token "
+                                 "(every y is -100): there is nothing to audit; give it a continuation")
+        bad = (y != IGNORE) & ((y < 0) | (y >= (output_width or 0)))
+        if output_width is not None and bad.any():
+            row = int(bad.any(1).nonzero()[0])
+            raise AuditSpecError(f"--audit-set: {audit_set.source}: point {row} has target token "
+                                 f"{int(y[row][bad[row]][0])}, outside the model's output 0..{output_width - 1}")
     if vocabulary is None or audit_set.x.is_floating_point() or not audit_set.x.numel():
         return
-    high = int(audit_set.x.max())
-    if high >= vocabulary or int(audit_set.x.min()) < 0:
-        row = int(((audit_set.x >= vocabulary) | (audit_set.x < 0)).any(1).nonzero()[0])
+    outside = (audit_set.x >= vocabulary) | (audit_set.x < 0)
+    if outside.any():
+        row = int(outside.any(1).nonzero()[0])
         raise AuditSpecError(f"--audit-set: {audit_set.source}: point {row} holds token id "
-                             f"{high if high >= vocabulary else int(audit_set.x.min())}, outside the "
-                             f"model's vocabulary 0..{vocabulary - 1}; give tokens the model knows")
+                             f"{int(audit_set.x[row][outside[row]][0])}, outside the model's vocabulary "
+                             f"0..{vocabulary - 1}; give tokens the model knows")
 
 
 def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | None:

@@ -97,10 +97,12 @@ def train(config_path, out, resume, threads, quiet):
 @main.command()
 @click.option("--ckpts", required=True, help="Run directory written by `plgk train`.")
 @click.option("--audit-set", required=True,
-              help="SPLIT[START:STOP] over train/test (e.g. test[:64]) or PATH.npz with arrays x, y.")
+              help="SPLIT[START:STOP] over train/test (e.g. test[:64]), PATH.npz with arrays x, y, or "
+                   "(language models) PATH.jsonl of {\"prompt\", \"continuation\"} lines.")
 @click.option("--out", default="influences.h5", show_default=True, help="Output HDF5 file.")
 @click.option("--target", "targets", multiple=True, default=("loss",), show_default=True,
-              help="loss | logit | margin | logits; repeat for several.")
+              help="loss | logit | margin | logits (classification), loss | output (regression), loss | "
+                   "sequence-logprob | token-losses (language models); repeat for several.")
 @click.option("--rule", default="trapezoid", show_default=True,
               help="Quadrature over each update: euler | trapezoid | supersample:K | adaptive[:TOL].")
 @click.option("--train-subset", default=None, help="Partial audit: START:STOP or a file of indices.")

@@ -46,7 +46,7 @@ from torch import nn
 from torch.func import functional_call, jacrev, vmap
 
 from plgk_cli.errors import AuditSpecError
-from plgk_cli.models import layer_of
+from plgk_cli.models import layer_of, output_tensor
 from plgk_cli.per_example import rule_for
 from plgk_cli.tasks import Task, task_for
 
@@ -327,11 +327,8 @@ class _LayerRecorder:
 
 
 def _rows(output, rows):
-    """Rows of a batched model output: of the tensor, or of the ``.logits`` of a model output
-    object (a transformers CausalLMOutput, which indexes by field, not by row)."""
-    if not isinstance(output, torch.Tensor) and isinstance(getattr(output, "logits", None), torch.Tensor):
-        output = output.logits
-    return output[rows]
+    """Rows of a batched model output (a tensor or a transformers model-output object)."""
+    return output_tensor(output)[rows]
 
 
 def _put(out: torch.Tensor, sl: slice, g: torch.Tensor | None, written: set,

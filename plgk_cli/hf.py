@@ -18,7 +18,6 @@ import json
 import math
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from plgk_cli.data import Dataset, load_dataset
@@ -94,7 +93,11 @@ def causal_lm(in_shape: tuple, num_classes: int, config, attn_implementation: st
     if unknown:  # a misspelt key would silently keep the default (n_layers -> 12 layers)
         raise ValueError(f"config: {', '.join(map(repr, unknown))} not known to {config_class.__name__}")
     values.setdefault("use_cache", False)  # training and replay never generate
-    cfg = config_class(**values)
+    try:
+        cfg = config_class(**values)
+    except Exception as exc:  # transformers validates the values (types, ranges) in its own classes
+        raise ValueError(f"config: {config_class.__name__} refused the values ({type(exc).__name__}: "
+                         f"{str(exc).splitlines()[0] if str(exc) else exc!r})") from None
     vocab = getattr(cfg, "vocab_size", None)
     if vocab is None or vocab < num_classes:
         raise ValueError(f"vocab_size {vocab} is smaller than the data's vocabulary ({num_classes} token "

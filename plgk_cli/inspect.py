@@ -78,10 +78,30 @@ def summary(f: InfluenceFile) -> dict:
 
 def helpful_sign(target: str, klass: int | None = None, label: int | None = None) -> float:
     """+1 where pushing the audited quantity up helps the audit point, −1 where pushing it down does:
-    down for the loss and for a wrong class's logit; up for the true-class logit and the margin."""
-    if target == "loss" or (target == "logits" and klass != label):
+    down for a loss (``loss``, a position's ``token-losses``) and for a wrong class's logit; up for
+    the true-class logit, the margin and a sequence's log-probability."""
+    if target in ("loss", "token-losses") or (target == "logits" and klass != label):
         return -1.0
     return 1.0
+
+
+def default_column(target: str, label, column: int | None, width: int) -> int:
+    """The column of a many-column target that ``--class`` picks, or its default: ``logits``, the
+    true class; ``token-losses`` (one column per position), the first position with a target."""
+    if column is None:
+        if target == "logits":
+            column = int(label)
+        else:
+            targeted = np.nonzero(np.asarray(label).reshape(-1) != IGNORE)[0]
+            column = int(targeted[0]) if len(targeted) else 0
+    if not 0 <= column < width:
+        raise AuditSpecError(f"--class: {column} is out of range 0..{width - 1}"
+                             + (" (a position of the sequence)" if target != "logits" else ""))
+    return column
+
+
+def column_name(target: str) -> str:
+    return "class" if target == "logits" else "position"
 
 
 def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None,
@@ -93,17 +113,16 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     n_audit = infl.shape[1]
     if not 0 <= audit < n_audit:
         raise AuditSpecError(f"--audit: {audit} is out of range; the file has audit points 0..{n_audit - 1}")
-    if klass is not None and target != "logits":
-        raise AuditSpecError(f"--class: only for --target logits (the file's {target!r} has one column "
-                             "per audit point)")
-    label = _label(f.audit_label[audit])
     column = infl[:, audit]
+    if klass is not None and column.ndim == 1:
+        raise AuditSpecError(f"--class: only for targets of several columns per audit point (logits, "
+                             f"token-losses); the file's {target!r} has one")
+    raw_label = f.audit_label[audit]
+    label = _label(raw_label)
     initial = np.asarray(f.array(target, "initial"))[audit]
     final = np.asarray(f.array(target, "final"))[audit]
-    if column.ndim == 2:  # logits: one class's column, the true class unless --class
-        klass = label if klass is None else klass
-        if not 0 <= klass < column.shape[1]:
-            raise AuditSpecError(f"--class: {klass} is out of range 0..{column.shape[1] - 1}")
+    if column.ndim == 2:  # logits: the true class's column; token-losses: the first audited position
+        klass = default_column(target, raw_label, klass, column.shape[1])
         column, initial, final = column[:, klass], initial[klass], final[klass]
     group = f.train_group
     rows_index = group if group is not None else f.train_index
@@ -122,7 +141,7 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
                  **({} if bound is None else {"error_bound": float(bound[i])})} for r, i in enumerate(idx)]
 
     index = f.audit_index
-    return {"target": target, "class": klass, "audit": audit,
+    return {"target": target, "class": klass, "column": column_name(target), "audit": audit,
             "audit_index": None if index is None else int(index[audit]), "audit_label": label,
             "initial": float(initial), "final": float(final), "helpful_direction":
             "down" if sign < 0 else "up", "helpful": entries(order[:k]), "harmful": entries(order[::-1][:k])}
@@ -172,7 +191,7 @@ def format_summary(s: dict) -> str:
 
 def format_top(t: dict) -> str:
     where = f"index {t['audit_index']}" if t["audit_index"] is not None else "from the audit file"
-    cls = f", class {t['class']}" if t["class"] is not None else ""
+    cls = f", {t.get('column', 'class')} {t['class']}" if t["class"] is not None else ""
     key = "group" if t["helpful"] and "group" in t["helpful"][0] else "train_index"
     lines = [f"audit point {t['audit']} ({where}, label {_show(t['audit_label'])}): {t['target']}{cls} went "
              f"{t['initial']:.4f} -> {t['final']:.4f}"]

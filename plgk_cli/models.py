@@ -61,13 +61,19 @@ class SelfAttention(nn.Module):
     """Multi-head self-attention from nn.Linear projections (so that every parameter has a
     per-example rule), dropout on the attention weights; ``mask`` (B, T) marks real tokens."""
 
-    def __init__(self, width: int, heads: int, dropout: float, causal: bool = False):
+    def __init__(self, width: int, heads: int, dropout: float, causal: bool = False, key_bias: bool = True):
         super().__init__()
         if width % heads:
             raise ValueError(f"width {width} is not divisible by heads {heads}")
         self.heads = heads
         self.causal = causal
-        self.query, self.key, self.value = (nn.Linear(width, width) for _ in range(3))
+        # Without a key bias in a causal LM: softmax over the keys is invariant to it (q·b_k is the
+        # same for every key), so its gradient is float rounding alone, which Adam scales up to
+        # full-size steps that no example owns and that a replay with other threads re-derives
+        # 1e-5 apart (the BatchNorm'd convolution's bias in cnn is the same case).
+        self.query = nn.Linear(width, width)
+        self.key = nn.Linear(width, width, bias=key_bias)
+        self.value = nn.Linear(width, width)
         self.out = nn.Linear(width, width)
         self.dropout = nn.Dropout(dropout)
 
@@ -93,7 +99,7 @@ class TransformerBlock(nn.Module):
     def __init__(self, width: int, heads: int, dropout: float, causal: bool = False):
         super().__init__()
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
-        self.attention = SelfAttention(width, heads, dropout, causal)
+        self.attention = SelfAttention(width, heads, dropout, causal, key_bias=not causal)
         self.mlp = nn.Sequential(nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
         self.dropout = nn.Dropout(dropout)
 
@@ -239,6 +245,13 @@ def vocabulary(model: torch.nn.Module) -> int | None:
     embedding = getter() if callable(getter) else next(
         (m for m in model.modules() if isinstance(m, torch.nn.Embedding)), None)
     return None if embedding is None else int(embedding.num_embeddings)
+
+
+def output_tensor(output) -> torch.Tensor:
+    """A model's output as a tensor: itself, or the ``.logits`` of a model-output object (a
+    transformers CausalLMOutput, which indexes by field, not by row)."""
+    logits = getattr(output, "logits", None)
+    return logits if not isinstance(output, torch.Tensor) and isinstance(logits, torch.Tensor) else output
 
 
 def layer_of(parameter_name: str) -> str:

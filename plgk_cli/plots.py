@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from plgk_cli.errors import AuditSpecError, DependencyError, OutputError, PlgkError
-from plgk_cli.inspect import helpful_sign
+from plgk_cli.inspect import default_column, helpful_sign
 from plgk_cli.store import InfluenceFile
 
 DPI = 100
@@ -59,15 +59,13 @@ def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: s
     if not 0 <= audit < n_audit:
         raise AuditSpecError(f"--audit: {audit} is out of range; the file has audit points 0..{n_audit - 1}")
     labels = f.audit_label
-    if influence.ndim == 3:  # logits: one class column per audit point, the true class unless --class
-        if klass is not None and not 0 <= klass < influence.shape[2]:
-            raise AuditSpecError(f"--class: {klass} is out of range 0..{influence.shape[2] - 1}")
-        classes = np.full(n_audit, klass) if klass is not None else labels
+    if influence.ndim == 3:  # logits: the true class unless --class; token-losses: a position
+        classes = np.array([default_column(target, labels[n], klass, influence.shape[2]) for n in range(n_audit)])
         columns = influence[:, np.arange(n_audit), classes]
     else:
         if klass is not None:
-            raise AuditSpecError(f"--class: only for --target logits (the file's {target!r} has one "
-                                 "column per audit point)")
+            raise AuditSpecError(f"--class: only for targets of several columns per audit point (logits, "
+                                 f"token-losses); the file's {target!r} has one")
         classes, columns = None, influence
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -133,7 +131,9 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _what(target: str, klass: int | None) -> str:
-    return target if klass is None else f"logit of class {klass}"
+    if klass is None:
+        return target
+    return f"logit of class {klass}" if target == "logits" else f"{target} at position {klass}"
 
 
 def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: int,

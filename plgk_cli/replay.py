@@ -265,7 +265,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         raise AuditSpecError(f"--target: unknown target {offered[0]!r} for the run's task {task.name}; "
                              f"expected one of {', '.join(task.targets)}")
     model = run.build_model().to(device=device, dtype=compute)
-    check_vocabulary(audit_set, vocabulary(model))
+    check_vocabulary(audit_set, vocabulary(model), task, data.num_classes)
     layout = ParameterLayout.of(model)
     label_shape = tuple(data.y_train.shape[1:])
     per_point = target_columns(args.targets, data.num_classes, task, label_shape)

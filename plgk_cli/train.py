@@ -19,7 +19,7 @@ from plgk_cli import _callable_module
 from plgk_cli.config import GROUP_KEYS, RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, OutputError
-from plgk_cli.models import build_model, mode_dependent
+from plgk_cli.models import build_model, mode_dependent, output_tensor, vocabulary
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
 from plgk_cli.recorder import Recorder
 from plgk_cli.tasks import task_for
@@ -139,6 +139,11 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
 
     torch.manual_seed(config.train.seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
+    rows = vocabulary(model)
+    if task.label_kind == "tokens" and rows is not None and rows < data.num_classes:
+        raise ConfigError(f"[model] {config.model.name}: its input embedding has {rows} rows, fewer than the "
+                          f"data's vocabulary ({data.num_classes} token ids in {config.data.dataset}); give the "
+                          "model a vocabulary that large (gpt: vocab, a transformers config: vocab_size)")
     if config.checkpoint.every > 1 and mode_dependent(model):
         raise ConfigError(f"[checkpoint] every = {config.checkpoint.every}: the model has dropout or "
                           f"BatchNorm ({mode_dependent(model)[0]!r}), which sparse runs do not re-simulate "
@@ -172,12 +177,13 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 schedule.before_update(recorder.step_count)
                 optimizer.zero_grad(set_to_none=True)
                 rows = batch.to(device)
-                logits = model(x_train[rows])
+                output = model(x_train[rows])
+                logits = output_tensor(output)
                 if not isinstance(logits, torch.Tensor) or logits.dim() == 0 or len(logits) != len(rows):
                     shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
                     raise ConfigError(f"[model] name: {config.model.name} returned {shape} for a batch of "
                                       f"{len(rows)}; the output must have one row per example (batch first)")
-                loss = task.batch_loss(logits, y_train[rows])
+                loss = task.batch_loss(output, y_train[rows])
                 loss.backward()
                 if config.optim.clip_grad_norm:
                     recorder.clip_grad_norm(config.optim.clip_grad_norm)

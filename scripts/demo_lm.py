@@ -62,7 +62,7 @@ def report(path: Path, top: int, seed: int) -> None:
     planted = [int(np.nonzero(rows == p)[0][0]) for p in corpus.planted]
     harm_rank = np.argsort(np.argsort(influence, axis=0, kind="stable"), axis=0, kind="stable") + 1  # 1 = most harmful
     n = len(planted)
-    print(f"the model's probability of the true answer, mean over the {len(final)} prompts: "
+    print(f"the model's probability of the true answer and its closing newline, mean over the {len(final)} prompts: "
           f"{np.exp(initial).mean():.2e} at θ_0, {np.exp(final).mean():.3f} after training")
     print(f"completeness of {TARGET}: rel. MRE {metrics['rmre']:.2e}, LC {metrics['lc']:.6f}, "
           f"worst update error {metrics['max_update_error']:.1e}")

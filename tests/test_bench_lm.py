@@ -33,7 +33,7 @@ def test_lm_workload_is_the_demo_config_on_the_demo_prompts(tmp_path):
     full = bench.lm_workload(tmp_path)
     assert full.config == bench._toml_config(bench.LM_CONFIG)  # as it is without --steps-scale
     assert full.config["task"]["name"] == "language-model" and full.config["model"]["name"] == "gpt"
-    assert full.rule == "trapezoid" and full.replay_options == {"targets": ["sequence-logprob"]}
+    assert full.rule == "supersample:2" and full.replay_options == {"targets": ["sequence-logprob"]}
     lines = [json.loads(line) for line in open(full.audit_set, encoding="utf-8")]
     assert len(lines) == 20 and all(set(p) == {"prompt", "continuation"} for p in lines)
     short = bench.lm_workload(tmp_path, steps_scale=0.1)
@@ -44,7 +44,7 @@ def test_lm_workload_is_the_demo_config_on_the_demo_prompts(tmp_path):
 
 def test_lm_row_has_the_fields(lm):
     w, row = lm
-    assert row["workload"] == "lm" and row["target"] == "sequence-logprob" and row["rule"] == "trapezoid"
+    assert row["workload"] == "lm" and row["target"] == "sequence-logprob" and row["rule"] == "supersample:2"
     assert row["steps"] == 20 and row["num_train"] == 640 and row["num_audit"] == 20
     assert row["checkpoint_writes"] == row["steps"] + 1
     for key in ("train_s", "train_unrecorded_s", "replay_s", "replay_ratio", "replay_cpu_ratio",

@@ -311,3 +311,42 @@ def test_other_training_data_and_another_model_are_refused(tmp_path, lm_data):
     with pytest.raises(PlgkError) as exc:
         trainer.train()
     assert "must match" in _one_line(exc)
+
+
+def test_plgk_train_and_replay_a_causal_lm_from_the_config_file(tmp_path):
+    import json
+
+    from test_cli_errors import invoke
+
+    ids = np.random.default_rng(0).integers(1, 20, size=(24, 8))
+    np.savez(tmp_path / "ids.npz", ids_train=ids, ids_test=ids[:4])
+    config = json.dumps(gpt2_config(20, 8, 16, 0.1)).replace('":', '" =').replace("{", "{ ").replace("}", " }")
+    (tmp_path / "run.toml").write_text(f"""
+[task]
+name = "language-model"
+[data]
+dataset = "npz:{tmp_path / 'ids.npz'}"
+[model]
+name = "plgk_cli.hf:causal_lm"
+kwargs = {{ config = {config} }}
+[optim]
+name = "adamw"
+lr = 1e-3
+[train]
+epochs = 1
+batch_size = 8
+""")
+    result = invoke("train", "--config", tmp_path / "run.toml", "--out", tmp_path / "run", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("replay", "--ckpts", tmp_path / "run", "--audit-set", "test[:4]", "--out", tmp_path / "o.h5",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    with InfluenceFile(tmp_path / "o.h5") as f:
+        assert f.metrics("loss")["max_update_error"] <= 1e-5 and f.metrics("loss")["lc"] > 0.999
+
+
+def test_config_values_transformers_refuses_are_one_line():
+    config = {**gpt2_config(62, 10, 16, 0.0), "n_layer": "x"}
+    with pytest.raises(ConfigError) as exc:
+        build_model("plgk_cli.hf:causal_lm", {"config": config}, (10,), 62)
+    assert "GPT2Config refused the values" in _one_line(exc)

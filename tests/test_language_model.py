@@ -209,18 +209,15 @@ def test_prompt_longer_than_the_context_is_one_line(lm_run, tmp_path):
     assert_nothing_written(out)
 
 
-def test_prompt_tokens_outside_the_vocabulary_are_one_line(tmp_path):
-    ids = np.random.default_rng(0).integers(1, 12, size=(24, 8))
-    np.savez(tmp_path / "ids.npz", ids_train=ids, ids_test=ids[:4])
-    config = tmp_path / "run.toml"
-    config.write_text(LM_CONFIG.replace('dataset = "text:{corpus}"', f'dataset = "npz:{tmp_path / "ids.npz"}"')
-                      .replace("vocab = 256, ", "").replace("{{", "{").replace("}}", "}"))
+def test_prompt_tokens_outside_the_vocabulary_are_one_line(lm_run, tmp_path):
+    config = tmp_path / "run.toml"  # no vocab: the model knows the corpus's bytes, up to "=" (61)
+    config.write_text(lm_run["config"].read_text().replace("vocab = 256, ", ""))
     train(load_config(config), tmp_path / "run", progress=False)
     prompts = tmp_path / "bytes.jsonl"
-    prompts.write_text(json.dumps({"prompt": "ab", "continuation": "c"}) + "\n")  # bytes 97..99 > 11
+    prompts.write_text(json.dumps({"prompt": "1+z=", "continuation": "2"}) + "\n")  # "z" is byte 122
     out = tmp_path / "out.h5"
     result = invoke("replay", "--ckpts", tmp_path / "run", "--audit-set", prompts, "--out", out, "--quiet")
-    assert_one_line_error(result, 13, "bytes.jsonl", "outside the model's vocabulary 0..11")
+    assert_one_line_error(result, 13, "bytes.jsonl", "token id 122, outside the model's vocabulary 0..61")
     assert_nothing_written(out)
 
 
@@ -248,3 +245,71 @@ def test_kernel_and_modes_of_a_language_model(lm_run, tmp_path):
     result = invoke("inspect", out, "--kernel")
     assert result.exit_code == 0, result.output  # Table 1 needs class labels: said, not a traceback
     assert "for classification runs only" in result.stdout
+
+
+def test_inspect_ranks_token_losses_per_position_as_a_loss(lm_run, tmp_path):
+    out = tmp_path / "t.h5"
+    result = invoke("replay", "--ckpts", lm_run["run"], "--audit-set", lm_run["prompts"], "--out", out,
+                    "--target", "token-losses", "--quiet")
+    assert result.exit_code == 0, result.output
+    result = invoke("inspect", out, "--audit", "0", "--top", "3", "--json")
+    assert result.exit_code == 0, result.output
+    top = json.loads(result.stdout)
+    with InfluenceFile(out) as f:
+        y = f.audit_label[0]
+        first = int(np.nonzero(y != IGNORE)[0][0])  # "4+4=" continued by "8\n": the "8"
+        column = f.influence("token-losses")[:, 0, first]
+    assert top["class"] == first and top["column"] == "position" and top["helpful_direction"] == "down"
+    assert [e["influence"] for e in top["helpful"]] == pytest.approx(np.sort(column)[:3].tolist())
+    result = invoke("inspect", out, "--audit", "0", "--target", "token-losses", "--class", "99")
+    assert_one_line_error(result, 13, "--class: 99", "position")
+    result = invoke("inspect", out, "--audit", "0", "--plot", tmp_path / "plots")
+    assert result.exit_code == 0, result.output
+
+
+def test_audit_points_without_targets_or_with_unknown_targets_are_one_line(lm_run, tmp_path):
+    data = load_dataset(f"text:{lm_run['root'] / 'sums.txt'}", 0, torch.float32, TASK)
+    x, y = data.x_test[:2].numpy(), data.y_test[:2].numpy().copy()
+    for name, targets, needle in (("none.npz", np.full_like(y, IGNORE), "point 0 has no target token"),
+                                  ("wide.npz", np.where(y != IGNORE, 300, IGNORE), "target token 300")):
+        np.savez(tmp_path / name, x=x, y=targets)
+        out = tmp_path / "out.h5"
+        result = invoke("replay", "--ckpts", lm_run["run"], "--audit-set", tmp_path / name, "--out", out, "--quiet")
+        assert_one_line_error(result, 13, name, needle)
+        assert_nothing_written(out)
+
+
+def test_prompts_need_the_byte_tokenizer_and_text(lm_run, tmp_path):
+    ids = np.random.default_rng(0).integers(1, 12, size=(24, 8))
+    data = tmp_path / "ids.npz"
+    np.savez(data, ids_train=ids, ids_test=ids[:4])
+    from plgk_cli.data import load_dataset as load
+
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text('{"prompt": "a", "continuation": "b"}\n')
+    with pytest.raises(Exception, match="byte-level tokenizer, which the run's data"):
+        resolve_audit_set(str(prompts), load(f"npz:{data}", 0, torch.float32, TASK), TASK)
+    prompts.write_text('{"prompt": "1+1=", "continuation": "2"}\n{"prompt": "a", "continuation": "\\ud800"}\n')
+    with pytest.raises(ValueError, match=r"p.jsonl:2: .* lone surrogate"):
+        prompt_points(prompts, 10)
+
+
+@pytest.mark.parametrize("arrays,needle", [
+    (dict(mask_train=np.full((4, 5), 0.5)), "values other than 0 and 1"),
+    (dict(ids_train=np.full((4, 5), 2 ** 40)), "must be below 16777216"),
+    (dict(ids_train=np.ones((4, 1), dtype=np.int64)), "nothing to predict"),
+    (dict(ids_train=np.ones((4, 0), dtype=np.int64)), "nothing to predict"),
+])
+def test_bad_token_arrays_are_one_line(tmp_path, arrays, needle):
+    base = dict(ids_train=np.ones((4, 5), dtype=np.int64), ids_test=np.ones((2, 5), dtype=np.int64))
+    np.savez(tmp_path / "bad.npz", **{**base, **arrays})
+    with pytest.raises(DataError, match=needle):
+        load_dataset(f"npz:{tmp_path / 'bad.npz'}", 0, torch.float32, TASK)
+
+
+def test_a_model_whose_vocabulary_is_too_small_for_the_data_is_refused(lm_run, tmp_path):
+    config = tmp_path / "tf.toml"
+    config.write_text(lm_run["config"].read_text().replace('name = "gpt"', 'name = "transformer"')
+                      .replace("kwargs = { vocab = 256, ", "kwargs = { "))
+    result = invoke("train", "--config", config, "--out", tmp_path / "run", "--quiet")
+    assert_one_line_error(result, 10, "input embedding has 32 rows", "vocabulary")

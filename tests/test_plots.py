@@ -132,7 +132,7 @@ def test_bad_arguments(image_audit, tmp_path):
     with InfluenceFile(image_audit["h5"]) as f:
         with pytest.raises(AuditSpecError, match="out of range"):
             write_plots(f, tmp_path / "p", audit=4)
-        with pytest.raises(AuditSpecError, match="only for --target logits"):
+        with pytest.raises(AuditSpecError, match="only for targets of several columns per audit point"):
             write_plots(f, tmp_path / "p", klass=1)
         (tmp_path / "file").write_text("")
         with pytest.raises(OutputError, match="not a directory"):

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from plgk_cli.tasks import Task
 
 IGNORE = -100  # a position without a target (torch's and Hugging Face's ignore_index)
+MAX_TOKEN_ID = 2 ** 24  # an embedding row each: larger ids are a data error, not a vocabulary
 BYTE_VOCAB = 256  # the built-in tokenizer: one token per UTF-8 byte
 BOS = ord("\n")  # every encoded sequence starts with a newline, so its first byte is predicted
 
@@ -105,13 +106,22 @@ def token_arrays(arrays: dict, where: str):
             raise ValueError(f"{where}: ids_{split} is {ids.dtype} {ids.shape}; token ids are integers (N, T)")
         if ids.size and ids.min() < 0:
             raise ValueError(f"{where}: ids_{split} holds negative token ids")
+        if ids.size and ids.max() >= MAX_TOKEN_ID:
+            raise ValueError(f"{where}: ids_{split} holds token id {int(ids.max())}; ids index an embedding "
+                             f"and must be below {MAX_TOKEN_ID} (2^24)")
         mask = arrays.get(f"mask_{split}")
         if mask is not None:
             mask = np.asarray(mask)
             if mask.shape != ids.shape:
                 raise ValueError(f"{where}: mask_{split} has shape {mask.shape}, ids_{split} {ids.shape}")
+            if not np.isin(mask, (0, 1)).all():
+                raise ValueError(f"{where}: mask_{split} holds values other than 0 and 1 (1 = a real token)")
             check_right_padded(mask, f"{where}: mask_{split}")
-        out += [ids.astype(np.int64), next_token_targets(ids, mask)]
+        y = next_token_targets(ids, mask)
+        if not (y != IGNORE).any():
+            raise ValueError(f"{where}: ids_{split} has no token that follows another ({ids.shape[0]} rows of "
+                             f"{ids.shape[1]} real tokens at most): there is nothing to predict")
+        out += [ids.astype(np.int64), y]
     return tuple(out)
 
 
@@ -134,7 +144,9 @@ class LanguageModel(Task):
 
     @staticmethod
     def logits(output) -> torch.Tensor:
-        return output.logits if hasattr(output, "logits") else output
+        from plgk_cli.models import output_tensor
+
+        return output_tensor(output)
 
     def token_losses(self, output, y) -> torch.Tensor:
         """(B, T) cross-entropy of every position, 0 where it has no target."""
@@ -188,8 +200,15 @@ def prompt_points(path: Path, length: int) -> tuple[np.ndarray, np.ndarray]:
                 and isinstance(record.get("continuation"), str) and record["continuation"]):
             raise ValueError(f'{path}:{number}: expected {{"prompt": "...", "continuation": "..."}} with a '
                              "non-empty continuation")
-        prompt = encode(record["prompt"])
-        sequences.append(prompt + list(record["continuation"].encode("utf-8")))
+        try:
+            prompt = encode(record["prompt"])
+            sequences.append(prompt + list(record["continuation"].encode("utf-8")))
+        except UnicodeEncodeError as exc:
+            raise ValueError(f"{path}:{number}: {exc.object[exc.start:exc.end]!r} cannot be written as UTF-8 "
+                             f"(a lone surrogate); give text") from None
+        if len(sequences[-1]) > length:
+            raise ValueError(f"{path}:{number}: BOS, prompt and continuation are {len(sequences[-1])} tokens, "
+                             f"longer than the context of {length}; shorten it or train with a longer context")
         starts.append(len(prompt))
     if not sequences:
         raise ValueError(f"{path}: no prompts; write one JSON object per line")
