@@ -48,9 +48,9 @@ from torch.func import functional_call, jacrev, vmap
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.models import layer_of, output_tensor
 from plgk_cli.per_example import rule_for
-from plgk_cli.tasks import Task, task_for
+from plgk_cli.tasks import Task, builtin_targets, task_for
 
-TARGETS = ("loss", "logit", "margin", "logits", "output", "sequence-logprob", "token-losses")  # the built-in tasks' (plgk_cli.tasks)
+TARGETS = builtin_targets()
 
 
 @dataclass(frozen=True)

@@ -76,6 +76,11 @@ def _builtin() -> dict:
 BUILTIN_TASKS = ("classification", "regression", "language-model")
 
 
+def builtin_targets() -> tuple:
+    """Every target a built-in task offers, each once, in the tasks' order."""
+    return tuple(dict.fromkeys(t for task in _builtin().values() for t in task.targets))
+
+
 def task_for(name: str) -> Task:
     """The task named ``name``: a built-in one or ``py:package.module:Name``."""
     builtin = _builtin()
