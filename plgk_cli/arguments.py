@@ -14,7 +14,7 @@ import torch
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.gradients import TARGETS
-from plgk_cli.tasks.language_model import IGNORE
+from plgk_cli.tasks.language_model import IGNORE, prompt_points
 
 _BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
 SLICE_SPEC = re.compile(rf"(train|test)(?:\[{_BOUND}:{_BOUND}\])?")  # use with fullmatch
@@ -252,8 +252,6 @@ def _prompt_audit_set(path: Path, spec: str, dataset, task) -> AuditSet:
                              "npz of token ids x and targets y from your own tokenizer")
     if not _is_file(path, spec, "--audit-set"):
         raise AuditSpecError(f"--audit-set: {spec}: file not found")
-    from plgk_cli.tasks.language_model import prompt_points
-
     try:
         x, y = prompt_points(path, dataset.in_shape[0])
     except UnicodeDecodeError as exc:
@@ -273,8 +271,8 @@ def check_vocabulary(audit_set: AuditSet, vocabulary: int | None, task=None, out
         if len(empty):
             raise AuditSpecError(f"--audit-set: {audit_set.source}: point {int(empty[0])} has no target token "
                                  "(every y is -100): there is nothing to audit; give it a continuation")
-        bad = (y != IGNORE) & ((y < 0) | (y >= (output_width or 0)))
-        if output_width is not None and bad.any():
+        bad = (y != IGNORE) & ((y < 0) | (y >= output_width)) if output_width is not None else None
+        if bad is not None and bad.any():
             row = int(bad.any(1).nonzero()[0])
             raise AuditSpecError(f"--audit-set: {audit_set.source}: point {row} has target token "
                                  f"{int(y[row][bad[row]][0])}, outside the model's output 0..{output_width - 1}")

@@ -151,6 +151,7 @@ def addition_corpus(seed: int) -> AdditionCorpus:
     candidates = [i for i, (a, b) in enumerate(train) if (b, a) in test_index]
     planted = tuple(sorted(int(i) for i in rng.choice(candidates, s["planted"], replace=False)))
     twins = tuple(test_index[train[i][::-1]] for i in planted)
+
     def wrong(c):
         return c + 11 if c + 11 <= 99 else c - 11
 

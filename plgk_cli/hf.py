@@ -176,7 +176,6 @@ def _make_callback():
             if self.data.y_train.dim() != 2 or self.data.x_train.is_floating_point():
                 raise ConfigError("PlgkCallback: the dataset is not a language-model dataset; load it with "
                                   "load_dataset(spec, seed, torch.float32, task_for('language-model'))")
-            self.dataset_spec = dataset
             self.model_name, self.model_kwargs = model_name, dict(model_kwargs or {})
             self.data_seed, self.checkpoint_every = data_seed, checkpoint_every
             self.train_dataset = _Rows(self.data)

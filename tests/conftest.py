@@ -29,14 +29,20 @@ def write_tiny_npz(path: Path, n_train: int = 22, n_test: int = 6, features: int
     return path
 
 
+def tiny_config(npz: Path, optim: dict, dtype: str = "float64", epochs: int = 2, batch_size: int = 8,
+                model: dict | None = None, **train) -> dict:
+    """The run configuration (a dict, as parse_config takes it) of a tiny MLP on ``npz``; ``train``:
+    more [train] keys."""
+    return {"data": {"dataset": f"npz:{npz}"},
+            "model": model or {"name": "mlp", "kwargs": {"hidden": 6}},
+            "optim": optim,
+            "train": {"epochs": epochs, "batch_size": batch_size, "seed": 0, "dtype": dtype, **train}}
+
+
 def train_tiny(out: Path, npz: Path, optim: dict, schedule: dict | None = None,
                dtype: str = "float64", epochs: int = 2, batch_size: int = 8,
                model: dict | None = None) -> Path:
-    config = {"data": {"dataset": f"npz:{npz}"},
-              "model": model or {"name": "mlp", "kwargs": {"hidden": 6}},
-              "optim": optim,
-              "train": {"epochs": epochs, "batch_size": batch_size, "seed": 0, "dtype": dtype,
-                        "device": "cpu"}}
+    config = tiny_config(npz, optim, dtype, epochs, batch_size, model, device="cpu")
     if schedule:
         config["schedule"] = schedule
     train(parse_config(config), out, progress=False)

@@ -18,7 +18,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import load_script, write_tiny_npz
+from conftest import load_script, tiny_config, write_tiny_npz
 
 ROOT = Path(__file__).resolve().parent.parent
 STEPS, LR = 3, 0.3
@@ -32,9 +32,7 @@ def tiny(tmp_path_factory):
     """One benchmarked tiny full-batch SGD run (train, un-recorded train, euler replay)."""
     work = tmp_path_factory.mktemp("bench")
     npz = write_tiny_npz(work / "tiny.npz", n_train=24, n_test=5)
-    config = {"data": {"dataset": f"npz:{npz}"}, "model": {"name": "mlp", "kwargs": {"hidden": 6}},
-              "optim": {"name": "sgd", "lr": LR},
-              "train": {"epochs": STEPS, "batch_size": 24, "seed": 0, "dtype": "float64"}}
+    config = tiny_config(npz, {"name": "sgd", "lr": LR}, "float64", epochs=STEPS, batch_size=24)
     w = bench.Workload("captum-sgd", config, "test[:5]", "euler", label="tiny", notes=["tiny"])
     row = bench.run_workload(w, work, device="cpu", baseline=True, keep_scores=True)
     return work, row

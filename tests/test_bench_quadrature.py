@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import load_script, write_tiny_npz
+from conftest import load_script, tiny_config, write_tiny_npz
 
 bench = load_script("bench")
 
@@ -18,9 +18,7 @@ bench = load_script("bench")
 def row(tmp_path_factory):
     work = tmp_path_factory.mktemp("bench-quadrature")
     npz = write_tiny_npz(work / "tiny.npz", n_train=24, n_test=5)
-    config = {"data": {"dataset": f"npz:{npz}"}, "model": {"name": "mlp", "kwargs": {"hidden": 6}},
-              "optim": {"name": "adam", "lr": 3e-2},
-              "train": {"epochs": 2, "batch_size": 8, "seed": 0, "dtype": "float32"}}
+    config = tiny_config(npz, {"name": "adam", "lr": 3e-2}, "float32", epochs=2, batch_size=8)
     w = bench.Workload("quadrature", config, "test[:5]", label="tiny", notes=["tiny"])
     return bench.run_quadrature(w, work, rules=("trapezoid", "adaptive", "supersample:8"))
 

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from plgk_cli.models import output_tensor
 from plgk_cli.tasks import Task
 
 IGNORE = -100  # a position without a target (torch's and Hugging Face's ignore_index)
@@ -144,8 +145,6 @@ class LanguageModel(Task):
 
     @staticmethod
     def logits(output) -> torch.Tensor:
-        from plgk_cli.models import output_tensor
-
         return output_tensor(output)
 
     def token_losses(self, output, y) -> torch.Tensor:
