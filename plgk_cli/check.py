@@ -17,8 +17,8 @@ import torch
 
 from plgk_cli.errors import DataError, PlgkError, TrajectoryError
 from plgk_cli.run import load_run
-from plgk_cli.trajectory import (MANIFEST, checkpoint_path, checkpoint_run_id, list_steps,
-                                 missing_block_file, read_checkpoint)
+from plgk_cli.trajectory import (MANIFEST, RECORDED_BY_TRAIN, checkpoint_path, checkpoint_run_id,
+                                 list_steps, missing_block_file, read_checkpoint, recorded_by)
 
 
 @dataclass(frozen=True)
@@ -58,6 +58,17 @@ def _foreign_manifest(run_dir: Path, run_id: str, steps: list) -> str | None:
     return None
 
 
+def how_to_finish(run_dir: Path, manifest: dict) -> str:
+    """What finishes an interrupted run, by what recorded it: `plgk train --resume` continues only
+    its own runs; a loop of the user's own resumes through the Recorder, if at all."""
+    if recorded_by(manifest) == RECORDED_BY_TRAIN:
+        return f"finish it with `plgk train --config ... --out {run_dir} --resume`"
+    return ("it was recorded by your own training loop (the Recorder), not `plgk train`: run the loop "
+            "again, into a new directory or with Recorder(..., overwrite=True) into this one, or continue "
+            "it with Recorder(..., resume=True) in a loop that skips the recorder.step_count updates "
+            "already recorded (docs/recorder.md#resuming-an-interrupted-loop)")
+
+
 def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Problem]:
     run_dir = Path(run_dir)
     try:
@@ -79,7 +90,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
         problems.append(Problem(f"{run_dir}: training did not finish (manifest complete = false; "
                                 f"last checkpoint step {steps[-1] if steps else None} of "
                                 f"{manifest.get('total_steps')}); replay needs a finished run: "
-                                "finish it with `plgk train --config ... --out DIR --resume`"))
+                                + how_to_finish(run_dir, manifest)))
     total = int(manifest.get("total_steps", steps[-1] if steps else 0))
     last = total if manifest.get("complete") else (steps[-1] if steps else 0)
     expected = list(range(0, last + 1))  # a sparse run records every step; θ every `every`

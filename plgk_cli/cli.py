@@ -48,8 +48,11 @@ def reports_errors(fn):
 
 
 def set_threads(threads: int | None, error: type) -> None:
-    """--threads: torch's CPU threads. On a CPU shared with other work, one thread is often much
-    faster for a small model than torch's default (docs/performance.md)."""
+    """--threads: torch's CPU threads. Without it the train or replay call picks the count from the
+    model's size and the machine's free CPUs once it has built the model (plgk_cli/threads.py)."""
+    from plgk_cli.threads import request_default
+
+    request_default(threads is None)
     if threads is None:
         return
     if threads < 1:
@@ -59,7 +62,9 @@ def set_threads(threads: int | None, error: type) -> None:
     torch.set_num_threads(threads)
 
 
-THREADS_HELP = "CPU threads for torch (default: torch's choice; 1 is often fastest for a small model on a busy CPU)."
+THREADS_HELP = ("CPU threads for torch (default on CPU: one per 100k model parameters, at most the CPUs "
+                "the load average leaves free, at least 1; OMP_NUM_THREADS or MKL_NUM_THREADS, if set, "
+                "decide instead).")
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -73,20 +78,24 @@ def main(debug):
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False),
               help="TOML run configuration (see configs/).")
 @click.option("--out", required=True, type=click.Path(file_okay=False),
-              help="Run directory to create (must be new or empty).")
+              help="Run directory to create (must be new or empty, unless --overwrite or --resume).")
+@click.option("--overwrite", is_flag=True,
+              help="Replace the run in --out (only a plgk run directory; only once the new run is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def train(config_path, out, resume, threads, quiet):
+def train(config_path, out, overwrite, resume, threads, quiet):
     """Train a model and record its trajectory."""
     from plgk_cli.config import load_config
     from plgk_cli.errors import ConfigError
-    from plgk_cli.train import train as run_training
+    from plgk_cli.train import check_out_dir, train as run_training
 
     set_threads(threads, ConfigError)
+    check_out_dir(out, resume=resume, overwrite=overwrite)  # before the config is read: fail fast
 
-    manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume)
+    manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume,
+                            overwrite=overwrite)
     final = manifest["final"]
     accuracy = final["test_accuracy"]
     click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.store import InfluenceFile
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, column_direction, sign_sentence
 from plgk_cli.tasks.language_model import BYTE_VOCAB, IGNORE, decode
 
 
@@ -76,13 +78,56 @@ def summary(f: InfluenceFile) -> dict:
     return out
 
 
-def helpful_sign(target: str, klass: int | None = None, label: int | None = None) -> float:
-    """+1 where pushing the audited quantity up helps the audit point, −1 where pushing it down does:
-    down for a loss (``loss``, a position's ``token-losses``) and for a wrong class's logit; up for
-    the true-class logit, the margin and a sequence's log-probability."""
-    if target in ("loss", "token-losses") or (target == "logits" and klass != label):
-        return -1.0
-    return 1.0
+def ranking_direction(f: InfluenceFile, target: str, column: int | None = None, label=None) -> str:
+    """The direction that helps the audit point in this column (down, up or none), as the run's task
+    states it (tasks.Task.helpful_direction); for logits, up in the audit point's class only."""
+    return column_direction(f.helpful_direction(target), column, label)
+
+
+def helpful_sign(direction: str) -> float:
+    """The factor that sorts influences best first: −1 where lowering helps, +1 where raising does
+    (and where neither does: then the list starts with the examples that raised the quantity most)."""
+    return -1.0 if direction == HELPFUL_DOWN else 1.0
+
+
+def rank_headings(direction: str, what: str, noun: str = "training examples") -> tuple[str, str]:
+    """Titles of the two ranked lists: most helpful and most harmful where one direction helps,
+    else those that raised and lowered ``what`` most."""
+    if direction in (HELPFUL_DOWN, HELPFUL_UP):
+        return f"most helpful {noun}", f"most harmful {noun}"
+    return f"{noun} that raised the {what} most", f"{noun} that lowered the {what} most"
+
+
+def quantity_name(target: str, column: int | None = None) -> str:
+    """One audited column in words: "margin", "logit of class 3", "loss at position 5"."""
+    if column is None:
+        return target
+    if target == "logits":
+        return f"logit of class {column}"
+    return f"loss at position {column}" if target == "token-losses" else f"{target} {column}"
+
+
+def audit_point_row(f: InfluenceFile, audit: int) -> int | None:
+    """The influence row of the audit point itself where it is a training example (an audit of the
+    train split: self-influence) and that example was audited; else None."""
+    origin = audit_origin(f, audit)
+    if origin["split"] != "train" or f.train_group is not None:
+        return None
+    hits = np.nonzero(f.train_index == origin["index"])[0]
+    return int(hits[0]) if len(hits) else None
+
+
+def audit_origin(f: InfluenceFile, audit: int) -> dict:
+    """Where audit point ``audit`` comes from: an index into the train or test split (train: the
+    audit measures self-influence), or a row of the audit file (.npz, or a prompt of a .jsonl)."""
+    index = f.audit_index
+    if index is not None:
+        split, position = f.audit_split, int(index[audit])
+        return {"split": split, "index": position,
+                "where": f"{split} index {position}" if split else f"index {position}"}
+    name = Path(f.audit_source).name
+    return {"split": None, "index": None,
+            "where": f"{'prompt' if name.endswith('.jsonl') else 'row'} {audit} of {name}"}
 
 
 def default_column(target: str, label, column: int | None, width: int) -> int:
@@ -101,7 +146,7 @@ def default_column(target: str, label, column: int | None, width: int) -> int:
 
 
 def column_name(target: str) -> str:
-    return "class" if target == "logits" else "position"
+    return {"logits": "class", "token-losses": "position"}.get(target, "column")
 
 
 def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None,
@@ -127,9 +172,12 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     group = f.train_group
     rows_index = group if group is not None else f.train_index
     rows_label = group if group is not None else f.train_label
-    sign = helpful_sign(target, klass, label)
-    order = np.argsort(-sign * column.astype(np.float64), kind="stable")
+    direction = ranking_direction(f, target, klass, raw_label if np.ndim(raw_label) == 0 else None)
+    order = np.argsort(-helpful_sign(direction) * column.astype(np.float64), kind="stable")
     k = min(k, len(order))
+    origin = audit_origin(f, audit)
+    self_influence = origin["split"] == "train"
+    own_row = audit_point_row(f, audit)
 
     bound = f.error_bound(target)
     if bound is not None:
@@ -138,13 +186,20 @@ def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None
     def entries(idx):
         return [{"rank": r + 1, ("group" if group is not None else "train_index"): int(rows_index[i]),
                  "label": _label(rows_label[i]), "influence": float(column[i]),
+                 **({} if group is not None else {"is_audit_point": bool(i == own_row)}),
                  **({} if bound is None else {"error_bound": float(bound[i])})} for r, i in enumerate(idx)]
 
-    index = f.audit_index
+    what = quantity_name(target, klass)
+    helpful, harmful = rank_headings(direction, what, "training groups" if group is not None else "training examples")
+    own = None if own_row is None else {
+        "train_index": origin["index"], "rank": int(np.nonzero(order == own_row)[0][0]) + 1, "of": len(order),
+        "influence": float(column[own_row])}
     return {"target": target, "class": klass, "column": column_name(target), "audit": audit,
-            "audit_index": None if index is None else int(index[audit]), "audit_label": label,
-            "initial": float(initial), "final": float(final), "helpful_direction":
-            "down" if sign < 0 else "up", "helpful": entries(order[:k]), "harmful": entries(order[::-1][:k])}
+            "audit_index": origin["index"], "audit_split": origin["split"], "audit_where": origin["where"],
+            "audit_source": f.audit_source, "self_influence": self_influence, "audit_label": label,
+            "initial": float(initial), "final": float(final), "quantity": what, "helpful_direction": direction,
+            "sign": sign_sentence(direction, what), "headings": {"helpful": helpful, "harmful": harmful},
+            "audit_point_row": own, "helpful": entries(order[:k]), "harmful": entries(order[::-1][:k])}
 
 
 def format_summary(s: dict) -> str:
@@ -190,22 +245,33 @@ def format_summary(s: dict) -> str:
 
 
 def format_top(t: dict) -> str:
-    where = f"index {t['audit_index']}" if t["audit_index"] is not None else "from the audit file"
     cls = f", {t.get('column', 'class')} {t['class']}" if t["class"] is not None else ""
     key = "group" if t["helpful"] and "group" in t["helpful"][0] else "train_index"
-    lines = [f"audit point {t['audit']} ({where}, label {_show(t['audit_label'])}): {t['target']}{cls} went "
-             f"{t['initial']:.4f} -> {t['final']:.4f}"]
+    marked = t["self_influence"] and key == "train_index"  # a column for the audit point's own row
+    lines = [f"audit point {t['audit']} ({t['audit_where']}, label {_show(t['audit_label'])}): {t['target']}{cls} "
+             f"went {t['initial']:.4f} -> {t['final']:.4f}"]
     for kind in ("helpful", "harmful"):
-        lines.append(f"most {kind} training {'groups' if key == 'group' else 'examples'}:")
+        lines.append(f"{t['headings'][kind]}:")
         bounded = bool(t[kind]) and "error_bound" in t[kind][0]
         shown = [_show(e["label"]) for e in t[kind]]
         width = max([5, *map(len, shown)])
-        lines.append(f"  {'rank':>4} {key:>12} {'label':>{width}} {'influence':>12}" + ("  ± bound" if bounded else ""))
+        lines.append(f"  {'rank':>4} {key:>12}{' ' if marked else ''} {'label':>{width}} {'influence':>12}"
+                     + ("  ± bound" if bounded else ""))
         for e, label in zip(t[kind], shown):
-            lines.append(f"  {e['rank']:>4} {e[key]:>12} {label:>{width}} {e['influence']:>12.4e}"
+            mark = ("*" if e["is_audit_point"] else " ") if marked else ""
+            lines.append(f"  {e['rank']:>4} {e[key]:>12}{mark} {label:>{width}} {e['influence']:>12.4e}"
                          + (f"  ± {e['error_bound']:.1e}" if bounded else ""))
-    lines.append(f"(influence < 0 pushed the {t['target']}{cls} down; helpful = pushed it "
-                 f"{t['helpful_direction']})")
+    if marked:
+        own = t["audit_point_row"]
+        if own is None:
+            lines.append(f"the audit point itself (train index {t['audit_index']}) is not among the audited "
+                         "training rows")
+        else:
+            listed = any(e["is_audit_point"] for kind in ("helpful", "harmful") for e in t[kind])
+            lines.append(f"{'* ' if listed else ''}the audit point itself (train index {own['train_index']}, "
+                         f"self-influence): rank {own['rank']} of {own['of']}, influence {own['influence']:.4e}")
+    lines.append(f"({t['sign']}" + (f"; class {t['class']} is not the audit point's label"
+                                    if t["target"] == "logits" and t["class"] != t["audit_label"] else "") + ")")
     return "\n".join(lines)
 
 

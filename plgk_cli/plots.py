@@ -6,7 +6,9 @@ audit point n (a position in the audit set) and the chosen target:
 
   completeness.png                      MRE and LC of the trace at each trace checkpoint
   influence_sorted_audit<n>.png         n's influences sorted, and how fast they add up
-  examples_audit<n>.png                 25 most helpful and 25 most harmful training images
+  examples_audit<n>.png                 25 most helpful and 25 most harmful training images (for a
+                                        target without a helpful direction: those that raised and
+                                        lowered it most; inspect's words, tasks' directions)
   examples_audit<n>_class<y>.png        the same among the training examples of n's class y
   layer_epoch_audit<n>.png              Σ_m influence per layer and epoch, signed and absolute
   audit_embedding_influence_cosine.png  the audit points placed by classical MDS of the cosine
@@ -24,8 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from plgk_cli.errors import AuditSpecError, DependencyError, OutputError, PlgkError
-from plgk_cli.inspect import default_column, helpful_sign
+from plgk_cli.inspect import (_label, _show, audit_origin, audit_point_row, default_column, helpful_sign,
+                              quantity_name, rank_headings, ranking_direction)
 from plgk_cli.store import InfluenceFile
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, sign_sentence
 
 DPI = 100
 WIDE = (10.0, 4.5)  # inches: 1000 x 450 pixels at DPI
@@ -75,11 +79,11 @@ def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: s
     report = PlotReport()
     column_class = None if classes is None else int(classes[audit])
     label = np.asarray(labels[audit])
-    sign = helpful_sign(target, column_class, int(label) if label.ndim == 0 else None)
+    direction = ranking_direction(f, target, column_class, int(label) if label.ndim == 0 else None)
     report.written.append(_completeness(f, target, out_dir / "completeness.png"))
     report.written.append(_sorted_influence(f, target, columns[:, audit].astype(np.float64), audit,
-                                            column_class, sign, out_dir / f"influence_sorted_audit{audit}.png"))
-    _examples(f, _what(target, column_class), columns[:, audit].astype(np.float64), audit, sign,
+                                            column_class, direction, out_dir / f"influence_sorted_audit{audit}.png"))
+    _examples(f, quantity_name(target, column_class), columns[:, audit].astype(np.float64), audit, direction,
               out_dir, report)
     report.written.append(_layer_epoch(f, target, audit, column_class,
                                        out_dir / f"layer_epoch_audit{audit}.png"))
@@ -130,18 +134,12 @@ def _correlation(a: np.ndarray, b: np.ndarray) -> float:
 # ---------------------------------------------------------------------------- one audit point
 
 
-def _what(target: str, klass: int | None) -> str:
-    if klass is None:
-        return target
-    return f"logit of class {klass}" if target == "logits" else f"{target} at position {klass}"
-
-
 def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: int,
-                      klass: int | None, sign: float, path: Path) -> Path:
+                      klass: int | None, direction: str, path: Path) -> Path:
     residual, initial, final = (np.asarray(f.array(target, k))[audit] for k in ("residual", "initial", "final"))
     if klass is not None:
         residual, initial, final = residual[klass], initial[klass], final[klass]
-    what = _what(target, klass)
+    what = quantity_name(target, klass)
     fig = _figure(WIDE)
     ax_sorted, ax_sum = fig.subplots(1, 2)
     ordered = np.sort(column)
@@ -150,8 +148,10 @@ def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: 
     rows = "training class (grouped audit)" if f.train_group is not None else "training example"
     ax_sorted.set_xlabel(f"{rows}, sorted by influence")
     ax_sorted.set_ylabel(f"influence on the {what}")
-    helpful_end = "left (negative)" if sign < 0 else "right (positive)"
-    ax_sorted.set_title(f"helpful examples at the {helpful_end} end")
+    ax_sorted.set_title({HELPFUL_DOWN: "helpful at the left (negative) end, harmful at the right",
+                         HELPFUL_UP: "helpful at the right (positive) end, harmful at the left"}.get(
+                            direction, f"right: raised the {what}, left: lowered it (neither helpful)"),
+                        fontsize=10)
     by_size = column[np.argsort(-np.abs(column), kind="stable")]
     ax_sum.plot(np.arange(1, len(by_size) + 1), np.cumsum(by_size), lw=1.5, label="Σ of the k largest |influence|")
     ax_sum.axhline(final - initial, color="C3", ls="--", label=f"true change {final - initial:+.4f}")
@@ -165,12 +165,7 @@ def _sorted_influence(f: InfluenceFile, target: str, column: np.ndarray, audit: 
 
 
 def _where(f: InfluenceFile, audit: int) -> str:
-    index = f.audit_index
-    split = f.audit_split or "audit file"
-    place = f"{split} {int(index[audit])}" if index is not None else "from the audit file"
-    from plgk_cli.inspect import _label, _show
-
-    return f" ({place}, label {_show(_label(f.audit_label[audit]))})"
+    return f" ({audit_origin(f, audit)['where']}, label {_show(_label(f.audit_label[audit]))})"
 
 
 def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, path: Path) -> Path:
@@ -201,7 +196,7 @@ def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, p
                     dark = abs(v) > 0.5 * high if cmap == "RdBu_r" else v < 0.6 * high
                     ax.text(layer, e, f"{v:.2g}", ha="center", va="center", fontsize=7,
                             color="w" if dark else "k")
-    fig.suptitle(f"Audit point {audit}{_where(f, audit)}: where the {_what(target, klass)} changed "
+    fig.suptitle(f"Audit point {audit}{_where(f, audit)}: where the {quantity_name(target, klass)} changed "
                  "(by layer and epoch of the training gradient)")
     return _save(fig, path)
 
@@ -209,10 +204,8 @@ def _layer_epoch(f: InfluenceFile, target: str, audit: int, klass: int | None, p
 # ---------------------------------------------------------------------------- training images
 
 
-def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign: float,
+def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, direction: str,
               out_dir: Path, report: PlotReport) -> None:
-    from plgk_cli.inspect import _label, _show
-
     label = _label(f.audit_label[audit])
     classes = isinstance(label, int)
     names = (f"examples_audit{audit}.png",) + ((f"examples_audit{audit}_class{label}.png",) if classes else ())
@@ -235,12 +228,13 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
             if len(rows) == 0:
                 report.skipped.append((name, f"no audited training example has class {label}"))
                 continue
-            report.written.append(_examples_text(f, dataset, what, column, rows, scope, audit, sign,
+            report.written.append(_examples_text(f, dataset, what, column, rows, scope, audit, direction,
                                                  out_dir / name))
         return
     train_index, train_label = f.train_index, f.train_label
     audit_image = _audit_image(f, dataset, audit)
-    score = sign * column  # larger = more helpful
+    score = helpful_sign(direction) * column  # larger = more helpful (or: raised it more)
+    own_row = audit_point_row(f, audit)
     everyone = np.arange(len(column))
     same_class = everyone[train_label == label]
     for name, rows, scope in ((names[0], everyone, "all training examples"),
@@ -249,44 +243,53 @@ def _examples(f: InfluenceFile, what: str, column: np.ndarray, audit: int, sign:
             report.skipped.append((name, f"no audited training example has class {label}"))
             continue
         order = rows[np.argsort(-score[rows], kind="stable")]
-        # say so when a set has no helpful (or no harmful) example at all, e.g. within a class
-        best = "most helpful" if score[order[0]] > 0 else "least harmful (none helped)"
-        worst = "most harmful" if score[order[-1]] < 0 else "least helpful (none harmed)"
+        best, worst = _grid_titles(direction, what, score[order[0]], score[order[-1]])
         picked = {best: order[:GRID * GRID], worst: order[::-1][:GRID * GRID]}
         fig = _figure(GRID_FIGURE, constrained=False)  # axes placed by hand in _draw_grids
-        _draw_grids(fig, dataset.x_train, train_index, train_label, column, picked, audit_image, label)
-        fig.suptitle(f"Audit point {audit}{_where(f, audit)}, {what}: {scope} "
-                     f"(influence < 0 pushed the {what} down; helpful = pushed it "
-                     f"{'down' if sign < 0 else 'up'})", fontsize=10)
+        _draw_grids(fig, dataset.x_train, train_index, train_label, column, picked, audit_image, label, own_row)
+        fig.suptitle(f"Audit point {audit}{_where(f, audit)}, {what}: {scope}\n"
+                     f"({sign_sentence(direction, what)})", fontsize=9)
         report.written.append(_save(fig, out_dir / name))
 
 
+def _grid_titles(direction: str, what: str, first: float, last: float) -> tuple[str, str]:
+    """The two grids' titles; says so when a set has no helpful (or no harmful) example at all,
+    e.g. within a class. ``first``, ``last``: the scores (larger = better) at the two ends."""
+    if direction in (HELPFUL_DOWN, HELPFUL_UP):
+        return ("most helpful" if first > 0 else "least harmful (none helped)",
+                "most harmful" if last < 0 else "least helpful (none harmed)")
+    return (f"raised the {what} most" if first > 0 else f"lowered the {what} least (none raised it)",
+            f"lowered the {what} most" if last < 0 else f"raised the {what} least (none lowered it)")
+
+
 def _examples_text(f: InfluenceFile, dataset, what: str, column: np.ndarray, rows: np.ndarray, scope: str,
-                   audit: int, sign: float, path: Path) -> Path:
+                   audit: int, direction: str, path: Path) -> Path:
     """The audit point and its most helpful and harmful training examples among ``rows``, inputs
     written out (token ids, or feature values), for inputs that are not images."""
-    from plgk_cli.inspect import _label, _show
-
     def text(x) -> str:
         a = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x).reshape(-1)
         shown = " ".join(str(int(v)) for v in a[:TEXT_WIDTH]) if np.issubdtype(a.dtype, np.integer) else \
             " ".join(f"{v:+.2f}" for v in a[:TEXT_WIDTH // 2])
         return shown + (" …" if len(a) > (TEXT_WIDTH if np.issubdtype(a.dtype, np.integer) else TEXT_WIDTH // 2) else "")
 
-    order = rows[np.argsort(-sign * column[rows], kind="stable")]
+    order = rows[np.argsort(-helpful_sign(direction) * column[rows], kind="stable")]
+    own_row = audit_point_row(f, audit)
     audit_x = _audit_image(f, dataset, audit)
     lines = [f"audit point {audit}{_where(f, audit)}: " + ("(input unavailable)" if audit_x is None else text(audit_x)), ""]
-    for title, picked in (("most helpful", order[:TEXT_ROWS]), ("most harmful", order[::-1][:TEXT_ROWS])):
-        lines.append(f"{title} of the {scope} (influence, index, label: input)")
+    helpful, harmful = rank_headings(direction, what, "examples")
+    for title, picked in ((helpful, order[:TEXT_ROWS]), (harmful, order[::-1][:TEXT_ROWS])):
+        lines.append(f"{title} among {scope} (influence, index, label: input)")
         for row in picked:
             index = int(f.train_index[row])
-            lines.append(f"  {column[row]:+.2e}  #{index:<6} {_show(_label(f.train_label[row])):>6}: "
+            name = f"#{index}" + ("*" if row == own_row else "")
+            lines.append(f"  {column[row]:+.2e}  {name:<8}{_show(_label(f.train_label[row])):>6}: "
                          f"{text(dataset.x_train[index])}")
         lines.append("")
+    if own_row is not None:
+        lines.append(f"* the audit point itself (train index {int(f.train_index[own_row])}, self-influence)")
     fig = _figure((12, 0.15 * len(lines) + 0.5), constrained=False)
     fig.text(0.01, 0.99, "\n".join(lines), family="monospace", fontsize=8, va="top")
-    fig.suptitle(f"{what}: influence < 0 pushed the {what} down; helpful = pushed it "
-                 f"{'down' if sign < 0 else 'up'}", fontsize=9, y=0.02, va="bottom")
+    fig.suptitle(sign_sentence(direction, what), fontsize=9, y=0.02, va="bottom")
     return _save(fig, path)
 
 
@@ -326,10 +329,11 @@ def _to_rgb(x) -> np.ndarray:
     return (a - low) / (high - low) if high > low else np.zeros_like(a)
 
 
-def _draw_grids(fig, x_train, train_index, train_label, column, picked: dict, audit_image, label):
+def _draw_grids(fig, x_train, train_index, train_label, column, picked: dict, audit_image, label,
+                own_row: int | None = None):
     """The audit image on the left, then one 5 x 5 mosaic per block of ``picked``. Each mosaic is
     a single image with a caption band above every tile: one Axes per block, not per example,
-    keeps drawing fast."""
+    keeps drawing fast. ``own_row``: the audit point's own training row, captioned "itself"."""
     ax = fig.add_axes([0.01, 0.30, 0.11, 0.40])
     if audit_image is not None:
         image = _to_rgb(audit_image)
@@ -339,7 +343,8 @@ def _draw_grids(fig, x_train, train_index, train_label, column, picked: dict, au
     for block, (title, rows) in enumerate(picked.items()):
         ax = fig.add_axes([0.14 + block * 0.43, 0.01, 0.42, 0.87])
         tiles = [_to_rgb(x_train[int(train_index[row])]) for row in rows]
-        captions = [f"#{int(train_index[row])} y={int(train_label[row])}\n{column[row]:+.1e}" for row in rows]
+        captions = [f"#{int(train_index[row])}{' itself' if row == own_row else ''} y={int(train_label[row])}\n"
+                    f"{column[row]:+.1e}" for row in rows]
         _mosaic(ax, tiles, captions)
         ax.set_title(title, fontsize=10)
         ax.set_axis_off()

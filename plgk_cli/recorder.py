@@ -203,6 +203,13 @@ class Recorder:
     block; an exception leaves ``complete: false``: replay refuses the run until a Recorder with
     ``resume=True`` finishes it).
 
+    ``overwrite=True`` replaces the run already in ``out_dir`` (refused, OutputError, unless the
+    directory holds a plgk run and nothing else): the new run is written into a sibling directory
+    (``out_dir`` names it until then) and renamed into place by ``finish()``, so the old run stays
+    whole until the new one is; an exception in the ``with`` block deletes the new run instead, and
+    there is nothing to resume. ``recorded_by`` goes into the manifest (`plgk train` passes
+    ``"plgk train"``): it decides what `plgk check` advises for an interrupted run.
+
     ``dataset`` is a spec that load_dataset reads (``npz:PATH``, ``py:package.module:function``,
     ``digits``, ...) or the Dataset it returned, unchanged: replay reloads the data from its spec
     and refuses them if their fingerprint differs. ``batch_size`` and ``epochs`` plan the run
@@ -216,13 +223,19 @@ class Recorder:
                  model_kwargs: dict | None = None, data_seed: int = 0,
                  steps_per_epoch: int | None = None, config: dict | None = None,
                  schedule: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
-                 task: str | Task = "classification"):
+                 task: str | Task = "classification", overwrite: bool = False,
+                 recorded_by: str = trajectory.RECORDED_BY_RECORDER):
         out_dir = Path(out_dir)
         task = task_for(task) if isinstance(task, str) else task
         if not isinstance(task, Task):
             raise ConfigError(f"Recorder: task must be a task name or a plgk_cli.tasks.Task, got "
                               f"{type(task).__name__}")
-        if not resume:
+        if resume and overwrite:
+            raise ConfigError("Recorder: resume=True continues the run in out_dir, overwrite=True "
+                              "replaces it; pass one of them")
+        if overwrite:
+            trajectory.check_replaceable_run_dir(out_dir)
+        elif not resume:
             trajectory.check_new_run_dir(out_dir)
         for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch),
                            ("checkpoint_every", checkpoint_every)):
@@ -277,13 +290,15 @@ class Recorder:
                   for g, row in zip(optimizer.param_groups, values)]
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
             out_dir, model, optimizer, data, hyper)
+        # the run directory finish() puts this run in place of (overwrite=True onto a run)
+        self.replaces: Path | None = out_dir if overwrite and trajectory.is_non_empty_dir(out_dir) else None
         self.task = task
         self.steps_per_epoch = steps_per_epoch
         self.run_id = uuid.uuid4().hex
         self.step_count = 0  # updates recorded so far: the last checkpoint is step_count
         self.manifest = {
             "format": trajectory.FORMAT, "format_version": trajectory.FORMAT_VERSION,
-            "run_id": self.run_id, "plgk_version": __version__,
+            "run_id": self.run_id, "plgk_version": __version__, "recorded_by": recorded_by,
             "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": config,
             "dataset": {"spec": data.spec, "seed": data_seed, "fingerprint": data.fingerprint(),
@@ -334,10 +349,8 @@ class Recorder:
         if resume:
             self._reopen()
         else:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            trajectory.write_manifest(out_dir, self.manifest)
-            # Looked up on the module at each call (not imported by name) so that scripts/bench.py
-            # can time or skip the writes by patching trajectory.write_checkpoint.
+            if self.replaces is not None:  # the old run stays whole until finish(): write beside it
+                self.out_dir = out_dir = trajectory.staging_dir(out_dir)
             # Frozen parameters and buffers: replay rebuilds the model from its code, which would
             # draw them anew. A tensor reached under two names (tied weights) is stored once.
             fixed, seen = {}, {id(p) for p in named.values()}
@@ -345,8 +358,16 @@ class Recorder:
                 if id(value) not in seen:
                     seen.add(id(value))
                     fixed[key] = value
-            trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
-                                        fixed=fixed)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+                trajectory.write_manifest(out_dir, self.manifest)
+                # Looked up on the module at each call (not imported by name) so that scripts/bench.py
+                # can time or skip the writes by patching trajectory.write_checkpoint.
+                trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
+                                            fixed=fixed)
+            except BaseException:
+                self._discard_replacement()
+                raise
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step),
                        model.register_forward_pre_hook(self._before_forward),
@@ -463,6 +484,9 @@ class Recorder:
                              forward={"random": self._random_forward, "buffers": sorted(self._changed)})
         trajectory.write_manifest(self.out_dir, self.manifest)
         self._finished = True
+        if self.replaces is not None:
+            trajectory.replace_run_dir(self.out_dir, self.replaces)
+            self.out_dir, self.replaces = self.replaces, None
         return self.manifest
 
     def epoch_metrics(self) -> dict:
@@ -480,7 +504,19 @@ class Recorder:
             self.finish()
         else:  # interrupted: the manifest stays complete = false, the steps so far stay valid
             self._remove_hooks()
+            self._discard_replacement()
         return False
+
+    def _discard_replacement(self) -> None:
+        """An unfinished run that was to replace another (overwrite=True): delete it, so that the
+        old run is all that remains, as if this one had not started."""
+        if self.replaces is None:
+            return
+        try:
+            trajectory.remove_run_dir(self.out_dir)
+        except OSError:
+            pass  # files the run did not write are left, and the directory with them
+        self.out_dir, self.replaces = self.replaces, None
 
     # ------------------------------------------------------------------ internals
 
@@ -517,8 +553,8 @@ class Recorder:
             self.manifest["optimizer"]["frozen"] = sorted(self._frozen)
         self._max_norms = [] if recorded_clip is None else (
             list(recorded_clip) if isinstance(recorded_clip, list) else [recorded_clip])
-        mine = json.loads(json.dumps({k: v for k, v in self.manifest.items()
-                                      if k not in ("run_id", "created", "plgk_version")}))
+        volatile = ("run_id", "created", "plgk_version") + (() if "recorded_by" in old else ("recorded_by",))
+        mine = json.loads(json.dumps({k: v for k, v in self.manifest.items() if k not in volatile}))
         differs = sorted(k for k in mine if old.get(k) != mine[k])
         if differs:
             raise RecorderError(f"{self.out_dir}: was recorded with other settings ({', '.join(differs)} "
@@ -537,7 +573,8 @@ class Recorder:
         self._param_steps = [ck.optim_step] * len(self._named) if ck.optim_steps is None else \
             [int(n) for n in ck.optim_steps]
         for (name, p), steps in zip(self._named.items(), self._param_steps):
-            state = {k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in ck.optim_state[name].items()}
+            recorded = ck.optim_state.get(name, {})  # none stored where the optimizer keeps none (plain SGD)
+            state = {k: v.to(device=p.device, dtype=p.dtype).clone() for k, v in recorded.items()}
             if state and self.hyper.name != "sgd":  # torch keeps the step count as a float32 scalar tensor
                 state["step"] = torch.tensor(float(steps), dtype=torch.float32)
             if state:  # a parameter never stepped has no state yet

@@ -54,6 +54,7 @@ from plgk_cli.progress import progress_path
 from plgk_cli.resimulate import FlatStep, TrajectoryView
 from plgk_cli.run import Run, load_run
 from plgk_cli.store import TargetResult, check_free_space, check_writable, write_influences
+from plgk_cli.threads import apply_default as apply_default_threads
 from plgk_cli.train import resolve_device
 
 ROUNDINGS_PER_UPDATE = 2
@@ -495,6 +496,7 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
                                                          "run_id": plan.run.run_id,
                                                          "walk": state.scalars()})
 
+    apply_default_threads(plan.layout.size, plan.device, progress and shard.rank == 0)
     bar = tqdm(total=plan.total, initial=plan.total - 1 - state.next_step, desc="replay",
                unit="step", disable=not progress or shard.rank != 0, dynamic_ncols=True)
     with StopRequest() as stop:
@@ -570,10 +572,10 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             theta_start, theta_end = plan.theta(seg_start), plan.theta(seg_end)
             # Shared only where the segment is its single update: a longer one resumed in the
             # middle would compute update seg_start in a separate pass, which rounds differently,
-            # and a resumed replay must equal an uninterrupted one bit for bit.
-            rows = _audited(plan.trajectory.flat(seg_start + 1).checkpoint.batch.to(plan.device),
-                            state.acc.row_of) if seg_end - seg_start == 1 and not (
-                plan.ghost_layers or plan.faithful) else ()
+            # and a resumed replay must equal an uninterrupted one bit for bit. The whole
+            # minibatch, audited or not: the update check sums all its per-example gradients.
+            rows = plan.trajectory.flat(seg_start + 1).checkpoint.batch.to(plan.device) \
+                if seg_end - seg_start == 1 and not (plan.ghost_layers or plan.faithful) else ()
             held = plan.buffers(seg_start)  # b_start, held over the segment
             if plan.ghost_layers:
                 ghost_audit = dict.fromkeys(plan.ghost_layers)
@@ -629,9 +631,9 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
                   step_next: FlatStep, sample_grads: torch.Tensor | None = None,
                   ghost_audit: dict | None = None) -> None:
     """One update t -> t+1: adjoint step, per-sample credit, residual, update check.
-    ``sample_grads``: the audited rows' loss gradients at θ_t when already computed;
+    ``sample_grads``: the loss gradients of the whole minibatch at θ_t when already computed;
     ``ghost_audit``: the audit side's ghost factors at θ_t (--ghost)."""
-    layout, device, compute, run = plan.layout, plan.device, plan.compute, plan.run
+    layout, device, run = plan.layout, plan.device, plan.run
     theta_t, theta_next, before, after = step.theta, step_next.theta, step.state, step_next.state
     ck_next = step_next.checkpoint
     batch = ck_next.batch.to(device)
@@ -648,41 +650,44 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 
     acc = state.acc
     audited = _audited(batch, acc.row_of)
+    partial = len(audited) < len(batch)  # a partial audit's batch with examples it does not credit
     weights = run.task.weights(plan.y_train[batch])  # w_m; None: the mean over the batch
     weights = None if weights is None else weights.to(device=device, dtype=torch.float64)
     positions = None  # of the audited rows in the batch, where per-row work needs them
-    if plan.faithful or weights is not None:
+    if plan.faithful or weights is not None or partial:
         positions = (acc.row_of[batch] >= 0).nonzero().reshape(-1)
-    ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None and len(audited) else None
+    ghost_train = dict.fromkeys(plan.ghost_layers) if ghost_audit is not None else None
     replayed = None
     if plan.faithful:  # the recorded training forward itself, all of the batch
         replayed = plan.training_pass(t, theta_t, batch, positions)
         g = replayed.sample_grads
         _check_forward(plan, t, replayed, ck_next)
-    elif sample_grads is not None:
-        g = sample_grads
-    elif len(audited):
-        g = plan.training_side(theta_t, audited, ghost_train)
-    else:  # partial audit: none of this batch is audited
-        g = torch.zeros(0, layout.size, dtype=torch.float64, device=device)
+    else:
+        # Every example of the batch, credited or not: the update check re-derives the update
+        # from their sum, so that a partial audit's check is the full audit's, bit for bit, and
+        # tests the per-example gradients it credits (a batch-mean pass would reproduce
+        # training's own float32 gradient instead and test none of them).
+        g = sample_grads if sample_grads is not None else plan.training_side(theta_t, batch, ghost_train)
     parts = None
     if ghost_train is not None:
         ghost_train = {name: _float64_factors(f) for name, f in ghost_train.items()}
         parts = _ghost_parts(plan, coeffs, ghost_train, ghost_audit)
+        if partial:
+            parts = {layer: part[positions] for layer, part in parts.items()}
     rounding = None  # faithful runs: ∇L_B − Σ_m w_m g_m, what float rounding leaves to no example
     if replayed is not None:
         batch_grad = replayed.batch_grad.to(torch.float64)
-        if len(audited) == len(batch):
+        if not partial:
             rounding = batch_grad - (g.sum(0) / len(batch) if weights is None else weights @ g)
             _check_sum(plan, t, rounding, batch_grad)
-    elif len(audited) == len(batch):  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
+    else:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
         batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
         for name, factors in (ghost_train or {}).items():  # those layers are not in g
             for kind, sl in plan.gradients.layer_parameters(name):
                 batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
-    else:  # partial audit: the update still saw the whole batch
-        batch_grad = plan.gradients.mean_loss_gradient(theta_t.to(compute), plan.x_train[batch],
-                                                       plan.y_train[batch]).to(torch.float64)
+        if partial:  # credit only the audited rows
+            g = torch.index_select(g, 0, positions, out=plan.workspace.get(
+                "audited64", len(positions), layout.size, torch.float64, device))
     if frozen is not None:  # the optimizer saw no gradient there
         g = g.masked_fill(frozen, 0.0)
         batch_grad = batch_grad.masked_fill(frozen, 0.0)

@@ -11,7 +11,9 @@ Layout (train x audit, as TRAK and dattri):
   /audit/index (N)          indices into the split named by attr `split` (absent for npz audit sets)
   /audit/source             attr: the audit-set spec or npz path
   /audit/label (N)
-  /audit/<target>/influence (R|G, N[, C])   float32 (accumulated in float64); attr `sign`
+  /audit/<target>/influence (R|G, N[, C])   float32 (accumulated in float64); attrs `sign` (what its
+      sign means for this target, in words), `helpful_direction` (the task's: down, up, none or
+      true-class-up; files before it have only a `sign` that speaks of the loss for every target)
   /audit/<target>/residual, initial, final (N[, C])
   /audit/<target>/buffer_residual (N[, C])  (runs whose training changed buffers, e.g. BatchNorm)
       Σ_s q(θ_{s+1}, b_{s+1}) − q(θ_{s+1}, b_s): the part of the true change the buffers made
@@ -45,6 +47,7 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,15 +57,35 @@ import numpy as np
 
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
+from plgk_cli.tasks import known_direction, sign_sentence, task_for
 
-SCHEMA_VERSION = 4  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
-# 4: quadrature/*, error_bound, accepted_update_error, checksums
-READABLE_SCHEMAS = (2, 3, 4)  # a version 2 file is a classification audit without buffers
+SCHEMA_VERSION = 5  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
+# 4: quadrature/*, error_bound, accepted_update_error, checksums; 5: helpful_direction, a `sign` per target
+READABLE_SCHEMAS = (2, 3, 4, 5)  # a version 2 file is a classification audit without buffers
 KERNEL, MODES = "kernel", "modes"
-SIGN_CONVENTION = ("influence[m, n] < 0: training example m pushed the audited quantity of audit "
-                   "point n down over training (for the loss: helpful); > 0: pushed it up (harmful)")
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 CHECKSUM = dict(fletcher32=True)  # HDF5 checksums every chunk and verifies it on every read
+
+
+def sign_attribute(target: str, direction: str, ndim: int, grouped: bool) -> str:
+    """The `sign` attribute of a target's influence dataset: what an entry is and what its sign means."""
+    rows = "training group m (--group-by)" if grouped else "training example m"
+    if ndim == 3:
+        what = {"logits": "logit of class c", "token-losses": "loss at position t"}.get(target, f"{target} c")
+        index = "m, n, t" if target == "token-losses" else "m, n, c"
+    else:
+        what, index = target, "m, n"
+    meaning = sign_sentence(direction, what, own_class="the class that is audit point n's label")
+    return f"influence[{index}]: how much {rows} moved the {what} of audit point n over training. {meaning}"
+
+
+def _helpful_directions(task_name: str, targets: list) -> dict:
+    """Each target's helpful direction as the run's task states it."""
+    try:
+        task = task_for(task_name)
+    except Exception:  # a py: task that fails to build a second time must not cost the finished replay
+        return {t: known_direction(task_name, t) for t in targets}
+    return {t: task.helpful_direction(t) for t in targets}
 
 
 def _checksum(array: np.ndarray) -> dict:
@@ -187,6 +210,7 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
             f.create_dataset("replay/drift_step", data=np.array(sorted(drift), dtype=np.int64), **CHECKSUM)
             f.create_dataset("replay/drift", data=np.array([drift[k] for k in sorted(drift)]), **CHECKSUM)
             f["replay"].attrs["max_drift"] = max(drift.values())
+        directions = _helpful_directions(str(f.attrs["task"]), [r.name for r in results])
         for r in results:
             g = f.create_group(f"audit/{r.name}")
             g.attrs.update(mre=r.mre, lc=r.lc, rmre=r.rmre, attribution_gap=r.attribution_gap,
@@ -194,7 +218,8 @@ def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_
                            complete=complete_audit)
             infl = g.create_dataset("influence", data=r.influence.astype(np.float32),
                                     chunks=_chunks(r.influence.shape), **COMPRESSION, **CHECKSUM)
-            infl.attrs["sign"] = SIGN_CONVENTION
+            infl.attrs["helpful_direction"] = directions[r.name]
+            infl.attrs["sign"] = sign_attribute(r.name, directions[r.name], r.influence.ndim, group is not None)
             infl.attrs["layout"] = "train x audit" + (" x class" if r.influence.ndim == 3 else "")
             for name in ("residual", "initial", "final"):
                 g.create_dataset(name, data=getattr(r, name), **CHECKSUM)
@@ -279,7 +304,9 @@ class InfluenceFile:
         try:
             self._f = _Verified(h5py.File(self.path, "r"), self.path)
         except OSError as exc:
-            if "lock" in str(exc).lower():
+            # HDF5's own words for a lock held by a writer; a bare "lock" also matches the
+            # "sblock" (superblock) of a truncated file's error.
+            if re.search(r"unable to lock file|file locking", str(exc), re.I):
                 raise StoreError(f"{self.path}: another process has it open for writing; wait for "
                                  "it to finish (or close it) and try again") from None
             raise StoreError(f"{self.path}: not a readable HDF5 file ({exc}); it may be truncated "
@@ -356,6 +383,12 @@ class InfluenceFile:
 
     def influence(self, target: str = "loss") -> np.ndarray:
         return self.array(target, "influence")
+
+    def helpful_direction(self, target: str = "loss") -> str:
+        """Which way of ``target`` helps the audit point: down, up, none or true-class-up (a task's
+        direction, tasks.DIRECTIONS). Files written before it was stored: the built-in meaning."""
+        stored = self._target(target)["influence"].attrs.get("helpful_direction")
+        return str(stored) if stored is not None else known_direction(self.task, target)
 
     def layers(self, target: str = "loss") -> list:
         return json.loads(self._target(target)["by_layer_epoch"].attrs["layers"])

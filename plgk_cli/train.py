@@ -18,12 +18,14 @@ from tqdm import tqdm
 from plgk_cli import _callable_module
 from plgk_cli.config import GROUP_KEYS, RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
-from plgk_cli.errors import ConfigError, OutputError
+from plgk_cli.errors import ConfigError, Interrupted, OutputError
 from plgk_cli.models import build_model, mode_dependent, output_tensor, vocabulary
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
 from plgk_cli.recorder import Recorder
 from plgk_cli.tasks import task_for
-from plgk_cli.trajectory import check_new_run_dir
+from plgk_cli.threads import apply_default as apply_default_threads
+from plgk_cli.trajectory import (MANIFEST, RECORDED_BY_TRAIN, check_new_run_dir,
+                                 check_replaceable_run_dir)
 
 
 def learning_rate(schedule: ScheduleConfig, base_lr: float, step: int, total_steps: int) -> float:
@@ -125,13 +127,26 @@ def hyper_from_config(config: RunConfig) -> Hyper:
                  weight_decay=o.weight_decay, amsgrad=o.amsgrad, centered=o.centered)
 
 
-def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False) -> dict:
-    """Train and record; returns the manifest. Refuses a non-empty output directory unless
-    ``resume``, which continues an interrupted run from its last checkpoint (bit-identical on CPU)."""
-    if not resume:
-        check_new_run_dir(out_dir)  # before the data are loaded: fail fast
-    elif not (Path(out_dir) / "manifest.json").is_file():
+def check_out_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+    """--out as --resume and --overwrite want it, checked before anything is loaded: new or empty;
+    with ``resume`` an interrupted run; with ``overwrite`` also a run directory to replace."""
+    if resume and overwrite:
+        raise ConfigError("--overwrite and --resume: give one; --resume continues the interrupted "
+                          "run in --out, --overwrite replaces it with a new run")
+    if overwrite:
+        check_replaceable_run_dir(out_dir)
+    elif not resume:
+        check_new_run_dir(out_dir, overwrite_flag="--overwrite", out_name="--out")
+    elif not (Path(out_dir) / MANIFEST).is_file():
         raise OutputError(f"{out_dir}: no run to resume (no manifest.json); train without --resume")
+
+
+def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
+          overwrite: bool = False) -> dict:
+    """Train and record; returns the manifest. Refuses a non-empty output directory unless
+    ``resume``, which continues an interrupted run from its last checkpoint (bit-identical on CPU),
+    or ``overwrite``, which replaces the run there once the new one is complete (check_out_dir)."""
+    check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before the data are loaded: fail fast
     dtype = torch.float64 if config.train.dtype == "float64" else torch.float32
     device = resolve_device(config.train.device)
     task = task_for(config.task.name)
@@ -156,17 +171,36 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                         model_kwargs=config.model.kwargs, dataset=data, data_seed=config.data.seed,
                         batch_size=batch_size, epochs=config.train.epochs, config=config.to_dict(),
                         schedule=dataclasses.asdict(config.schedule), resume=resume,
-                        checkpoint_every=config.checkpoint.every, task=task)
-    total_steps = recorder.manifest["total_steps"]
+                        checkpoint_every=config.checkpoint.every, task=task, overwrite=overwrite,
+                        recorded_by=RECORDED_BY_TRAIN)
+    replacing = recorder.replaces is not None
+    apply_default_threads(sum(p.numel() for p in model.parameters()), device, progress)
+    try:
+        _train_loop(config, recorder, model, optimizer, data, task, device, dtype, progress)
+    except KeyboardInterrupt:
+        if not replacing:
+            raise  # the run directory keeps the steps so far, for --resume
+        raise Interrupted(f"{out_dir}: interrupted; the new run was deleted and {out_dir} still holds "
+                          "the run it was to replace") from None
+    return recorder.manifest
 
-    x_train, y_train = to_device(data.x_train, device, dtype), to_device(data.y_train, device, dtype)
-    generator = torch.Generator().manual_seed(config.train.seed)
-    bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
-    done = recorder.step_count  # > 0 when resuming: those updates are recorded already
-    bar.update(done)
-    schedule = Schedule(config, optimizer, total_steps, done)
-    step = 0
+
+def _train_loop(config: RunConfig, recorder: Recorder, model, optimizer, data, task, device, dtype,
+                progress: bool) -> None:
+    """The updates not yet recorded, each recorded; inside the Recorder's with block from the
+    start, so that a failure anywhere ends the run as an interrupted one (or, when it was to
+    replace another run, deletes it)."""
+    m = len(data.y_train)
+    batch_size = min(config.train.batch_size, m)
     with recorder:
+        total_steps = recorder.manifest["total_steps"]
+        x_train, y_train = to_device(data.x_train, device, dtype), to_device(data.y_train, device, dtype)
+        generator = torch.Generator().manual_seed(config.train.seed)
+        bar = tqdm(total=total_steps, desc="train", unit="step", disable=not progress, dynamic_ncols=True)
+        done = recorder.step_count  # > 0 when resuming: those updates are recorded already
+        bar.update(done)
+        schedule = Schedule(config, optimizer, total_steps, done)
+        step = 0
         for _ in range(config.train.epochs):
             # every epoch's order is drawn even when resuming, so the generator stays in step
             for batch in torch.randperm(m, generator=generator).split(batch_size):
@@ -196,7 +230,6 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                 bar.set_postfix(epoch=running["epoch"] + 1, loss=f"{running['train_loss']:.4f}",
                                 **({} if accuracy is None else {"acc": f"{accuracy:.3f}"}))
     bar.close()
-    return recorder.manifest
 
 
 _callable_module(__name__, "train")  # plgk_cli.train(...) stays the function once this module is imported

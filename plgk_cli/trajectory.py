@@ -39,6 +39,7 @@ import json
 import os
 import re
 import sys
+import uuid
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,6 +71,11 @@ GRAD_ZERO = 2  # zeros: frozen (requires_grad off) after zero_grad(set_to_none=F
 CHECKSUM, CHECKSUM_KIND, CRC_PREFIX = "checksum", "crc32", "crc32/"  # metadata: per-tensor checksums
 MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
                  "steps_per_epoch", "total_steps")
+# The manifest's ``recorded_by``: what wrote the run, which decides how an interrupted one is finished.
+RECORDED_BY_TRAIN, RECORDED_BY_RECORDER = "plgk train", "Recorder"
+# Every name a run directory's writers create (a file's temporary name included): --overwrite
+# replaces a directory that holds these only.
+RUN_FILE_PATTERN = re.compile(r"^(manifest\.json|step_\d{8}\.safetensors)(\.tmp)?$")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -100,13 +106,119 @@ class Checkpoint:
         return bool(self.params)
 
 
-def check_new_run_dir(run_dir: Path) -> None:
-    """Refuse a run directory that exists and is not empty: a run is never overwritten or extended."""
+def check_new_run_dir(run_dir: Path, overwrite_flag: str = "overwrite=True", out_name: str = "out_dir") -> None:
+    """Refuse a run directory that exists and is not empty: a run is never overwritten or extended
+    unless asked to. The message names the caller's switch and argument (`plgk train`:
+    ``--overwrite``, ``--out``), and offers the switch only where it would apply."""
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
-        raise OutputError(f"{run_dir}: exists and is not a directory; choose a new --out")
+        raise OutputError(f"{run_dir}: exists and is not a directory; choose a new {out_name}")
     if run_dir.is_dir() and any(run_dir.iterdir()):
-        raise OutputError(f"{run_dir}: exists and is not empty; choose a new --out or remove it")
+        try:
+            check_replaceable_run_dir(run_dir)
+        except OutputError:
+            raise OutputError(f"{run_dir}: exists and is not empty, and is not only a plgk run; choose "
+                              f"a new {out_name} or empty it") from None
+        raise OutputError(f"{run_dir}: exists and is not empty; pass {overwrite_flag} to replace the run "
+                          f"in it, or choose a new {out_name}")
+
+
+def is_non_empty_dir(run_dir: Path) -> bool:
+    """Whether ``run_dir`` is a directory with something in it: after check_replaceable_run_dir, a
+    run to replace; False for a missing or empty one, where a new run is simply written."""
+    run_dir = Path(run_dir)
+    return run_dir.is_dir() and not run_dir.is_symlink() and any(run_dir.iterdir())
+
+
+def check_replaceable_run_dir(run_dir: Path) -> None:
+    """Refuse (OutputError) to replace ``run_dir`` unless it is missing, empty, or a plgk run
+    directory and nothing else: a manifest.json of this format and only the files a run's writers
+    create. Anything else may be someone's data, which a replace must never delete."""
+    run_dir = Path(run_dir)
+    if run_dir.is_symlink():
+        raise OutputError(f"{run_dir}: is a symbolic link; --overwrite replaces only a run directory "
+                          "itself: give the directory's own path or choose a new --out")
+    if not run_dir.exists():
+        return
+    if not run_dir.is_dir():
+        raise OutputError(f"{run_dir}: exists and is not a directory; choose a new --out")
+    entries = sorted(run_dir.iterdir())
+    if not entries:
+        return
+    foreign = [p.name for p in entries if not RUN_FILE_PATTERN.match(p.name) or p.is_symlink()
+               or not p.is_file()]
+    if foreign:
+        more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+        raise OutputError(f"{run_dir}: holds {foreign[0]!r}{more}, which is not a file of a plgk run; "
+                          "--overwrite replaces only a run directory that holds nothing else: move it "
+                          "out, or choose a new --out")
+    try:
+        manifest = json.loads((run_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        manifest = None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise OutputError(f"{run_dir}: has no readable {FORMAT} {MANIFEST}, so it may not be a plgk run "
+                          "directory; --overwrite replaces only one: remove it yourself if it is, or "
+                          "choose a new --out")
+
+
+def staging_dir(run_dir: Path) -> Path:
+    """A new, unique sibling of ``run_dir`` to write its replacement into: the same file system,
+    so that replace_run_dir renames it into place."""
+    run_dir = Path(os.path.abspath(run_dir))
+    return run_dir.with_name(f"{run_dir.name}.plgk-new-{uuid.uuid4().hex[:8]}")
+
+
+def remove_run_dir(run_dir: Path) -> None:
+    """Delete a run directory file by file, only the names a run's writers create, then the empty
+    directory; anything else in it stays, and so does the directory (never an rm -rf)."""
+    run_dir = Path(run_dir)
+    for p in run_dir.iterdir():
+        if RUN_FILE_PATTERN.match(p.name) and p.is_file():
+            p.unlink()
+    run_dir.rmdir()
+
+
+def replace_run_dir(new: Path, run_dir: Path) -> None:
+    """Put the complete run ``new`` (from staging_dir) in the place of ``run_dir``, then delete the
+    run it replaces. ``run_dir`` is checked again, since files may have been added to it while the
+    new run trained; if it no longer qualifies, or a rename fails, the new run stays in ``new``."""
+    new, shown = Path(new), Path(run_dir)
+    run_dir = Path(os.path.abspath(run_dir))  # "." renames too
+    try:
+        check_replaceable_run_dir(run_dir)
+    except OutputError as exc:
+        raise OutputError(f"{exc}; the new run is kept in {new}") from None
+    old = run_dir.with_name(f"{run_dir.name}.plgk-old-{uuid.uuid4().hex[:8]}")
+    try:
+        if not is_non_empty_dir(run_dir):
+            if run_dir.is_dir():
+                run_dir.rmdir()
+            os.rename(new, run_dir)
+            return
+        os.rename(run_dir, old)  # two renames, not a delete: until the second, both runs are whole
+        try:
+            os.rename(new, run_dir)
+        except OSError:
+            os.rename(old, run_dir)
+            raise
+    except OSError as exc:
+        raise OutputError(f"{shown}: the new run could not be put in its place ({exc}); it is kept in "
+                          f"{new}") from None
+    try:
+        remove_run_dir(old)
+    except OSError as exc:
+        raise OutputError(f"{shown}: holds the new run, but the run it replaced, moved to {old}, could "
+                          f"not be removed ({exc}); remove it yourself") from None
+
+
+def recorded_by(manifest: dict) -> str:
+    """RECORDED_BY_TRAIN or RECORDED_BY_RECORDER. Manifests from before ``recorded_by`` tell by
+    their ``config``, which only `plgk train` fills in."""
+    by = manifest.get("recorded_by")
+    if isinstance(by, str):
+        return by
+    return RECORDED_BY_TRAIN if manifest.get("config") is not None else RECORDED_BY_RECORDER
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:

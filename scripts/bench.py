@@ -65,7 +65,9 @@ trajectory.write_checkpoint (timed by a wrapper patched in the child) over the r
 a second training run with write_checkpoint replaced by a no-op gives the un-recorded baseline.
 --device cuda trains and replays every workload on the GPU (GPU MiB = torch's peak allocated memory
 of the train/replay child); scripts/gpu_check.sh runs lm and mnist-synthetic that way.
-Results go to --json-out (default bench-results/bench.json) and the terminal.
+Results go to --json-out (default bench-results/bench.json) and the terminal. Runs and logs live
+in a temporary directory unless --workdir names one; a child that fails raises with the tail of its
+log and the log's path, a copy in failed-logs/ beside --json-out when the directory is temporary.
 """
 
 from __future__ import annotations
@@ -75,6 +77,7 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -349,6 +352,9 @@ def quadrature_workloads(names=None) -> list[Workload]:
 
 
 TORCH_THREADS: int | None = None  # --threads: torch.set_num_threads in every child (None: torch's default)
+# Where a failed child's log is copied so that the message naming it stays true: main sets it when
+# the workdir is a temporary directory, which is deleted on the way out (None: the log stays put).
+FAILED_LOGS: Path | None = None
 
 
 def run_child(task: dict, workdir: Path, log_name: str = "child") -> dict:
@@ -371,6 +377,9 @@ def run_child(task: dict, workdir: Path, log_name: str = "child") -> dict:
     process_s = time.perf_counter() - start
     if proc.returncode != 0 or not result_path.is_file():
         tail = log_path.read_text()[-3000:]
+        if FAILED_LOGS is not None:
+            FAILED_LOGS.mkdir(parents=True, exist_ok=True)
+            log_path = Path(shutil.copy(log_path, FAILED_LOGS / log_path.name))
         raise RuntimeError(f"{task['kind']} child failed (exit {proc.returncode}); log {log_path}:\n{tail}")
     result = json.loads(result_path.read_text())
     # Linux reports ru_maxrss in KiB (macOS in bytes).
@@ -1535,8 +1544,10 @@ def main(argv=None) -> None:
     parser.add_argument("--json-out", default=str(ROOT / "bench-results" / "bench.json"))
     parser.add_argument("--workdir", default=None, help="keep runs and logs here (default: a temp dir)")
     args = parser.parse_args(argv)
-    global TORCH_THREADS
+    global TORCH_THREADS, FAILED_LOGS
     TORCH_THREADS = args.threads
+    if not args.workdir:
+        FAILED_LOGS = Path(args.json_out).parent / "failed-logs"
     if args.steps_scale is not None and not 0 < args.steps_scale <= 1:
         parser.error("--steps-scale must be in (0, 1]")
     workloads = args.workload or list(DEFAULT_WORKLOADS)

@@ -1,7 +1,11 @@
 """Record your own PyTorch training loop with plgk's Recorder, then audit it with plgk's replay.
 
-    python scripts/record_own_loop.py                   # 3 epochs into runs/own, audits test[:16]
-    python scripts/record_own_loop.py --epochs 1 --audit-set 'test[:4]' --out /tmp/own
+    python scripts/record_own_loop.py --overwrite       # 3 epochs into runs/own, audits test[:16]
+    python scripts/record_own_loop.py --epochs 1 --audit-set 'test[:4]' --out /tmp/own --overwrite
+
+--overwrite replaces the run an earlier invocation left in --out, so either command can run
+again; without it an existing run directory is refused, as `plgk train` refuses one. The audit,
+OUT.h5, is replaced either way.
 
 The loop below is plain PyTorch: your model, a torch optimizer, a torch lr scheduler, gradient
 clipping, mean cross-entropy. The Recorder adds three calls (create it, ``clip_grad_norm``,
@@ -31,6 +35,7 @@ from plgk_cli.errors import PlgkError
 from plgk_cli.recorder import Recorder
 from plgk_cli.replay import replay
 from plgk_cli.store import InfluenceFile
+from plgk_cli.trajectory import check_new_run_dir
 
 BATCH_SIZE = 64
 
@@ -43,7 +48,7 @@ def small_cnn(in_shape, num_classes, channels: int = 6) -> nn.Module:
                          nn.Flatten(), nn.Linear(channels * (height // 2) * (width // 2), num_classes))
 
 
-def train(out: str, epochs: int) -> dict:
+def train(out: str, epochs: int, overwrite: bool = False) -> dict:
     data = load_dataset("digits")  # scikit-learn's 8x8 digits, float32, split 80/20
     torch.manual_seed(0)
     model = small_cnn(data.in_shape, data.num_classes)
@@ -58,7 +63,7 @@ def train(out: str, epochs: int) -> dict:
     shuffle = torch.Generator().manual_seed(0)
     with Recorder(out, model, optimizer, model_name="record_own_loop:small_cnn",
                   model_kwargs={"channels": 6}, dataset=data, batch_size=BATCH_SIZE,
-                  epochs=epochs) as recorder:
+                  epochs=epochs, overwrite=overwrite) as recorder:
         for _ in range(epochs):
             for batch in torch.randperm(num_train, generator=shuffle).split(BATCH_SIZE):
                 optimizer.zero_grad()
@@ -74,14 +79,20 @@ def train(out: str, epochs: int) -> dict:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default="runs/own", help="run directory to create (must be new)")
+    parser.add_argument("--out", default="runs/own", help="run directory to create (must be new, "
+                        "unless --overwrite)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace the run already in --out (only a plgk run directory; once the "
+                             "new run is complete)")
     parser.add_argument("--h5", default=None, help="audit output (default: OUT.h5, replaced)")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--audit-set", default="test[:16]")
     args = parser.parse_args(argv)
     h5 = args.h5 or args.out.rstrip("/") + ".h5"
     try:
-        manifest = train(args.out, args.epochs)
+        if not args.overwrite:  # the Recorder would name its own overwrite=True as the fix
+            check_new_run_dir(args.out, overwrite_flag="--overwrite", out_name="--out")
+        manifest = train(args.out, args.epochs, args.overwrite)
         print(f"recorded {manifest['total_steps']} steps to {args.out}: train loss "
               f"{manifest['final']['train_loss']:.4f}, test accuracy {manifest['final']['test_accuracy']:.4f}")
         summary = replay(ReplayArguments(ckpts=args.out, audit_set=args.audit_set, out=h5, device="cpu",

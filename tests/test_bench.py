@@ -118,6 +118,23 @@ def test_captum_tracincp_agrees(tiny):
     assert cmp["captum_s"] > 0 and cmp["speed_ratio"] > 0 and cmp["floor_s"] > 0
 
 
+def test_failed_child_names_a_log_that_outlives_the_temporary_workdir(tmp_path, monkeypatch):
+    """main() runs in a temporary directory deleted on the way out: a failed child's message must
+    name a copy of its log that is still there when the message is read."""
+    import tempfile
+
+    monkeypatch.setattr(bench, "FAILED_LOGS", tmp_path / "failed-logs")
+    with tempfile.TemporaryDirectory() as workdir:
+        with pytest.raises(RuntimeError) as failed:
+            bench.run_child({"kind": "no-such-phase"}, Path(workdir) / "logs", "train")
+    first = str(failed.value).splitlines()[0]
+    assert first.startswith("no-such-phase child failed (exit 1); log ")
+    log = Path(first.split("; log ", 1)[1].rstrip(":"))
+    assert log.parent == tmp_path / "failed-logs" and log.name.startswith("train-")
+    assert "KeyError: 'no-such-phase'" in log.read_text()
+    assert "KeyError: 'no-such-phase'" in str(failed.value)  # and the tail is in the message
+
+
 def test_synthetic_mnist_is_mnist_shaped_and_class_structured(tmp_path):
     path = bench.make_synthetic_mnist(tmp_path / "m.npz", n_train=400, n_test=100, seed=1)
     with np.load(path) as f:

@@ -354,7 +354,10 @@ def test_inspect_truncated_h5(base, tmp_path):
     path = tmp_path / "cut.h5"
     data = base["h5"].read_bytes()
     path.write_bytes(data[: len(data) // 2])
-    assert_one_line_error(invoke("inspect", path), StoreError.exit_code, str(path), "truncated")
+    result = invoke("inspect", path)
+    # the needles must not be found in the path itself (this test's folder is named "truncated")
+    assert_one_line_error(result, StoreError.exit_code, str(path), "not a readable HDF5 file", "truncated file")
+    assert "another process" not in result.output
 
 
 def test_inspect_unknown_target(base):
@@ -431,17 +434,125 @@ def test_train_into_non_empty_directory(base, tmp_path):
     out = tmp_path / "run"
     out.mkdir()
     (out / "notes.txt").write_text("keep me\n")
-    assert_one_line_error(invoke("train", "--config", base["config"], "--out", out, "--quiet"),
-                          OutputError.exit_code, str(out), "not empty")
+    line = assert_one_line_error(invoke("train", "--config", base["config"], "--out", out, "--quiet"),
+                                 OutputError.exit_code, str(out), "not empty")
+    assert "--overwrite" not in line  # it would refuse this directory too: not a fix to offer
     assert [p.name for p in out.iterdir()] == ["notes.txt"]
     assert (out / "notes.txt").read_text() == "keep me\n"
 
 
+def snapshot(directory: Path) -> dict:
+    """Every file under ``directory`` by relative path, with its bytes."""
+    return {str(p.relative_to(directory)): p.read_bytes() if p.is_file() else None
+            for p in sorted(directory.rglob("*"))}
+
+
 def test_train_over_existing_run_keeps_it(base, run_copy):
-    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    before = snapshot(run_copy)
     assert_one_line_error(invoke("train", "--config", base["config"], "--out", run_copy, "--quiet"),
-                          OutputError.exit_code, str(run_copy), "not empty")
-    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+                          OutputError.exit_code, str(run_copy), "not empty", "pass --overwrite")
+    assert snapshot(run_copy) == before
+
+
+def test_train_overwrite_replaces_the_run(base, run_copy):
+    old_id = json.loads((run_copy / "manifest.json").read_text())["run_id"]
+    result = invoke("train", "--config", base["config"], "--out", run_copy, "--quiet", "--overwrite")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((run_copy / "manifest.json").read_text())
+    assert manifest["run_id"] != old_id and manifest["complete"]
+    assert sorted(p.name for p in run_copy.iterdir()) == sorted(p.name for p in base["run"].iterdir())
+    assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]  # no staging, no old copy left
+    assert invoke("check", run_copy).exit_code == 0
+
+
+def first_row_only(in_shape, num_classes):
+    """A model whose output has one row whatever the batch: `plgk train` refuses it at the first
+    update, after the run directory has been started."""
+    import torch
+
+    class FirstRow(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(in_shape[0], num_classes)
+
+        def forward(self, x):
+            return self.linear(x)[:1]
+
+    return FirstRow()
+
+
+@pytest.mark.parametrize("edit, needles", [
+    # refused when the config is read
+    (lambda t: t.replace('name = "mlp"', 'name = "nosuch"'), ["nosuch"]),
+    # read, refused when the optimizer is built
+    (lambda t: t + '\n[[optim.groups]]\nparams = "nothing.*"\nlr = 0.1\n', ["[[optim.groups]]", "matches no"]),
+    # refused at the first update, after the new run was started beside the old one
+    (lambda t: t.replace('name = "mlp"\nkwargs = { hidden = 4 }', 'name = "test_cli_errors:first_row_only"'),
+     ["one row per example"]),
+], ids=["unknown-model", "group-matches-nothing", "model-output-one-row"])
+def test_train_overwrite_with_a_bad_config_keeps_the_old_run(base, run_copy, tmp_path, edit, needles):
+    config = tmp_path / "bad.toml"
+    config.write_text(edit(base["config"].read_text()))
+    before = snapshot(run_copy)
+    assert_one_line_error(invoke("train", "--config", config, "--out", run_copy, "--quiet", "--overwrite"),
+                          ConfigError.exit_code, *needles)
+    assert snapshot(run_copy) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.toml", "run"]  # the new run is gone
+
+
+def _unrelated(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "notes.txt").write_text("keep me\n")
+
+
+def _run_with_a_file_of_mine(directory: Path, base) -> None:
+    shutil.copytree(base["run"], directory)
+    (directory / "results.csv").write_text("mine\n")
+
+
+def _run_with_a_folder(directory: Path, base) -> None:
+    shutil.copytree(base["run"], directory)
+    (directory / "plots").mkdir()
+    (directory / "plots" / "a.png").write_bytes(b"png")
+
+
+def _other_manifest(directory: Path) -> None:
+    directory.mkdir()
+    (directory / "manifest.json").write_text('{"name": "my-web-app"}')
+
+
+@pytest.mark.parametrize("make, needles", [
+    (lambda d, base: _unrelated(d), ["'notes.txt'", "not a file of a plgk run"]),
+    (_run_with_a_file_of_mine, ["'results.csv'", "not a file of a plgk run"]),
+    (_run_with_a_folder, ["'plots'", "not a file of a plgk run"]),
+    (lambda d, base: _other_manifest(d), ["manifest.json", "may not be a plgk run directory"]),
+], ids=["unrelated-folder", "run-plus-a-file", "run-plus-a-folder", "other-manifest"])
+def test_train_overwrite_refuses_what_is_not_only_a_run(base, tmp_path, make, needles):
+    out = tmp_path / "out"
+    make(out, base)
+    before = snapshot(out)
+    assert_one_line_error(invoke("train", "--config", base["config"], "--out", out, "--quiet", "--overwrite"),
+                          OutputError.exit_code, str(out), *needles)
+    assert snapshot(out) == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_train_overwrite_with_resume_is_refused(base, run_copy):
+    before = snapshot(run_copy)
+    assert_one_line_error(invoke("train", "--config", base["config"], "--out", run_copy, "--quiet",
+                                 "--overwrite", "--resume"),
+                          ConfigError.exit_code, "--overwrite and --resume")
+    assert snapshot(run_copy) == before
+
+
+def test_train_overwrite_onto_a_new_or_empty_directory(base, tmp_path):
+    """Nothing to replace: --overwrite trains into it as without."""
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "new", tmp_path / "empty"):
+        result = invoke("train", "--config", base["config"], "--out", out, "--quiet", "--overwrite")
+        assert result.exit_code == 0, result.output
+        assert json.loads((out / "manifest.json").read_text())["complete"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "new"]
 
 
 def test_dataset_not_an_npz(tmp_path):

@@ -161,6 +161,37 @@ def test_json_lists_the_pictures(image_audit, tmp_path):
     assert len(plots["written"]) == 6 and plots["skipped"] == []
 
 
+def test_pictures_say_the_targets_sign_and_mark_the_audit_point_itself(image_audit, tmp_path, monkeypatch):
+    """Titles take the words of inspect: a margin's helpful end is the positive one, the audit point
+    of a train-split audit is named a training index and its own tile is captioned "itself"."""
+    from matplotlib.text import Text
+
+    from plgk_cli import plots
+
+    texts, save = {}, plots._save
+
+    def recording_save(fig, path):
+        texts[path.name] = "\n".join(t.get_text() for t in fig.findobj(Text))
+        return save(fig, path)
+
+    monkeypatch.setattr(plots, "_save", recording_save)
+    h5 = tmp_path / "self.h5"
+    replay(ReplayArguments(ckpts=str(image_audit["run"]), audit_set="train[0:4]", out=str(h5), device="cpu",
+                           targets=("margin", "loss")), progress=False)
+    with InfluenceFile(h5) as f:
+        write_plots(f, tmp_path / "margin", audit=AUDIT, target="margin")
+        margin = dict(texts)
+        write_plots(f, tmp_path / "loss", audit=AUDIT, target="loss")
+    sign = "influence > 0 pushed the margin up: helpful, a higher margin is better for the audit point"
+    assert sign in margin[f"examples_audit{AUDIT}.png"]
+    assert "helpful at the right (positive) end" in margin[f"influence_sorted_audit{AUDIT}.png"]
+    assert "helpful at the left (negative) end" in texts[f"influence_sorted_audit{AUDIT}.png"]
+    assert "influence < 0 pushed the loss down: helpful" in texts[f"examples_audit{AUDIT}.png"]
+    for name in (f"examples_audit{AUDIT}.png", f"layer_epoch_audit{AUDIT}.png", f"influence_sorted_audit{AUDIT}.png"):
+        assert f"Audit point {AUDIT} (train index {AUDIT}, label " in margin[name], name
+    assert f"#{AUDIT} itself" in margin[f"examples_audit{AUDIT}.png"]
+
+
 # --------------------------------------------------------------------------- embedding maths
 
 

@@ -23,14 +23,17 @@ from torch import nn
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.config import parse_config
 from plgk_cli.data import load_dataset
-from plgk_cli.errors import ConfigError, DataError, OutputError, RecorderError, UpdateCheckError
+from plgk_cli.check import validate_run
+from plgk_cli.errors import (ConfigError, DataError, OutputError, RecorderError, TrajectoryError,
+                             UpdateCheckError)
 from plgk_cli.optimizers import HYPER_FIELDS, build_torch_optimizer
 from plgk_cli.recorder import Recorder, hyper_from_optimizer
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
 from plgk_cli.train import hyper_from_config
-from plgk_cli.trajectory import check_steps, checksum_metadata, read_checkpoint, read_manifest
+from plgk_cli.trajectory import (check_steps, checksum_metadata, read_checkpoint, read_manifest,
+                                 recorded_by)
 
 # conftest.train_tiny: mlp hidden 6, 2 epochs of batch 8, seed 0, float64, cpu; the tiny npz has
 # 22 training rows of 6 features in 3 classes, so 3 updates per epoch (8 + 8 + 6).
@@ -51,10 +54,15 @@ def user_data():
             torch.randn(7, 5, generator=g, dtype=torch.float64), torch.arange(7) % 3)
 
 
+class LoopFailed(Exception):
+    """The user's loop failing mid-run (plain_loop's fail_after)."""
+
+
 def plain_loop(out, dataset: str, make_optimizer, *, clip=None, scheduler=None, epochs=EPOCHS,
-               stop_after=None, **recorder_kwargs):
+               stop_after=None, fail_after=None, **recorder_kwargs):
     """An ordinary training loop: seed, model, optimizer, shuffled minibatches, mean cross-entropy,
-    optional clipping and torch lr scheduler; the Recorder around it. Returns the run directory."""
+    optional clipping and torch lr scheduler; the Recorder around it. Returns the run directory;
+    ``stop_after`` ends the run early, ``fail_after`` raises LoopFailed in the with block."""
     data = load_dataset(dataset, 0, torch.float64)
     torch.manual_seed(SEED)
     model = user_mlp(data.in_shape, data.num_classes, HIDDEN).to(torch.float64)
@@ -78,6 +86,8 @@ def plain_loop(out, dataset: str, make_optimizer, *, clip=None, scheduler=None, 
                 recorder.step(batch, loss, logits)
                 if recorder.step_count == stop_after:
                     return out
+                if recorder.step_count == fail_after:
+                    raise LoopFailed(f"after update {fail_after}")
     return out
 
 
@@ -210,6 +220,84 @@ def test_interrupted_loop_leaves_an_incomplete_run(tmp_path, tiny_npz):
     assert manifest["complete"] is False and "final" not in manifest
     assert check_steps(tmp_path / "run", manifest) == [0, 1, 2]
     optimizer.step()  # the hooks are gone: stepping after the run is the user's business
+
+
+def _sgd(params):
+    return torch.optim.SGD(params, lr=0.1, foreach=False)
+
+
+def test_interrupted_recorder_run_is_advised_what_applies_to_a_loop(tmp_path, tiny_npz):
+    """`plgk check` and replay's refusal of an unfinished Recorder run do not advise `plgk train
+    --resume`, which cannot continue a loop of the user's own."""
+    run = tmp_path / "run"
+    with pytest.raises(LoopFailed):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd, fail_after=2)
+    assert read_manifest(run)["recorded_by"] == "Recorder"
+    advice = [p.message for p in validate_run(run) if "did not finish" in p.message]
+    assert len(advice) == 1
+    assert "your own training loop" in advice[0] and "Recorder(..., resume=True)" in advice[0]
+    assert "plgk train --config" not in advice[0] and "--resume" not in advice[0]
+    with pytest.raises(TrajectoryError) as refused:
+        replay(ReplayArguments(ckpts=str(run), audit_set="test[0:4]", out=str(tmp_path / "a.h5"),
+                               device="cpu"), progress=False)
+    assert str(refused.value).startswith(advice[0])
+    assert not (tmp_path / "a.h5").exists()
+
+
+def test_manifest_without_recorded_by_reads_and_resumes(tmp_path, tiny_npz):
+    """A manifest from before recorded_by: its producer is told by its config (null: a loop), and a
+    Recorder resumes it (the missing key is no setting that differs)."""
+    run = tmp_path / "run"
+    with pytest.raises(LoopFailed):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd, fail_after=2)
+    manifest = read_manifest(run)
+    del manifest["recorded_by"]
+    (run / "manifest.json").write_text(json.dumps(manifest))
+    assert recorded_by(manifest) == "Recorder" and recorded_by({**manifest, "config": {}}) == "plgk train"
+    assert "Recorder(..., resume=True)" in next(p.message for p in validate_run(run)
+                                                if "did not finish" in p.message)
+    data = load_dataset(f"npz:{tiny_npz}", 0, torch.float64)
+    model = user_mlp(data.in_shape, data.num_classes, HIDDEN).double()
+    recorder = Recorder(run, model, _sgd(model.parameters()), model_name="test_recorder:user_mlp",
+                        model_kwargs={"hidden": HIDDEN}, dataset=f"npz:{tiny_npz}", batch_size=BATCH_SIZE,
+                        epochs=EPOCHS, resume=True)
+    assert recorder.step_count == 2
+    recorder.finish()
+    manifest = read_manifest(run)
+    assert manifest["complete"] and manifest["recorded_by"] == "Recorder"
+
+
+def test_overwrite_replaces_a_run_only_once_the_new_one_is_complete(tmp_path, tiny_npz):
+    run = tmp_path / "run"
+    plain_loop(run, f"npz:{tiny_npz}", _sgd)
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(OutputError, match="pass overwrite=True"):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd)
+    # the loop fails midway: the new run is deleted, the old one untouched
+    with pytest.raises(LoopFailed):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd, fail_after=3, overwrite=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+    with pytest.raises(ConfigError, match="resume=True continues .* overwrite=True replaces"):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd, overwrite=True, resume=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
+
+    plain_loop(run, f"npz:{tiny_npz}", _sgd, overwrite=True, stop_after=4)
+    manifest = read_manifest(run)
+    assert manifest["complete"] and manifest["total_steps"] == 4
+    assert manifest["run_id"] != json.loads(before["manifest.json"])["run_id"]
+    assert check_steps(run, manifest) == [0, 1, 2, 3, 4]  # no step file of the old run's 6 is left
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_overwrite_refuses_a_directory_that_is_not_only_a_run(tmp_path, tiny_npz):
+    run = tmp_path / "run"
+    plain_loop(run, f"npz:{tiny_npz}", _sgd)
+    (run / "notes.txt").write_text("mine")
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    with pytest.raises(OutputError, match="holds 'notes.txt'"):
+        plain_loop(run, f"npz:{tiny_npz}", _sgd, overwrite=True)
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
 
 
 def test_recorder_keeps_the_global_random_stream(tmp_path, tiny_npz):
@@ -541,7 +629,15 @@ def test_example_script(tmp_path, capsys, monkeypatch):
     assert lrs[0] == 3e-3 and lrs[1] < 1e-4  # the cosine schedule, as the updates used it
     with InfluenceFile(f"{out}.h5") as f:
         assert f.metrics("loss")["lc"] > 0.99
+    # the documented command run again: refused without --overwrite, naming it; replaced with it
+    old_id = manifest["run_id"]
     assert record_own_loop.main(["--epochs", "1", "--out", str(out)]) == OutputError.exit_code
+    assert "pass --overwrite to replace the run" in capsys.readouterr().err
+    assert read_manifest(out)["run_id"] == old_id
+    argv = ["--epochs", "1", "--audit-set", "test[:4]", "--out", str(out), "--overwrite"]
+    assert record_own_loop.main(argv) == 0 and record_own_loop.main(argv) == 0
+    assert read_manifest(out)["run_id"] != old_id and read_manifest(out)["complete"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["own", "own.h5"]
 
 
 def test_sparse_run_keeps_batches_a_loop_reuses_in_place(tmp_path, tiny_npz):

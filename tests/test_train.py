@@ -352,9 +352,42 @@ def test_refuses_non_empty_output_directory(tmp_path, tiny_npz, adam_run):
     out = tmp_path / "copy"
     shutil.copytree(adam_run, out)
     before = {p.name: p.read_bytes() for p in out.iterdir()}
-    with pytest.raises(OutputError, match="not empty"):
+    with pytest.raises(OutputError, match="not empty; pass --overwrite"):
         train_tiny(out, tiny_npz, {"name": "adam", "lr": 0.01})
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+
+
+def _tiny_run_config(tiny_npz):
+    from conftest import tiny_config
+
+    return parse_config(tiny_config(tiny_npz, {"name": "adam", "lr": 0.01}, device="cpu"))
+
+
+def test_overwrite_replaces_the_run(tmp_path, tiny_npz, adam_run):
+    out = tmp_path / "copy"
+    shutil.copytree(adam_run, out)
+    old_id = read_manifest(out)["run_id"]
+    manifest = train_module.train(_tiny_run_config(tiny_npz), out, progress=False, overwrite=True)
+    assert manifest["run_id"] != old_id and read_manifest(out)["run_id"] == manifest["run_id"]
+    assert manifest["recorded_by"] == "plgk train"
+    assert check_steps(out, manifest) == list(range(TOTAL_STEPS + 1))
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]  # neither the staging nor the old run left
+    for t in range(TOTAL_STEPS + 1):  # the same config: the same trajectory, under the new run id
+        assert torch.equal(load_file(checkpoint_path(out, t))["loss" if t else "param/1.weight"],
+                           load_file(checkpoint_path(adam_run, t))["loss" if t else "param/1.weight"])
+
+
+def test_overwrite_keeps_the_old_run_when_training_fails(tmp_path, tiny_npz, adam_run, monkeypatch):
+    """A crash at the 3rd checkpoint of the new run: the old run is as it was, the new one gone."""
+    out = tmp_path / "copy"
+    shutil.copytree(adam_run, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setenv("PLGK_FAULT", "after_checkpoint:3:CRASH")
+    monkeypatch.setenv("PLGK_FAULT_COUNT", "0")
+    with pytest.raises(RuntimeError, match="injected crash"):
+        train_module.train(_tiny_run_config(tiny_npz), out, progress=False, overwrite=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert [p.name for p in tmp_path.iterdir()] == ["copy"]
 
 
 # --------------------------------------------------------------------------- learning_rate

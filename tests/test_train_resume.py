@@ -8,10 +8,13 @@ import random
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from plgk_cli.check import validate_run
 from plgk_cli.trajectory import list_steps, read_manifest
 
 CONFIG = """
@@ -56,6 +59,18 @@ def assert_same_step_files(reference, out):
             assert torch.equal(a[key], b[key]), (step, key)
 
 
+def assert_resumes_to_an_uninterrupted_run(config, tmp_path, kill_after: int) -> Path:
+    """Train ``config`` whole, and again killed after its ``kill_after``-th checkpoint write and
+    resumed: the two runs' step files must be equal bit for bit. Returns the resumed run."""
+    reference, out = tmp_path / "reference", tmp_path / "run"
+    assert plgk_train(config, reference).returncode == 0
+    assert plgk_train(config, out, fault=f"after_checkpoint:{kill_after}:KILL").returncode != 0
+    resumed = plgk_train(config, out, "--resume")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_step_files(reference, out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory, tiny_npz):
     root = tmp_path_factory.mktemp("train")
@@ -75,11 +90,22 @@ def test_resumed_training_matches_uninterrupted(setup, tmp_path, kill_after):
     assert list_steps(out)[-1] == kill_after - 1
     refused = plgk_train(config, out)  # without --resume the run is never extended
     assert refused.returncode != 0 and "not empty" in refused.stderr
+    advice = [p.message for p in validate_run(out, check_data=False) if "did not finish" in p.message]
+    assert len(advice) == 1 and f"plgk train --config ... --out {out} --resume" in advice[0]
     resumed = plgk_train(config, out, "--resume")
     assert resumed.returncode == 0, resumed.stderr
     assert read_manifest(out)["complete"]
     assert list_steps(out) == list_steps(reference) == list(range(TOTAL_STEPS + 1))
     assert_same_step_files(reference, out)
+
+
+def test_plain_sgd_run_resumes(setup, tmp_path):
+    """Plain SGD keeps no optimizer state, so its step files hold none: resume must not expect it."""
+    config, _ = setup
+    sgd = tmp_path / "sgd.toml"
+    sgd.write_text(config.read_text().replace('name = "adamw"\nlr = 0.02\nweight_decay = 0.1',
+                                              'name = "sgd"\nlr = 0.1'))
+    assert_resumes_to_an_uninterrupted_run(sgd, tmp_path, kill_after=4)
 
 
 def test_resume_of_a_complete_run_is_refused(setup):
@@ -139,11 +165,28 @@ def test_resumed_onecycle_run_with_groups_matches_uninterrupted(setup, tmp_path)
     text = text.replace("[schedule]", '[[optim.groups]]\nparams = "*.bias"\nweight_decay = 0.0\nlr = 0.05\n\n[schedule]')
     cycled = tmp_path / "onecycle.toml"
     cycled.write_text(text)
-    reference = tmp_path / "reference"
-    assert plgk_train(cycled, reference).returncode == 0
-    out = tmp_path / "run"
-    assert plgk_train(cycled, out, fault="after_checkpoint:5:KILL").returncode != 0
-    resumed = plgk_train(cycled, out, "--resume")
-    assert resumed.returncode == 0, resumed.stderr
-    assert_same_step_files(reference, out)
+    out = assert_resumes_to_an_uninterrupted_run(cycled, tmp_path, kill_after=5)
     assert all("hyper" in load_file(out / f"step_{t:08d}.safetensors") for t in list_steps(out)[1:])
+
+
+@pytest.mark.parametrize("how", ["INT", "KILL"])
+def test_interrupted_overwrite_keeps_the_old_run(setup, tmp_path, how):
+    """--overwrite writes the new run beside the old one: Ctrl-C deletes the new run (exit 130, one
+    line saying so), a SIGKILL leaves it beside; either way the old run is as it was."""
+    import shutil
+
+    config, reference = setup
+    out = tmp_path / "run"
+    shutil.copytree(reference, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    result = plgk_train(config, out, "--overwrite", fault=f"after_checkpoint:4:{how}")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    left = sorted(p.name for p in tmp_path.iterdir())
+    if how == "INT":
+        assert result.returncode == 130, result.stderr
+        assert result.stderr.strip() == (f"plgk: error: {out}: interrupted; the new run was deleted and "
+                                         f"{out} still holds the run it was to replace")
+        assert left == ["run"]
+    else:
+        assert result.returncode != 0
+        assert left[0] == "run" and len(left) == 2 and left[1].startswith("run.plgk-new-")

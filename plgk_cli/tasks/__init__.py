@@ -19,16 +19,52 @@ from plgk_cli.errors import ConfigError
 from plgk_cli.importing import import_object
 
 
+# Which way of an audited quantity is better for the audit point. The stored `sign` attribute,
+# `plgk inspect` and the plots all take their words from these, so a target's sign is stated once.
+HELPFUL_DOWN = "down"  # a loss: a training example that lowered it helped
+HELPFUL_UP = "up"  # a log-probability, a true-class logit, a margin: one that raised it helped
+NO_HELPFUL = "none"  # e.g. a regression output: it was raised or lowered, neither is better
+TRUE_CLASS_UP = "true-class-up"  # logits: up in the audit point's own class, down in every other
+DIRECTIONS = (HELPFUL_DOWN, HELPFUL_UP, NO_HELPFUL, TRUE_CLASS_UP)
+
+
+def column_direction(direction: str, column: int | None = None, label=None) -> str:
+    """The direction of one audited column: TRUE_CLASS_UP resolved against the audit point's class."""
+    if direction != TRUE_CLASS_UP:
+        return direction
+    return HELPFUL_UP if column is not None and label is not None and int(column) == int(label) else HELPFUL_DOWN
+
+
+def sign_sentence(direction: str, what: str, own_class: str = "the audit point's own class") -> str:
+    """What the sign of an influence on ``what`` (e.g. "margin", "logit of class 3") means, in words;
+    ``own_class`` names the column a TRUE_CLASS_UP target helps by going up."""
+    if direction == HELPFUL_DOWN:
+        return (f"influence < 0 pushed the {what} down: helpful, a lower {what} is better for the audit "
+                f"point; > 0 pushed it up: harmful")
+    if direction == HELPFUL_UP:
+        return (f"influence > 0 pushed the {what} up: helpful, a higher {what} is better for the audit "
+                f"point; < 0 pushed it down: harmful")
+    if direction == TRUE_CLASS_UP:
+        return (f"influence > 0 pushed the {what} up, < 0 pushed it down; helpful = up for {own_class}, "
+                f"down for every other class")
+    return (f"influence > 0 pushed the {what} up, < 0 pushed it down; neither is helpful or harmful: "
+            f"no direction of the {what} is better for the audit point")
+
+
 class Task:
     """The protocol. Subclass it and override what differs; ``name`` is what the manifest stores.
 
-    ``targets``: the audited quantities it offers. ``loss_terms`` and ``audited`` are evaluated on the model's output for a batch
+    ``targets``: the audited quantities it offers; ``helpful_directions``: which way of each one is
+    better for the audit point (what `inspect` calls helpful). ``loss_terms`` and ``audited`` are evaluated on the model's output for a batch
     and must treat the rows independently (row m depends only on output row m and target m).
     """
 
     name = "task"
     targets: tuple = ("loss",)
     label_kind = "float"  # "class" (integer labels), "float" or "tokens" (next-token ids): how datasets hand y over
+    # target -> the direction that helps the audit point (one of DIRECTIONS); a target not named
+    # here has none (NO_HELPFUL): inspect then ranks by raised / lowered, not helpful / harmful
+    helpful_directions: dict = {"loss": HELPFUL_DOWN}
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         """The split's targets as the task uses them; raises ValueError with what is wrong."""
@@ -60,6 +96,11 @@ class Task:
         """The audited quantities of a batch (B x Q), targets stacked in order."""
         raise NotImplementedError
 
+    def helpful_direction(self, target: str) -> str:
+        """Which way of ``target`` is better for the audit point (one of DIRECTIONS)."""
+        direction = self.helpful_directions.get(target, NO_HELPFUL)
+        return direction if direction in DIRECTIONS else NO_HELPFUL
+
     def correct(self, output: torch.Tensor, y: torch.Tensor) -> int | None:
         """How many rows the model gets right (None where accuracy means nothing)."""
         return None
@@ -79,6 +120,18 @@ BUILTIN_TASKS = ("classification", "regression", "language-model")
 def builtin_targets() -> tuple:
     """Every target a built-in task offers, each once, in the tasks' order."""
     return tuple(dict.fromkeys(t for task in _builtin().values() for t in task.targets))
+
+
+def known_direction(task_name: str, target: str) -> str:
+    """``target``'s direction without importing a py: task (files written before the direction was
+    stored): the built-in task's, else that of the built-in target of the same name, else none."""
+    builtin = _builtin()
+    if task_name in builtin:
+        return builtin[task_name]().helpful_direction(target)
+    for task in builtin.values():
+        if target in task.targets:
+            return task().helpful_direction(target)
+    return NO_HELPFUL
 
 
 def task_for(name: str) -> Task:

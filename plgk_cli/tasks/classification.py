@@ -6,13 +6,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from plgk_cli.tasks import Task
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, TRUE_CLASS_UP, Task
 
 
 class Classification(Task):
     name = "classification"
     targets = ("loss", "logit", "margin", "logits")
     label_kind = "class"
+    helpful_directions = {"loss": HELPFUL_DOWN, "logit": HELPFUL_UP, "margin": HELPFUL_UP, "logits": TRUE_CLASS_UP}
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         y = np.asarray(y)

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 
 from plgk_cli.models import output_tensor
-from plgk_cli.tasks import Task
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, Task
 
 IGNORE = -100  # a position without a target (torch's and Hugging Face's ignore_index)
 MAX_TOKEN_ID = 2 ** 24  # an embedding row each: larger ids are a data error, not a vocabulary
@@ -130,6 +130,7 @@ class LanguageModel(Task):
     name = "language-model"
     targets = ("loss", "sequence-logprob", "token-losses")
     label_kind = "tokens"
+    helpful_directions = {"loss": HELPFUL_DOWN, "sequence-logprob": HELPFUL_UP, "token-losses": HELPFUL_DOWN}
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         y = np.asarray(y)

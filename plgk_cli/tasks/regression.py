@@ -12,12 +12,15 @@ import math
 import numpy as np
 import torch
 
-from plgk_cli.tasks import Task
+from plgk_cli.tasks import HELPFUL_DOWN, NO_HELPFUL, Task
 
 
 class Regression(Task):
     name = "regression"
     targets = ("loss", "output")
+    # an output is better raised for one audit point and lowered for another (it depends on which
+    # side of its target it lies): only the loss says which training examples helped
+    helpful_directions = {"loss": HELPFUL_DOWN, "output": NO_HELPFUL}
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         y = np.asarray(y)
