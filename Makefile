@@ -17,8 +17,7 @@ $(VENV)/.installed: pyproject.toml
 install: $(VENV)/.installed
 
 demo: install
-	rm -rf $(DEMO_RUN)
-	$(PLGK) train --config configs/demo.toml --out $(DEMO_RUN)
+	$(PLGK) train --config configs/demo.toml --out $(DEMO_RUN) --overwrite
 	$(PLGK) replay --ckpts $(DEMO_RUN) --audit-set 'test[:64]' --out $(DEMO_RUN).h5 --overwrite
 	$(PLGK) inspect $(DEMO_RUN).h5
 	$(PLGK) inspect $(DEMO_RUN).h5 --audit 0 --top 5
@@ -35,8 +34,10 @@ demo-lm: install
 	$(PLGK) inspect $(DEMO_LM_RUN).h5 --audit 0 --top 5
 	$(PY) scripts/demo_lm.py report $(DEMO_LM_RUN).h5
 
+# One pytest worker per CPU (pytest-xdist), a test file per worker at a time: the suite, docs pages
+# included, needs about 10 CPU-minutes, which one process on 2 cores would take past CI's 10.
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --dist loadfile
 
 bench: install
 	$(PY) scripts/bench.py
