@@ -43,6 +43,10 @@ def reports_errors(fn):
         except KeyboardInterrupt:
             click.echo(f"plgk: interrupted; {INTERRUPTED.get(ctx.info_name, 'stopped')}", err=True)
             sys.exit(130)
+        finally:  # a command that failed before choosing threads leaves no request behind
+            from plgk_cli.threads import request_default
+
+            request_default(False)
 
     return wrapper
 

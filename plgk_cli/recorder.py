@@ -48,6 +48,7 @@ import dataclasses
 import datetime
 import json
 import math
+import os
 import uuid
 from pathlib import Path
 
@@ -206,8 +207,9 @@ class Recorder:
     ``overwrite=True`` replaces the run already in ``out_dir`` (refused, OutputError, unless the
     directory holds a plgk run and nothing else): the new run is written into a sibling directory
     (``out_dir`` names it until then) and renamed into place by ``finish()``, so the old run stays
-    whole until the new one is; an exception in the ``with`` block deletes the new run instead, and
-    there is nothing to resume. ``recorded_by`` goes into the manifest (`plgk train` passes
+    whole until the new one is; an exception in the ``with`` block (or in ``finish()``) deletes the
+    new run instead, and there is nothing to resume. Where ``out_dir`` was missing or empty there
+    is nothing to replace: the run is written there and an interrupted one stays resumable. ``recorded_by`` goes into the manifest (`plgk train` passes
     ``"plgk train"``): it decides what `plgk check` advises for an interrupted run.
 
     ``dataset`` is a spec that load_dataset reads (``npz:PATH``, ``py:package.module:function``,
@@ -291,7 +293,9 @@ class Recorder:
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
             out_dir, model, optimizer, data, hyper)
         # the run directory finish() puts this run in place of (overwrite=True onto a run)
-        self.replaces: Path | None = out_dir if overwrite and trajectory.is_non_empty_dir(out_dir) else None
+        # absolute: the loop may change the working directory before finish() swaps the runs
+        self.replaces: Path | None = Path(os.path.abspath(out_dir)) \
+            if overwrite and trajectory.is_non_empty_dir(out_dir) else None
         self.task = task
         self.steps_per_epoch = steps_per_epoch
         self.run_id = uuid.uuid4().hex
@@ -501,7 +505,12 @@ class Recorder:
 
     def __exit__(self, exc_type, exc, tb) -> bool:
         if exc_type is None:
-            self.finish()
+            try:
+                self.finish()
+            except BaseException:  # Ctrl-C or an error while finishing: the old run stays the run
+                self._remove_hooks()
+                self._discard_replacement()
+                raise
         else:  # interrupted: the manifest stays complete = false, the steps so far stay valid
             self._remove_hooks()
             self._discard_replacement()

@@ -174,7 +174,8 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                         checkpoint_every=config.checkpoint.every, task=task, overwrite=overwrite,
                         recorded_by=RECORDED_BY_TRAIN)
     replacing = recorder.replaces is not None
-    apply_default_threads(sum(p.numel() for p in model.parameters()), device, progress)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what replay counts
+    apply_default_threads(trainable, device, progress)
     try:
         _train_loop(config, recorder, model, optimizer, data, task, device, dtype, progress)
     except KeyboardInterrupt:

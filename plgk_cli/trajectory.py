@@ -39,6 +39,7 @@ import json
 import os
 import re
 import sys
+import time
 import uuid
 import zlib
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ def is_non_empty_dir(run_dir: Path) -> bool:
     return run_dir.is_dir() and not run_dir.is_symlink() and any(run_dir.iterdir())
 
 
+LIVE_RUN_SECONDS = 60  # an unfinished run written to more recently than this may be training still
+
+
 def check_replaceable_run_dir(run_dir: Path) -> None:
     """Refuse (OutputError) to replace ``run_dir`` unless it is missing, empty, or a plgk run
     directory and nothing else: a manifest.json of this format and only the files a run's writers
@@ -160,6 +164,13 @@ def check_replaceable_run_dir(run_dir: Path) -> None:
         raise OutputError(f"{run_dir}: has no readable {FORMAT} {MANIFEST}, so it may not be a plgk run "
                           "directory; --overwrite replaces only one: remove it yourself if it is, or "
                           "choose a new --out")
+    # Nothing locks a run directory: an unfinished run written to moments ago may be one that is
+    # still training, whose next checkpoint would land in the new run.
+    age = time.time() - max(p.stat().st_mtime for p in entries)
+    if not manifest.get("complete") and age < LIVE_RUN_SECONDS:
+        raise OutputError(f"{run_dir}: an unfinished run written to {age:.0f} s ago, which may still be "
+                          "training; stop it first (or wait a minute if it was interrupted), then replace "
+                          "it with --overwrite, or finish it with --resume")
 
 
 def staging_dir(run_dir: Path) -> Path:
@@ -199,7 +210,7 @@ def replace_run_dir(new: Path, run_dir: Path) -> None:
         os.rename(run_dir, old)  # two renames, not a delete: until the second, both runs are whole
         try:
             os.rename(new, run_dir)
-        except OSError:
+        except BaseException:  # a failed rename or Ctrl-C between the two: the old run goes back
             os.rename(old, run_dir)
             raise
     except OSError as exc:

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -463,6 +465,23 @@ def test_train_overwrite_replaces_the_run(base, run_copy):
     assert sorted(p.name for p in run_copy.iterdir()) == sorted(p.name for p in base["run"].iterdir())
     assert sorted(p.name for p in run_copy.parent.iterdir()) == ["run"]  # no staging, no old copy left
     assert invoke("check", run_copy).exit_code == 0
+
+
+def test_train_overwrite_refuses_an_unfinished_run_written_to_just_now(base, run_copy):
+    """Nothing locks a run directory: an unfinished run written to a moment ago may be training."""
+    manifest_path = run_copy / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest_path.write_text(json.dumps({**manifest, "complete": False}))
+    before = {p.name: p.read_bytes() for p in run_copy.iterdir()}
+    result = invoke("train", "--config", base["config"], "--out", run_copy, "--quiet", "--overwrite")
+    assert_one_line_error(result, OutputError.exit_code, str(run_copy), "may still be training", "--resume")
+    assert {p.name: p.read_bytes() for p in run_copy.iterdir()} == before
+    an_hour_ago = time.time() - 3600
+    for p in run_copy.iterdir():
+        os.utime(p, (an_hour_ago, an_hour_ago))
+    result = invoke("train", "--config", base["config"], "--out", run_copy, "--quiet", "--overwrite")
+    assert result.exit_code == 0, result.output
+    assert json.loads(manifest_path.read_text())["complete"]
 
 
 def first_row_only(in_shape, num_classes):
