@@ -9,7 +9,7 @@ import numpy as np
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.store import InfluenceFile
-from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, column_direction, sign_sentence
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, column_direction, quantity_name, sign_sentence
 from plgk_cli.tasks.language_model import BYTE_VOCAB, IGNORE, decode
 
 
@@ -96,15 +96,6 @@ def rank_headings(direction: str, what: str, noun: str = "training examples") ->
     if direction in (HELPFUL_DOWN, HELPFUL_UP):
         return f"most helpful {noun}", f"most harmful {noun}"
     return f"{noun} that raised the {what} most", f"{noun} that lowered the {what} most"
-
-
-def quantity_name(target: str, column: int | None = None) -> str:
-    """One audited column in words: "margin", "logit of class 3", "loss at position 5"."""
-    if column is None:
-        return target
-    if target == "logits":
-        return f"logit of class {column}"
-    return f"loss at position {column}" if target == "token-losses" else f"{target} {column}"
 
 
 def audit_point_row(f: InfluenceFile, audit: int) -> int | None:

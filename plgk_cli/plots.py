@@ -27,9 +27,9 @@ import numpy as np
 
 from plgk_cli.errors import AuditSpecError, DependencyError, OutputError, PlgkError
 from plgk_cli.inspect import (_label, _show, audit_origin, audit_point_row, default_column, helpful_sign,
-                              quantity_name, rank_headings, ranking_direction)
+                              rank_headings, ranking_direction)
 from plgk_cli.store import InfluenceFile
-from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, sign_sentence
+from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, quantity_name, sign_sentence
 
 DPI = 100
 WIDE = (10.0, 4.5)  # inches: 1000 x 450 pixels at DPI

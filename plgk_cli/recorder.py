@@ -209,8 +209,9 @@ class Recorder:
     (``out_dir`` names it until then) and renamed into place by ``finish()``, so the old run stays
     whole until the new one is; an exception in the ``with`` block (or in ``finish()``) deletes the
     new run instead, and there is nothing to resume. Where ``out_dir`` was missing or empty there
-    is nothing to replace: the run is written there and an interrupted one stays resumable. ``recorded_by`` goes into the manifest (`plgk train` passes
-    ``"plgk train"``): it decides what `plgk check` advises for an interrupted run.
+    is nothing to replace: the run is written there and an interrupted one stays resumable.
+    ``recorded_by`` goes into the manifest (`plgk train` passes ``"plgk train"``): it decides what
+    `plgk check` advises for an interrupted run.
 
     ``dataset`` is a spec that load_dataset reads (``npz:PATH``, ``py:package.module:function``,
     ``digits``, ...) or the Dataset it returned, unchanged: replay reloads the data from its spec

@@ -57,7 +57,7 @@ import numpy as np
 
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
-from plgk_cli.tasks import known_direction, sign_sentence, task_for
+from plgk_cli.tasks import known_direction, quantity_name, sign_sentence, task_for
 
 SCHEMA_VERSION = 5  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
 # 4: quadrature/*, error_bound, accepted_update_error, checksums; 5: helpful_direction, a `sign` per target
@@ -70,11 +70,9 @@ CHECKSUM = dict(fletcher32=True)  # HDF5 checksums every chunk and verifies it o
 def sign_attribute(target: str, direction: str, ndim: int, grouped: bool) -> str:
     """The `sign` attribute of a target's influence dataset: what an entry is and what its sign means."""
     rows = "training group m (--group-by)" if grouped else "training example m"
-    if ndim == 3:
-        what = {"logits": "logit of class c", "token-losses": "loss at position t"}.get(target, f"{target} c")
-        index = "m, n, t" if target == "token-losses" else "m, n, c"
-    else:
-        what, index = target, "m, n"
+    column = ("t" if target == "token-losses" else "c") if ndim == 3 else None
+    what = quantity_name(target, column)
+    index = "m, n" if column is None else f"m, n, {column}"
     meaning = sign_sentence(direction, what, own_class="the class that is audit point n's label")
     return f"influence[{index}]: how much {rows} moved the {what} of audit point n over training. {meaning}"
 

@@ -116,7 +116,7 @@ def check_new_run_dir(run_dir: Path, overwrite_flag: str = "overwrite=True", out
         raise OutputError(f"{run_dir}: exists and is not a directory; choose a new {out_name}")
     if run_dir.is_dir() and any(run_dir.iterdir()):
         try:
-            check_replaceable_run_dir(run_dir)
+            _only_a_run(run_dir)
         except OutputError:
             raise OutputError(f"{run_dir}: exists and is not empty, and is not only a plgk run; choose "
                               f"a new {out_name} or empty it") from None
@@ -136,8 +136,7 @@ LIVE_RUN_SECONDS = 60  # an unfinished run written to more recently than this ma
 
 def check_replaceable_run_dir(run_dir: Path) -> None:
     """Refuse (OutputError) to replace ``run_dir`` unless it is missing, empty, or a plgk run
-    directory and nothing else: a manifest.json of this format and only the files a run's writers
-    create. Anything else may be someone's data, which a replace must never delete."""
+    directory and nothing else (_only_a_run) that is not, by the look of it, still being written."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink():
         raise OutputError(f"{run_dir}: is a symbolic link; --overwrite replaces only a run directory "
@@ -149,6 +148,21 @@ def check_replaceable_run_dir(run_dir: Path) -> None:
     entries = sorted(run_dir.iterdir())
     if not entries:
         return
+    manifest = _only_a_run(run_dir, entries)
+    # Nothing locks a run directory: an unfinished run written to moments ago may be one that is
+    # still training, whose next checkpoint would land in the new run.
+    age = time.time() - max(p.stat().st_mtime for p in entries)
+    if not manifest.get("complete") and age < LIVE_RUN_SECONDS:
+        raise OutputError(f"{run_dir}: an unfinished run written to {age:.0f} s ago, which may still be "
+                          "training; stop it first (or wait a minute if it was interrupted), then replace "
+                          "it with --overwrite, or finish it with --resume")
+
+
+def _only_a_run(run_dir: Path, entries: list | None = None) -> dict:
+    """The manifest of the non-empty directory ``run_dir`` if it holds a plgk run and nothing else:
+    a manifest.json of this format and only the files a run's writers create; else OutputError.
+    Anything else may be someone's data, which a replace must never delete."""
+    entries = sorted(run_dir.iterdir()) if entries is None else entries
     foreign = [p.name for p in entries if not RUN_FILE_PATTERN.match(p.name) or p.is_symlink()
                or not p.is_file()]
     if foreign:
@@ -164,13 +178,7 @@ def check_replaceable_run_dir(run_dir: Path) -> None:
         raise OutputError(f"{run_dir}: has no readable {FORMAT} {MANIFEST}, so it may not be a plgk run "
                           "directory; --overwrite replaces only one: remove it yourself if it is, or "
                           "choose a new --out")
-    # Nothing locks a run directory: an unfinished run written to moments ago may be one that is
-    # still training, whose next checkpoint would land in the new run.
-    age = time.time() - max(p.stat().st_mtime for p in entries)
-    if not manifest.get("complete") and age < LIVE_RUN_SECONDS:
-        raise OutputError(f"{run_dir}: an unfinished run written to {age:.0f} s ago, which may still be "
-                          "training; stop it first (or wait a minute if it was interrupted), then replace "
-                          "it with --overwrite, or finish it with --resume")
+    return manifest
 
 
 def staging_dir(run_dir: Path) -> Path:

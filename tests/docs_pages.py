@@ -10,7 +10,8 @@ How a page is read:
 - ```python: a snippet, run on its own (a fresh namespace: it must import what it uses); an adjacent
   plain block is what it prints. A block of `>>>` lines runs as the interactive interpreter does.
 - ```toml (or any block) after `<!-- docs-test: file=NAME -->`: written to NAME, not run.
-- a plain block starting with `plgk `: a synopsis; its options must be the command's.
+- a plain block starting with `plgk `: a synopsis, not run; its options, like every option written
+  after a command on the page, are checked by tests/test_docs.py.
 - any other plain block (a formula, a file tree, a table of output not produced here) is prose.
 
 Directives, in an HTML comment just before a block: `file=NAME`, `parse-only` (each command is
@@ -208,7 +209,7 @@ class Command:
 @dataclass
 class Step:
     block: Block
-    kind: str                      # console | script | python | repl | file | synopsis
+    kind: str                      # console | script | python | repl | file
     commands: list[Command] = field(default_factory=list)
     expected: str | None = None    # output shown for a script or snippet
     rtol: float | None = None
@@ -269,8 +270,6 @@ def plan(blocks: list[Block]) -> list[Step]:
         elif b.lang == "python":
             steps.append(Step(b, "python", expected=following.text if output_follows else None, rtol=rtol))
             k += output_follows
-        elif b.lang in ("", "text") and b.text.startswith("plgk "):
-            steps.append(Step(b, "synopsis"))
         k += 1
     return steps
 
@@ -400,8 +399,6 @@ class PageRunner:
             target = self.scratch / b.directive["file"]
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(b.text + "\n")
-            return None
-        if step.kind == "synopsis":
             return None
         if step.kind == "console" or (step.kind == "script" and parse_only):
             for c in step.commands:

@@ -155,7 +155,6 @@ def parse_script(path: str, argv: list[str]) -> int:
 def handle(request: dict) -> dict:
     kind, cwd = request["kind"], request["cwd"]
     error = None
-    outputs: list[str] = []
     code = 0
     with fresh_process_state(cwd, on_path=kind in ("python", "repl")):
         os.environ.update(request.get("env", {}))

@@ -90,6 +90,7 @@ def test_resumed_training_matches_uninterrupted(setup, tmp_path, kill_after):
     assert list_steps(out)[-1] == kill_after - 1
     refused = plgk_train(config, out)  # without --resume the run is never extended
     assert refused.returncode != 0 and "not empty" in refused.stderr
+    assert "pass --overwrite" in refused.stderr and "not only a plgk run" not in refused.stderr
     advice = [p.message for p in validate_run(out, check_data=False) if "did not finish" in p.message]
     assert len(advice) == 1 and f"plgk train --config ... --out {out} --resume" in advice[0]
     resumed = plgk_train(config, out, "--resume")

@@ -35,6 +35,16 @@ def column_direction(direction: str, column: int | None = None, label=None) -> s
     return HELPFUL_UP if column is not None and label is not None and int(column) == int(label) else HELPFUL_DOWN
 
 
+def quantity_name(target: str, column: int | str | None = None) -> str:
+    """One audited column in words: "margin", "logit of class 3", "loss at position 5" (``column``
+    may be a letter: "logit of class c")."""
+    if column is None:
+        return target
+    if target == "logits":
+        return f"logit of class {column}"
+    return f"loss at position {column}" if target == "token-losses" else f"{target} {column}"
+
+
 def sign_sentence(direction: str, what: str, own_class: str = "the audit point's own class") -> str:
     """What the sign of an influence on ``what`` (e.g. "margin", "logit of class 3") means, in words;
     ``own_class`` names the column a TRUE_CLASS_UP target helps by going up."""
