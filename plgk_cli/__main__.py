@@ -1,3 +1,3 @@
-from plgk_cli.cli import main
+from plgk_cli.cli import entry
 
-main()
+entry()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,23 +52,45 @@ class ReplayArguments:
     max_update_error: float | None = None  # the update check's gate; None: by the run's dtype
 
     def __post_init__(self):
-        targets = tuple(dict.fromkeys(self.targets))  # keep order, drop repeats
+        # Python callers build this directly: every field is checked for its type and range here,
+        # before any work, as the CLI's parser would (a str "8" must not reach a loop bound).
+        for name in ("ckpts", "audit_set", "out", "train_subset"):
+            value = getattr(self, name)
+            if isinstance(value, os.PathLike):
+                object.__setattr__(self, name, os.fspath(value))
+            elif not (isinstance(value, str) or (value is None and name == "train_subset")):
+                raise AuditSpecError(f"{_flag(name)}: must be a path or spec string, got {value!r}")
+        targets = (self.targets,) if isinstance(self.targets, str) else self.targets
+        if not isinstance(targets, (tuple, list)):
+            raise AuditSpecError(f"--target: must be a target name or a tuple of them, got {targets!r}")
+        targets = tuple(dict.fromkeys(targets))  # keep order, drop repeats
         object.__setattr__(self, "targets", targets)
         if not targets:
             raise AuditSpecError("--target: give at least one of " + ", ".join(TARGETS))
         for t in targets:  # which of them the run's task offers is checked with the run
             if not (isinstance(t, str) and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_-]*", t)):
                 raise AuditSpecError(f"--target: unknown target {t!r}; expected one of {', '.join(TARGETS)}")
+        for name in FLAGS:
+            if not isinstance(getattr(self, name), bool):
+                raise AuditSpecError(f"{_flag(name)}: must be True or False, got {getattr(self, name)!r}")
+        if not isinstance(self.rule, str):
+            raise AuditSpecError(f"--rule: must be a string such as 'trapezoid', got {self.rule!r}")
         parse_rule(self.rule)
         if self.group_by not in (None, "label"):
             raise AuditSpecError(f"--group-by: unknown grouping {self.group_by!r}; expected label")
-        if not isinstance(self.stride, int) or self.stride < 1:
-            raise AuditSpecError(f"--stride: must be a whole number >= 1, got {self.stride!r}")
-        object.__setattr__(self, "modes_at", tuple(int(t) for t in self.modes_at))
-        if self.kernel_stride < 0:
-            raise AuditSpecError(f"--kernel-stride: must be >= 1 (0: one epoch), got {self.kernel_stride}")
-        if self.modes < 0:
-            raise AuditSpecError(f"--modes: must be >= 0, got {self.modes}")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise AuditSpecError(f"--device: expected auto, cpu or cuda, got {self.device!r}")
+        for name, low, high in INTEGER_RANGES:
+            _check_integer(name, getattr(self, name), low, high)
+        for name, low, low_open in NUMBER_RANGES:
+            _check_number(name, getattr(self, name), low, low_open)
+        if not isinstance(self.modes_at, (tuple, list)):
+            raise AuditSpecError(f"--modes-at: must be a tuple of steps, got {self.modes_at!r}")
+        for t in self.modes_at:
+            _check_integer("modes_at", t, 0, None)
+        object.__setattr__(self, "modes_at", tuple(self.modes_at))
+        if self.max_update_error is not None:
+            _check_number("max_update_error", self.max_update_error, 0.0, True)
         if self.modes_method not in ("svd", "oja"):
             raise AuditSpecError(f"--modes-method: expected svd or oja, got {self.modes_method!r}")
         if (self.kernel_train or self.precondition) and not (self.kernel or self.modes):
@@ -77,15 +100,6 @@ class ReplayArguments:
         if self.modes_at and self.modes_method == "oja":
             raise AuditSpecError("--modes-at: the oja modes follow the whole run; it applies to "
                                  "--modes-method svd only")
-        if self.commit_every < 0 or self.commit_seconds <= 0:
-            raise AuditSpecError("--commit-every must be >= 0 and --commit-seconds > 0")
-        if self.memory_budget < 0:
-            raise AuditSpecError(f"--memory-budget: must be >= 0 MB, got {self.memory_budget!r}")
-        if self.max_update_error is not None and not (
-                isinstance(self.max_update_error, (int, float)) and self.max_update_error > 0):
-            raise AuditSpecError(f"--accept-update-error: must be a number > 0, got {self.max_update_error!r}")
-        if self.chunk_size < 1:
-            raise AuditSpecError(f"--chunk-size: must be >= 1, got {self.chunk_size!r}")
         if self.ghost and (self.rule != "euler" or self.stride != 1):
             raise AuditSpecError(f"--ghost: needs --rule euler and --stride 1 (got --rule {self.rule} "
                                  f"--stride {self.stride}): the ghost products pair each update's "
@@ -113,6 +127,36 @@ class ReplayArguments:
         return steps
 
 
+FLAGS = ("overwrite", "resume", "kernel", "kernel_train", "precondition", "save_modes", "ghost")
+MAX_SUB_INTERVALS = 4096  # supersample:K beyond this costs hours per update for no measurable gain
+# (field, smallest, largest or None): the integer options' ranges
+INTEGER_RANGES = (("stride", 1, None), ("chunk_size", 1, 1 << 24), ("commit_every", 0, None),
+                  ("kernel_stride", 0, None), ("modes", 0, 100_000))
+# (field, bound, bound excluded): the real-valued options, all finite
+NUMBER_RANGES = (("memory_budget", 0.0, False), ("commit_seconds", 0.0, True))
+_OPTION = {"max_update_error": "--accept-update-error", "targets": "--target"}
+
+
+def _flag(name: str) -> str:
+    return _OPTION.get(name, "--" + name.replace("_", "-"))
+
+
+def _check_integer(name: str, value, low: int, high: int | None) -> None:
+    ok = isinstance(value, int) and not isinstance(value, bool) and value >= low and (
+        high is None or value <= high)
+    if not ok:
+        within = f">= {low}" if high is None else f"in {low}..{high}"
+        raise AuditSpecError(f"{_flag(name)}: must be a whole number {within}, got {value!r}")
+
+
+def _check_number(name: str, value, bound: float, excluded: bool) -> None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and (
+        value > bound if excluded else value >= bound)
+    if not ok:
+        raise AuditSpecError(f"{_flag(name)}: must be a finite number {'>' if excluded else '>='} {bound:g}, "
+                             f"got {value!r}")
+
+
 ADAPTIVE_TOLERANCE = 3e-3  # adaptive's default: mean |segment error| <= TOL x mean |Δq| of the segment
 ADAPTIVE_MAX_SUBINTERVALS = 64  # the cap of adaptive's refinement per segment (6 halvings)
 
@@ -138,9 +182,11 @@ def parse_rule(rule: str) -> QuadratureRule:
         return QuadratureRule(0)
     if rule == "trapezoid":
         return QuadratureRule(1)
-    m = re.fullmatch(r"supersample:(\d+)", rule)
-    if m and int(m.group(1)) >= 1:
+    m = re.fullmatch(r"supersample:([0-9]+)", rule)
+    if m and len(m.group(1)) <= 6 and 1 <= int(m.group(1)) <= MAX_SUB_INTERVALS:
         return QuadratureRule(int(m.group(1)))
+    if m:
+        raise AuditSpecError(f"--rule: {rule!r}: K of supersample:K must be in 1..{MAX_SUB_INTERVALS}")
     m = re.fullmatch(r"adaptive(?::(.+))?", rule)
     if m:
         try:
@@ -152,7 +198,7 @@ def parse_rule(rule: str) -> QuadratureRule:
                                  f"e.g. adaptive:1e-3")
         return QuadratureRule(ADAPTIVE_MAX_SUBINTERVALS, tolerance)
     raise AuditSpecError(f"--rule: unknown rule {rule!r}; expected euler, trapezoid, supersample:K "
-                         "with K >= 1 or adaptive[:TOL]")
+                         f"with K in 1..{MAX_SUB_INTERVALS} or adaptive[:TOL]")
 
 
 @dataclass(frozen=True)
@@ -219,6 +265,7 @@ def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
             if "x" not in f or "y" not in f:
                 raise AuditSpecError(f"--audit-set: {spec}: needs arrays x and y, has {', '.join(f.files)}")
             x, y = f["x"], np.asarray(f["y"])
+            given = x.shape  # _as_images may add a channel axis: the message names the file's shape
             x = x if np.issubdtype(x.dtype, np.integer) and dataset.x_train.dtype == torch.int64 else _as_images(x)
     except AuditSpecError:
         raise
@@ -226,7 +273,7 @@ def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
         raise AuditSpecError(f"--audit-set: {spec}: cannot read ({exc})") from None
     y_shape = tuple(dataset.y_train.shape[1:])
     if x.shape[1:] != tuple(dataset.in_shape) or len(x) != len(y) or y.shape[1:] != y_shape or len(y) == 0:
-        raise AuditSpecError(f"--audit-set: {spec}: x has shape {x.shape} and y {y.shape}; expected "
+        raise AuditSpecError(f"--audit-set: {spec}: x has shape {given} and y {y.shape}; expected "
                              f"x (N, {', '.join(map(str, dataset.in_shape))}) and y "
                              f"{(('N',) + y_shape)} with N >= 1".replace("'", ""))
     if task is None or task.label_kind == "class":
@@ -238,7 +285,12 @@ def resolve_audit_set(spec: str, dataset, task=None) -> AuditSet:
             labels = task.check_labels(y, "y").to(dataset.y_train.dtype)
         except ValueError as exc:
             raise AuditSpecError(f"--audit-set: {spec}: {exc}") from None
-    return AuditSet(torch.as_tensor(x, dtype=dataset.x_train.dtype), labels, str(path), None, None)
+    x = torch.as_tensor(x, dtype=dataset.x_train.dtype)
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):  # NaN, Inf, or beyond the dtype
+        row = int((~torch.isfinite(x.reshape(len(x), -1))).any(1).nonzero()[0])
+        raise AuditSpecError(f"--audit-set: {spec}: point {row} of x is not finite in {dataset.x_train.dtype} "
+                             "(NaN, Inf, or too large for the run's dtype); audit points must be finite")
+    return AuditSet(x, labels, str(path), None, None)
 
 
 def _prompt_audit_set(path: Path, spec: str, dataset, task) -> AuditSet:
@@ -309,8 +361,11 @@ def resolve_train_subset(spec: str | None, num_train: int) -> torch.Tensor | Non
         raise AuditSpecError(f"--train-subset: {spec}: holds {idx.dtype} values; save integer "
                              "indices (e.g. numpy.save(path, numpy.array([0, 5, 7])))")
     idx = np.unique(idx.astype(np.int64))
-    if len(idx) == 0 or idx.min() < 0 or idx.max() >= num_train:
-        raise AuditSpecError(f"--train-subset: {spec}: indices must be in 0..{num_train - 1}")
+    if len(idx) == 0:
+        raise AuditSpecError(f"--train-subset: {spec}: holds no indices")
+    outside = idx[(idx < 0) | (idx >= num_train)]
+    if len(outside):
+        raise AuditSpecError(f"--train-subset: {spec}: index {int(outside[0])} is outside 0..{num_train - 1}")
     return torch.as_tensor(idx)
 
 

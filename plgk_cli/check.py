@@ -1,7 +1,8 @@
 """Validation of a run directory before any work: every problem, not only the first.
 
 `plgk check DIR` prints them all; `plgk replay` runs the same checks and refuses to start on the
-first one. Checks: manifest (present, known version), steps contiguous from 0 at the manifest's
+first one. Checks: manifest (present, known version, its checksum, every field's type and range,
+each on a line of its own), steps contiguous from 0 at the manifest's
 stride and complete, every checkpoint readable, its tensors matching their checksums, and of this
 run, parameter names/shapes/dtypes as the manifest says, optimizer state shaped like its
 parameter, batch indices inside the training split, no NaN/Inf in any recorded tensor, the data's
@@ -15,10 +16,16 @@ from pathlib import Path
 
 import torch
 
-from plgk_cli.errors import DataError, PlgkError, TrajectoryError
+from plgk_cli.errors import DataError, NonFiniteError, PlgkError, TrajectoryError
+from plgk_cli.manifest import ManifestError
 from plgk_cli.run import load_run
 from plgk_cli.trajectory import (MANIFEST, RECORDED_BY_TRAIN, checkpoint_path, checkpoint_run_id,
                                  list_steps, missing_block_file, read_checkpoint, recorded_by)
+
+
+# A complete run's steps missing after the last checkpoint present are one problem, not one per
+# step, when there are more than a block's or this many of them (a total_steps far past the files).
+MAX_TAIL_LISTED = 64
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,8 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
     run_dir = Path(run_dir)
     try:
         run = load_run(run_dir)
+    except ManifestError as exc:  # each field that is wrong, one line each
+        return [Problem(line) for line in exc.lines]
     except PlgkError as exc:
         return [Problem(str(exc), type(exc))]
     manifest = run.manifest
@@ -91,8 +100,19 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
                                 f"last checkpoint step {steps[-1] if steps else None} of "
                                 f"{manifest.get('total_steps')}); replay needs a finished run: "
                                 + how_to_finish(run_dir, manifest)))
-    total = int(manifest.get("total_steps", steps[-1] if steps else 0))
-    last = total if manifest.get("complete") else (steps[-1] if steps else 0)
+    if manifest.get("nonfinite"):
+        problems.append(Problem(f"{run_dir}: update {manifest['nonfinite']['first_step']} made the loss, a "
+                                "gradient or a parameter NaN or Inf (recorded with --allow-nonfinite); an audit "
+                                "of it would be NaN: train again with a lower learning rate, or check the data",
+                                NonFiniteError))
+    total = manifest["total_steps"]
+    last_present = steps[-1] if steps else 0
+    last = total if manifest.get("complete") else last_present
+    if last - last_present > min(every, MAX_TAIL_LISTED):  # not one missing file per step
+        problems.append(Problem(f"{run_dir}: the manifest says {total} steps but the last checkpoint is "
+                                f"step {last_present}; checkpoints are missing at the end: restore them "
+                                "or re-run `plgk train`"))
+        last = last_present
     expected = list(range(0, last + 1))  # a sparse run records every step; θ every `every`
     full_at = set(range(0, last + 1, every)) | {last}
     present = sorted(set(steps))
@@ -160,13 +180,25 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
             for key, value in (("lr", ck.lr), ("clip_coef", ck.clip_coef), ("loss", ck.loss)):
                 if not torch.isfinite(torch.tensor(value)):
                     problems.append(Problem(f"{path}: {key} is {value}"))
+    try:
+        if 0 in files:  # a missing step 0 is reported above
+            run.changing_buffers  # noqa: B018 (each named buffer has its step-0 value)
+    except PlgkError as exc:
+        if str(exc) not in {p.message for p in problems}:  # step 0 unreadable: reported above
+            problems.append(Problem(str(exc), type(exc)))
     if check_data:
         try:
-            run.dataset  # noqa: B018 (loads and compares the fingerprint)
+            run.dataset  # noqa: B018 (loads and compares the fingerprint, the counts and shapes)
+            shapes_agree = True
+        except TrajectoryError as exc:  # the manifest misstates the data's shape: no model of it
+            problems.append(Problem(str(exc), type(exc)))
+            shapes_agree = False
         except PlgkError as exc:
             problems.append(Problem(str(exc), type(exc) if isinstance(exc, DataError) else DataError))
-        try:
-            run.build_model()
-        except PlgkError as exc:
-            problems.append(Problem(str(exc), type(exc)))
+            shapes_agree = True
+        if shapes_agree:
+            try:
+                run.build_model()
+            except PlgkError as exc:
+                problems.append(Problem(str(exc), type(exc)))
     return problems

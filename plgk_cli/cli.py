@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import functools
+import math
+import os
 import re
 import sys
 
@@ -10,6 +12,8 @@ import click
 
 from plgk_cli import __version__
 from plgk_cli.errors import PlgkError
+from plgk_cli.signals import ignore as ignore_signals
+from plgk_cli.signals import interruptible
 
 
 INTERRUPTED = {
@@ -28,20 +32,24 @@ def one_line(message: str) -> str:
 
 
 def reports_errors(fn):
-    """Turn a PlgkError into one line on stderr and its exit code; --debug keeps the traceback."""
+    """Turn a PlgkError into one line on stderr and its exit code; --debug keeps the traceback.
+    SIGINT and SIGTERM stop the command (signals.py) with the INTERRUPTED line and 130."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         ctx = click.get_current_context()
         try:
-            return fn(*args, **kwargs)
+            with interruptible():
+                return fn(*args, **kwargs)
         except PlgkError as exc:
             if ctx.find_root().params.get("debug"):
                 raise
+            ignore_signals()  # the line is printed whole, whatever arrives now
             click.echo(f"plgk: error: {one_line(str(exc))}", err=True)
             sys.exit(exc.exit_code)
         except KeyboardInterrupt:
-            click.echo(f"plgk: interrupted; {INTERRUPTED.get(ctx.info_name, 'stopped')}", err=True)
+            ignore_signals()
+            click.echo(interrupted_line(ctx.info_name, ctx.params), err=True)
             sys.exit(130)
         finally:  # a command that failed before choosing threads leaves no request behind
             from plgk_cli.threads import request_default
@@ -49,6 +57,30 @@ def reports_errors(fn):
             request_default(False)
 
     return wrapper
+
+
+def interrupted_line(command: str | None, params: dict | None = None) -> str:
+    params = params or {}
+    if command == "train" and params.get("out") is not None and (
+            params.get("overwrite") or not os.path.isfile(os.path.join(params["out"], "manifest.json"))):
+        # stopped before the Recorder began (loading the data, building the model); an interrupted
+        # --overwrite after that is train's own Interrupted error
+        return "plgk: interrupted; nothing was recorded, --out is as it was"
+    return f"plgk: interrupted; {INTERRUPTED.get(command, 'stopped')}"
+
+
+class PlgkGroup(click.Group):
+    """A signal that lands outside a command's own handling (while click parses, or as the
+    command's error line is printed) still ends with the interrupted line and 130, never
+    click's "Aborted!" and 1."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            ignore_signals()
+            click.echo(interrupted_line(ctx.invoked_subcommand), err=True)
+            sys.exit(130)
 
 
 def set_threads(threads: int | None, error: type) -> None:
@@ -59,8 +91,9 @@ def set_threads(threads: int | None, error: type) -> None:
     request_default(threads is None)
     if threads is None:
         return
-    if threads < 1:
-        raise error(f"--threads: must be >= 1, got {threads}")
+    cpus = os.cpu_count() or 1
+    if not 1 <= threads <= cpus:  # more threads than CPUs only slows down; OpenMP crashes on 100000
+        raise error(f"--threads: must be >= 1 and at most the {cpus} CPUs of this machine, got {threads}")
     import torch
 
     torch.set_num_threads(threads)
@@ -71,7 +104,7 @@ THREADS_HELP = ("CPU threads for torch (default on CPU: one per 100k model param
                 "decide instead).")
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=PlgkGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="plgk")
 @click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
 def main(debug):
@@ -86,20 +119,24 @@ def main(debug):
 @click.option("--overwrite", is_flag=True,
               help="Replace the run in --out (only a plgk run directory; only once the new run is complete).")
 @click.option("--resume", is_flag=True, help="Continue an interrupted run from its last checkpoint.")
+@click.option("--allow-nonfinite", is_flag=True,
+              help="Record a step whose loss, gradients or parameters are NaN or Inf (and mark the run) "
+                   "instead of stopping there.")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
-def train(config_path, out, overwrite, resume, threads, quiet):
+def train(config_path, out, overwrite, resume, allow_nonfinite, threads, quiet):
     """Train a model and record its trajectory."""
     from plgk_cli.config import load_config
     from plgk_cli.errors import ConfigError
     from plgk_cli.train import check_out_dir, train as run_training
 
     set_threads(threads, ConfigError)
-    check_out_dir(out, resume=resume, overwrite=overwrite)  # before the config is read: fail fast
+    # before the config is read: fail fast
+    check_out_dir(out, resume=resume, overwrite=overwrite, inputs={"--config": config_path})
 
     manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume,
-                            overwrite=overwrite)
+                            overwrite=overwrite, allow_nonfinite=allow_nonfinite)
     final = manifest["final"]
     accuracy = final["test_accuracy"]
     click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "
@@ -180,7 +217,9 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
         return
     for target, m in result.metrics.items():
         caveat = "  (partial audit: MRE is not a completeness measure)" if train_subset else ""
-        click.echo(f"{target}: MRE {m['mre']:.3e}  LC {m['lc']:.6f}{caveat}")
+        # LC is a correlation over audit points: none for one point, or for changes all equal
+        lc = f"{m['lc']:.6f}" if math.isfinite(m["lc"]) else "n/a (needs 2 audit points whose changes differ)"
+        click.echo(f"{target}: MRE {m['mre']:.3e}  LC {lc}{caveat}")
     drift = "" if result.max_drift is None else f"; re-simulation drift {result.max_drift:.2e}"
     click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps{drift}; "
                f"wrote {out}")
@@ -217,11 +256,12 @@ def check(run_dir):
 @reports_errors
 def inspect(path, audit, top, target, klass, show_kernel, as_json, plot_dir):
     """Summarise an influences.h5, or list the top training examples of one audit point."""
-    from plgk_cli.inspect import (format_kernel, format_summary, format_top, kernel_summary, summary,
-                                  to_json, top_examples)
+    from plgk_cli.inspect import (check_options, format_kernel, format_summary, format_top, kernel_summary,
+                                  summary, to_json, top_examples)
     from plgk_cli.store import InfluenceFile
 
     with InfluenceFile(path) as f:
+        check_options(f, audit, top, target, klass, plot_dir is not None)
         if show_kernel:
             result, text = kernel_summary(f), format_kernel
         elif audit is None:
@@ -246,5 +286,19 @@ def inspect(path, audit, top, target, klass, show_kernel, as_json, plot_dir):
             click.echo(f"skipped {name}: {why}")
 
 
+def entry() -> None:
+    """The `plgk` console script and `python -m plgk_cli`: main(), except that a command stopped by
+    a signal exits right after its line, skipping the interpreter's teardown (torch's alone takes
+    about half a second), so that the signal is honoured within one."""
+    try:
+        main()
+    except SystemExit as exc:
+        if exc.code == 130:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(130)
+        raise
+
+
 if __name__ == "__main__":
-    main()
+    entry()

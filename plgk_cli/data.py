@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import math
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,7 @@ import numpy as np
 import torch
 
 from plgk_cli.errors import DataError
-from plgk_cli.importing import import_object
+from plgk_cli.importing import import_object, user_code
 
 DIGITS_TEST_FRACTION = 0.2
 
@@ -216,6 +217,8 @@ def _load_npz(path: Path):
         raise
     except Exception as exc:  # zipfile/pickle errors: the file is not a readable npz
         raise DataError(f"dataset npz:{path}: cannot read ({exc})") from None
+    for name, x in (("x_train", arrays[0]), ("x_test", arrays[2])):
+        _check_real(f"npz:{path}", name, x)
     return _as_images(arrays[0]), arrays[1], _as_images(arrays[2]), arrays[3]
 
 
@@ -297,14 +300,12 @@ def _load_py(target: str):
     if not module_name or not function_name:
         raise DataError(f"dataset py:{target}: expected py:package.module:function")
     try:
-        function = import_object(target)
+        function = import_object(target, f"dataset py:{target}")
     except (ImportError, AttributeError) as exc:
         raise DataError(f"dataset py:{target}: cannot import ({exc}); give package.module:function "
                         "importable from the working directory") from None
-    try:
+    with user_code(f"dataset py:{target}: the function raised"):
         result = function()
-    except Exception as exc:  # the user's code: one line here, the traceback under --debug
-        raise DataError(f"dataset py:{target}: the function raised {type(exc).__name__}: {exc}") from exc
     if not isinstance(result, (tuple, list)) or len(result) != 4:
         raise DataError(f"dataset py:{target}: returned {type(result).__name__}; expected the tuple "
                         "(x_train, y_train, x_test, y_test)")
@@ -318,6 +319,13 @@ def _load_py(target: str):
                             "a numeric tensor or array with one row per example")
         arrays.append(a)
     return tuple(arrays)
+
+
+def dataset_files(spec: str) -> dict:
+    """The file or folder a dataset spec reads ({name: path}; none for built-in and py: data): an
+    input that no output of plgk's may replace."""
+    kind, _, path = spec.partition(":")
+    return {f"dataset {spec}": Path(path)} if kind in ("npz", "text", "mnist", "svhn") and path else {}
 
 
 def as_inputs(x, dtype: torch.dtype) -> torch.Tensor:
@@ -362,8 +370,13 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
     x_train, y_train, x_test, y_test = arrays
     labels = []
     for name, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
+        if np.ndim(x) < 2:
+            n = len(x) if np.ndim(x) else "N"
+            raise DataError(f"dataset {spec}: x_{name} has shape {np.shape(x)}; each example must be at least "
+                            f"1-D: use x.reshape({n}, 1)")
         if len(x) != len(y):
             raise DataError(f"dataset {spec}: x_{name} has {len(x)} rows but y_{name} has {len(y)}")
+        _check_real(spec, f"x_{name}", x)
         try:
             labels.append(task.check_labels(y, f"y_{name}"))
         except ValueError as exc:
@@ -377,16 +390,64 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
     if y_train.shape[1:] != y_test.shape[1:]:
         raise DataError(f"dataset {spec}: y_train rows {tuple(y_train.shape[1:])} and y_test rows "
                         f"{tuple(y_test.shape[1:])} differ in shape")
-    if y_train.is_floating_point():
+    if y_train.is_floating_point():  # regression targets: finite in float64 may overflow the run's dtype
+        for name, y in (("y_train", y_train), ("y_test", y_test)):
+            _check_finite(spec, name, y, dtype)
         y_train, y_test = y_train.to(dtype), y_test.to(dtype)
     width = task.output_width(y_train, y_test)
+    if task.label_kind == "class":  # the class count may come from the task rather than the labels
+        for name, y in (("y_train", y_train), ("y_test", y_test)):
+            if len(y) and int(y.max()) >= width:
+                index = int((y >= width).nonzero()[0])
+                raise DataError(f"dataset {spec}: {name}[{index}] is label {int(y[index])}, but task "
+                                f"{task.name} has {width} classes (labels 0..{width - 1})")
     if task.label_kind == "tokens":  # a token met only as input (a sequence's first, padding) needs a row too
         width = max(width, int(max(np.max(x_train), np.max(x_test) if np.size(x_test) else 0)) + 1)
+    inputs = []
+    for name, x in (("x_train", x_train), ("x_test", x_test)):
+        inputs.append(as_inputs(x, dtype))
+        _check_finite(spec, name, x, dtype, inputs[-1])
     return Dataset(
         spec=spec,
-        x_train=as_inputs(x_train, dtype),
+        x_train=inputs[0],
         y_train=y_train,
-        x_test=as_inputs(x_test, dtype),
+        x_test=inputs[1],
         y_test=y_test,
         num_classes=width,
     )
+
+
+def _check_real(spec: str, name: str, x) -> None:
+    """Refuse (DataError) inputs that are not real numbers: complex ones would lose their
+    imaginary part in the cast to the run's dtype; strings and objects cannot be cast."""
+    if isinstance(x, torch.Tensor):
+        real = not x.is_complex()
+        kind = str(x.dtype)
+    else:
+        kind = np.asarray(x).dtype
+        real = kind.kind in "biuf"
+    if not real:
+        raise DataError(f"dataset {spec}: {name} holds {kind} values; inputs must be real numbers (floats, "
+                        "or integer token ids)")
+
+
+def _check_finite(spec: str, name: str, array, dtype: torch.dtype, cast: torch.Tensor | None = None) -> None:
+    """Refuse (DataError) a float array holding NaN or Inf, or a value that becomes Inf in the
+    run's ``dtype`` (1e39 in float32), naming the first such element. ``cast``: the array already
+    in ``dtype``, where the caller has it."""
+    original = torch.as_tensor(np.asarray(array)) if not isinstance(array, torch.Tensor) else array
+    if not original.is_floating_point():
+        return  # integers (labels, token ids, 8-bit pixels) are finite
+    cast = original.to(dtype) if cast is None else cast
+    finite = torch.isfinite(cast)
+    if bool(finite.all()):
+        return
+    index = tuple(int(i) for i in (~finite).nonzero()[0])
+    value = float(original[index])
+    at = f"{name}[{', '.join(map(str, index))}]"
+    if math.isfinite(value):
+        raise DataError(f"dataset {spec}: {at} is {value:g}, beyond the range of the run's "
+                        f"{str(dtype).removeprefix('torch.')} (it would be inf); rescale the data or train "
+                        "in float64")
+    raise DataError(f"dataset {spec}: {name} holds NaN or Inf: {at} is {value}; training needs finite "
+                    f"numbers: fix or drop example {index[0]}")

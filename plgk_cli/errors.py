@@ -57,6 +57,20 @@ class UpdateCheckError(PlgkError):
     exit_code = 18
 
 
+class UserCodeError(PlgkError):
+    """The user's own code (a model builder ``pkg.mod:fn``, a ``py:`` dataset, a custom model's
+    forward) raised: the message names the user's file and line and the exception."""
+
+    exit_code = 19
+
+
+class NonFiniteError(PlgkError):
+    """A NaN or Inf where a finite number is needed: a diverged training step, a non-finite audit
+    quantity."""
+
+    exit_code = 20
+
+
 class Interrupted(PlgkError):
     """Stopped by SIGINT/SIGTERM after committing progress."""
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from plgk_cli.errors import AuditSpecError
+from plgk_cli.errors import AuditSpecError, StoreError
 from plgk_cli.store import InfluenceFile
 from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, column_direction, quantity_name, sign_sentence
 from plgk_cli.tasks.language_model import BYTE_VOCAB, IGNORE, decode
@@ -138,6 +138,18 @@ def default_column(target: str, label, column: int | None, width: int) -> int:
 
 def column_name(target: str) -> str:
     return {"logits": "class", "token-losses": "position"}.get(target, "column")
+
+
+def check_options(f: InfluenceFile, audit: int | None, k: int, target: str | None, klass: int | None,
+                  plot: bool) -> None:
+    """What `plgk inspect` was asked for, checked against the file before anything is shown: an
+    option that would be ignored (--class without a listing or pictures) is refused, not dropped."""
+    if k < 1:
+        raise AuditSpecError(f"--top: must be >= 1, got {k}")
+    if target is not None and target not in f.targets:
+        raise StoreError(f"{f.path}: no target {target!r}; it holds {', '.join(f.targets)}")
+    if klass is not None and audit is None and not plot:
+        raise AuditSpecError("--class: picks a column of the audit point's listing; give --audit N too")
 
 
 def top_examples(f: InfluenceFile, audit: int, k: int, target: str | None = None,

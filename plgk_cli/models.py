@@ -8,13 +8,16 @@ started from, and credits each example with the gradient of its own loss term wi
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 
 import torch
 from torch import nn
 
 from plgk_cli.errors import ConfigError
-from plgk_cli.importing import import_object
+from plgk_cli.importing import import_object, user_code
+from plgk_cli.tasks import task_code
 
 
 def _flat_features(module: nn.Module, in_shape: tuple) -> int:
@@ -32,8 +35,14 @@ def mlp(in_shape: tuple, num_classes: int, hidden: int = 64, depth: int = 2, dro
     return nn.Sequential(*layers)
 
 
+def _check_images(name: str, in_shape: tuple) -> None:
+    if len(in_shape) != 3:
+        raise ValueError(f"{name} takes images (B, C, H, W); the inputs have rows {tuple(in_shape)}")
+
+
 def cnn(in_shape: tuple, num_classes: int, channels: int = 8, hidden: int = 32,
         batch_norm: bool = False) -> nn.Module:
+    _check_images("cnn", in_shape)
     def block(c_in, c_out):
         # No convolution bias before a BatchNorm: the normalisation removes it, so its gradient
         # is float rounding alone, which Adam scales up to full-size steps that no example owns.
@@ -47,6 +56,7 @@ def cnn(in_shape: tuple, num_classes: int, channels: int = 8, hidden: int = 32,
 
 
 def lenet5(in_shape: tuple, num_classes: int) -> nn.Module:
+    _check_images("lenet5", in_shape)
     # LeCun et al. 1998 shapes; padding 2 lets 28x28 (and the 8x8 digits) through both pools.
     features = nn.Sequential(
         nn.Conv2d(in_shape[0], 6, 5, padding=2), nn.Tanh(), nn.AvgPool2d(2),
@@ -205,22 +215,113 @@ def gpt(in_shape: tuple, num_classes: int, vocab: int | None = None, width: int 
 BUILTIN = {"mlp": mlp, "cnn": cnn, "lenet5": lenet5, "transformer": transformer, "gpt": gpt}
 
 
-def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> nn.Module:
+def is_user_code(builder) -> bool:
+    """Whether a builder is the user's own (not plgk's: the built-in ones, plgk_cli.hf's)."""
+    module = getattr(builder, "__module__", None) or ""
+    return not (module == "plgk_cli" or module.startswith("plgk_cli."))
+
+
+def builder_of(name: str):
+    """The builder ``[model] name`` names: a built-in one or ``package.module:function``."""
     if name in BUILTIN:
-        builder = BUILTIN[name]
+        return BUILTIN[name]
+    try:
+        builder = import_object(name, f"[model] name {name}")
+    except (ImportError, AttributeError) as exc:
+        raise ConfigError(f"[model] name: cannot import {name!r} ({exc}); give "
+                          "package.module:function importable from the working directory") from None
+    if not callable(builder):
+        raise ConfigError(f"[model] name: {name} is a {type(builder).__name__}, not a function; give "
+                          "package.module:function, called as function(in_shape=..., num_classes=..., **kwargs)")
+    return builder
+
+
+def _check_call(builder, name: str, kwargs: dict) -> None:
+    """Refuse kwargs the user's builder does not take before calling it: that is the config's
+    fault, not an error in the user's code."""
+    try:
+        signature = inspect.signature(builder)
+    except (TypeError, ValueError):  # no signature to check (a C function): the call will say
+        return
+    try:
+        signature.bind(in_shape=(), num_classes=0, **kwargs)
+    except TypeError as exc:
+        raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc}); a custom builder is called "
+                          "as function(in_shape=..., num_classes=..., **kwargs)") from None
+
+
+def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> nn.Module:
+    """The model ``[model] name`` builds for inputs of ``in_shape`` and ``num_classes`` outputs.
+    A user's builder that raises is a UserCodeError naming its file and line."""
+    builder = builder_of(name)
+    given = sorted({"in_shape", "num_classes"} & set(kwargs))
+    if given:
+        raise ConfigError(f"[model] kwargs: {', '.join(given)} come from the data; remove them from kwargs")
+    if is_user_code(builder):
+        _check_call(builder, name, kwargs)
+        with user_code(f"[model] name: {name} raised"):
+            model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
     else:
         try:
-            builder = import_object(name)
-        except (ImportError, AttributeError) as exc:
-            raise ConfigError(f"[model] name: cannot import {name!r} ({exc}); give "
-                              "package.module:function importable from the working directory") from None
-    try:
-        model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
-    except (TypeError, ValueError, RuntimeError) as exc:  # unknown or out-of-range kwargs
-        raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc})") from None
+            model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
+        except (TypeError, ValueError, RuntimeError) as exc:  # unknown or out-of-range kwargs
+            raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc})") from None
     if not isinstance(model, nn.Module):
         raise ConfigError(f"[model] name: {name} returned {type(model).__name__}, not a torch.nn.Module")
     return model
+
+
+def forward_of(name: str):
+    """A context for the forward of the model ``name`` builds: the user's own model raising there
+    is a UserCodeError; plgk's models get no such boundary (their failing is plgk's bug)."""
+    builder = builder_of(name)
+    return user_code(f"[model] name: the forward of {name} raised") if is_user_code(builder) \
+        else contextlib.nullcontext()
+
+
+def check_model(model: nn.Module, name: str, x: torch.Tensor, task, width: int, y: torch.Tensor) -> None:
+    """Before a run is started: the model has trainable parameters, its output on ``x`` (a few
+    training inputs) meets the task's contract (check_output) and the task's loss takes it with
+    their targets ``y``. The forward runs in eval mode without gradients on a forked random
+    state, so that training starts as if it had not run."""
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ConfigError(f"[model] name: {name} built a model with no trainable parameters; there is "
+                          "nothing to train: give it parameters (or leave some with requires_grad=True)")
+    was_training = model.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), forward_of(name):
+            model.eval()
+            output = model(x)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:  # plgk's model, the data's inputs
+        raise ConfigError(f"[model] name: {name} cannot take the inputs of the data (rows "
+                          f"{tuple(x.shape[1:])}, {x.dtype}): {type(exc).__name__}: {exc}") from None
+    finally:
+        model.train(was_training)
+    check_output(output, name, len(x), task, width)
+    with torch.no_grad(), task_code(task, "batch_loss"):
+        task.batch_loss(output, y)
+
+
+def check_output(output, name: str, rows: int, task, width: int) -> torch.Tensor:
+    """The model's output on a batch of ``rows`` examples as a tensor (output_tensor), refused
+    (ConfigError) unless it is one, with a row per example, in the shape the task needs for an
+    output ``width`` (classes, target values, vocabulary)."""
+    logits = output_tensor(output)
+    if not isinstance(logits, torch.Tensor):
+        raise ConfigError(f"[model] name: {name} returned a {type(output).__name__} from forward; the model "
+                          f"must return a tensor of shape {task.output_shape} (or a Hugging Face output "
+                          "with .logits)")
+    if logits.dim() == 0 or len(logits) != rows:
+        raise ConfigError(f"[model] name: {name} returned {tuple(logits.shape)} for a batch of {rows}; the "
+                          "output must have one row per example (batch first)")
+    if not logits.is_floating_point():
+        raise ConfigError(f"[model] name: {name} returned a tensor of {logits.dtype} from forward; a loss "
+                          "needs floating-point outputs (return logits, not class indices)")
+    problem = task.output_problem(logits, width)
+    if problem:
+        raise ConfigError(f"[model] name: {name} {problem}")
+    return logits
 
 
 def mode_dependent(model: nn.Module) -> list:

@@ -1,27 +1,33 @@
 """Replay progress files (``OUT.progress``): committed units of a long replay, for --resume.
 
 A commit holds everything the backward walk carries (adjoints, accumulators, the step reached)
-as safetensors, with the replay's arguments, the run id and a sha256 over all tensor bytes in its
-metadata. It is written to a temporary name, flushed to disk and renamed, so a kill at any moment
-leaves either the previous commit or the new one, never a mix; the checksum catches the rest.
+as safetensors, with the replay's arguments, the run id and the walk's scalars (``state``, JSON)
+in its metadata, and a sha256 over that metadata and all tensor bytes (version 2; version 1's
+covered the tensors only, so a damaged header resumed from a wrong step). It is written to a
+temporary name, flushed to disk and renamed, so a kill at any moment leaves either the previous
+commit or the new one, never a mix; the checksum catches the rest. A commit that cannot be
+written (a full disk) leaves the previous one in place.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import re
 from pathlib import Path
 
-import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, safe_open, save_file
 
 from plgk_cli.errors import StoreError
 from plgk_cli.faults import fault_hook
+from plgk_cli.outputs import respect_umask, write_failure
 
 FORMAT = "plgk-replay-progress"
-VERSION = "1"
+VERSION = "2"
+CHECKSUM = "checksum"
 
 
 def progress_path(out: Path, rank: int | None = None) -> Path:
@@ -30,8 +36,11 @@ def progress_path(out: Path, rank: int | None = None) -> Path:
     return Path(out).with_name(Path(out).name + suffix)
 
 
-def _checksum(tensors: dict) -> str:
-    h = hashlib.sha256()
+def _checksum(metadata: dict, tensors: dict) -> str:
+    """sha256 over every metadata entry but the checksum (format, version, state) and every
+    tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256(json.dumps({k: v for k, v in metadata.items() if k != CHECKSUM},
+                                  sort_keys=True).encode())
     for key in sorted(tensors):
         t = tensors[key].contiguous()
         h.update(key.encode() + str(t.dtype).encode() + str(tuple(t.shape)).encode())
@@ -39,15 +48,36 @@ def _checksum(tensors: dict) -> str:
     return h.hexdigest()
 
 
+def _os_error(exc: SafetensorError) -> OSError:
+    """The OSError behind a failed safetensors write, which names it in its message only
+    ("... No space left on device (os error 28)")."""
+    code = re.search(r"os error (\d+)", str(exc))
+    number = int(code.group(1)) if code else errno.EIO
+    return OSError(number, os.strerror(number))
+
+
 def commit(path: Path, tensors: dict, metadata: dict) -> None:
+    """Replace the progress file ``path`` by this commit; one that cannot be written is an
+    OutputError, the previous commit staying in place and no temporary file left."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    meta = {"format": FORMAT, "version": VERSION, "checksum": _checksum(tensors),
-            "state": json.dumps(metadata, sort_keys=True)}
+    meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(metadata, sort_keys=True)}
+    meta[CHECKSUM] = _checksum(meta, tensors)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=meta)
-    with open(tmp, "rb") as f:
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        respect_umask(tmp)  # safetensors creates it 0600
+        os.replace(tmp, path)
+    except (OSError, SafetensorError) as exc:
+        try:
+            tmp.unlink(missing_ok=True)
+        except OSError:
+            pass  # the write's own failure is the one to report
+        kept = "the last commit is kept" if path.exists() else "nothing was committed yet"
+        raise write_failure(path, exc if isinstance(exc, OSError) else _os_error(exc),
+                            f"{kept}: free space (or fix the permissions), then run the replay again "
+                            "with --resume") from None
     fault_hook("after_commit")
 
 
@@ -61,7 +91,11 @@ def load(path: Path) -> tuple[dict, dict]:
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise StoreError(f"{path}: not a plgk replay progress file of version {VERSION}; "
                          "start over with --overwrite")
-    if _checksum(tensors) != meta.get("checksum"):
+    if _checksum(meta, tensors) != meta.get(CHECKSUM):
         raise StoreError(f"{path}: checksum mismatch, the progress file is damaged; start over "
                          "with --overwrite")
-    return tensors, json.loads(meta["state"])
+    try:
+        state = json.loads(meta["state"])
+    except (KeyError, ValueError):  # a file whose checksum matches was written so: not by plgk
+        raise StoreError(f"{path}: holds no readable replay state; start over with --overwrite") from None
+    return tensors, state

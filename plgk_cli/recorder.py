@@ -44,6 +44,7 @@ What replay assumes, and what is checked here:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
@@ -55,12 +56,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from plgk_cli import __version__, trajectory
-from plgk_cli.data import Dataset, load_dataset
-from plgk_cli.errors import ConfigError, DataError, RecorderError
+from plgk_cli import __version__, outputs, trajectory
+from plgk_cli.data import Dataset, dataset_files, load_dataset
+from plgk_cli.errors import ConfigError, DataError, NonFiniteError, OutputError, RecorderError
 from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model
 from plgk_cli.optimizers import HYPER_FIELDS, Hyper
+from plgk_cli.outputs import check_apart_from_inputs, remedy, write_failure
 from plgk_cli.trajectory import GRAD_LOSS, GRAD_NONE, GRAD_ZERO
 from plgk_cli.tasks import Task, task_for
 
@@ -95,6 +97,9 @@ UNSUPPORTED_FLAGS = ("maximize", "capturable", "differentiable")
 STATIC_OPTIONS = ("nesterov", "amsgrad", "centered", "decoupled_weight_decay", "maximize",
                   "capturable", "differentiable")
 EVAL_CHUNK = 4096  # test examples per forward pass for the final test accuracy
+# Manifest key of a run recorded with allow_nonfinite whose updates went NaN or Inf:
+# {"first_step": t}, the first update t with a non-finite loss, gradient or parameter.
+NONFINITE = "nonfinite"
 
 
 def clip_gradients(params, max_norm: float) -> float:
@@ -219,6 +224,10 @@ class Recorder:
     (``steps_per_epoch`` defaults to ceil(num_train / batch_size); pass it when the loop drops
     the last partial batch); ``finish()`` records the number of updates actually made.
     ``config`` and ``schedule`` are what `plgk train` knows about its run (null otherwise).
+
+    ``step()`` refuses (NonFiniteError) an update whose loss, gradients or updated parameters hold
+    NaN or Inf, before recording it: the run stays the unfinished run of the updates before it.
+    ``allow_nonfinite=True`` records it anyway and marks the manifest (NONFINITE).
     """
 
     def __init__(self, out_dir: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
@@ -227,8 +236,9 @@ class Recorder:
                  steps_per_epoch: int | None = None, config: dict | None = None,
                  schedule: dict | None = None, resume: bool = False, checkpoint_every: int = 1,
                  task: str | Task = "classification", overwrite: bool = False,
-                 recorded_by: str = trajectory.RECORDED_BY_RECORDER):
+                 recorded_by: str = trajectory.RECORDED_BY_RECORDER, allow_nonfinite: bool = False):
         out_dir = Path(out_dir)
+        self.allow_nonfinite = bool(allow_nonfinite)
         task = task_for(task) if isinstance(task, str) else task
         if not isinstance(task, Task):
             raise ConfigError(f"Recorder: task must be a task name or a plgk_cli.tasks.Task, got "
@@ -236,10 +246,13 @@ class Recorder:
         if resume and overwrite:
             raise ConfigError("Recorder: resume=True continues the run in out_dir, overwrite=True "
                               "replaces it; pass one of them")
-        if overwrite:
+        # the words of the caller's switches: plgk train's options or the Recorder's arguments
+        self._out_name = "--out" if recorded_by == trajectory.RECORDED_BY_TRAIN else "out_dir"
+        self._overwrite_flag = "--overwrite" if recorded_by == trajectory.RECORDED_BY_TRAIN else "overwrite=True"
+        if overwrite:  # fail fast; checked again once the directory is claimed (_claim_out_dir)
             trajectory.check_replaceable_run_dir(out_dir)
         elif not resume:
-            trajectory.check_new_run_dir(out_dir)
+            trajectory.check_new_run_dir(out_dir, overwrite_flag=self._overwrite_flag, out_name=self._out_name)
         for arg, value in (("batch_size", batch_size), ("epochs", epochs), ("steps_per_epoch", steps_per_epoch),
                            ("checkpoint_every", checkpoint_every)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
@@ -293,10 +306,9 @@ class Recorder:
                   for g, row in zip(optimizer.param_groups, values)]
         self.out_dir, self.model, self.optimizer, self.dataset, self.hyper = (
             out_dir, model, optimizer, data, hyper)
-        # the run directory finish() puts this run in place of (overwrite=True onto a run)
-        # absolute: the loop may change the working directory before finish() swaps the runs
-        self.replaces: Path | None = Path(os.path.abspath(out_dir)) \
-            if overwrite and trajectory.is_non_empty_dir(out_dir) else None
+        # the run directory finish() puts this run in place of (overwrite=True onto a run), once
+        # out_dir is claimed (_claim_out_dir)
+        self.replaces: Path | None = None
         self.task = task
         self.steps_per_epoch = steps_per_epoch
         self.run_id = uuid.uuid4().hex
@@ -351,28 +363,41 @@ class Recorder:
         self._buffers_at_0 = {n: b.detach().clone() for n, b in self._buffers.items()}
         self._random_forward, self._changed = False, set()  # over the run, for the manifest
 
-        if resume:
-            self._reopen()
-        else:
-            if self.replaces is not None:  # the old run stays whole until finish(): write beside it
-                self.out_dir = out_dir = trajectory.staging_dir(out_dir)
-            # Frozen parameters and buffers: replay rebuilds the model from its code, which would
-            # draw them anew. A tensor reached under two names (tied weights) is stored once.
-            fixed, seen = {}, {id(p) for p in named.values()}
-            for key, value in model.state_dict(keep_vars=True).items():
-                if id(value) not in seen:
-                    seen.add(id(value))
-                    fixed[key] = value
-            try:
-                out_dir.mkdir(parents=True, exist_ok=True)
-                trajectory.write_manifest(out_dir, self.manifest)
+        self._claims: list = []  # outputs.Claim of out_dir, and of the staging directory beside it
+        self._started = False  # this Recorder has begun writing a run
+        self._resumable = resume  # the run directory holds a run that resume=True continues
+        try:
+            replaces = self._claim_out_dir(out_dir, resume=resume, overwrite=overwrite)
+            if resume:
+                self._reopen()
+            else:
+                if replaces is not None:  # the old run stays whole until finish(): write beside it
+                    self.replaces, self.out_dir = replaces, trajectory.staging_dir(out_dir)
+                    out_dir = self.out_dir
+                    self._claims.append(self._claim(out_dir))
+                # Frozen parameters and buffers: replay rebuilds the model from its code, which would
+                # draw them anew. A tensor reached under two names (tied weights) is stored once.
+                fixed, seen = {}, {id(p) for p in named.values()}
+                for key, value in model.state_dict(keep_vars=True).items():
+                    if id(value) not in seen:
+                        seen.add(id(value))
+                        fixed[key] = value
+                self._started = True
+                self._save_manifest()
                 # Looked up on the module at each call (not imported by name) so that scripts/bench.py
                 # can time or skip the writes by patching trajectory.write_checkpoint.
-                trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
-                                            fixed=fixed)
-            except BaseException:
-                self._discard_replacement()
-                raise
+                with self._writing(trajectory.checkpoint_path(out_dir, 0)):
+                    trajectory.write_checkpoint(out_dir, self.run_id, 0, named, {n: {} for n in named}, 0,
+                                                fixed=fixed)
+        except BaseException:
+            # in this order: discarding a replacement points out_dir back at the run it replaces
+            self._remove_unstarted_run()
+            self._discard_replacement()
+            self._release()
+            raise
+        self._resumable = self.replaces is None
+        if self._resumable:  # an interrupted run keeps its lock file: it was written by a plgk that locks
+            self._claims[-1].keep = True
         self._hooks = [optimizer.register_step_pre_hook(self._before_step),
                        optimizer.register_step_post_hook(self._after_step),
                        model.register_forward_pre_hook(self._before_forward),
@@ -399,7 +424,7 @@ class Recorder:
             self._max_norms.append(float(max_norm))
             norms = self._max_norms
             self.manifest["optimizer"]["clip_grad_norm"] = norms[0] if len(norms) == 1 else list(norms)
-            trajectory.write_manifest(self.out_dir, self.manifest)
+            self._save_manifest()
         return coef
 
     def step(self, batch, loss, logits: torch.Tensor | None = None) -> int:
@@ -418,6 +443,19 @@ class Recorder:
         loss_value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         t = self.step_count + 1
         epoch = (t - 1) // self.steps_per_epoch
+        problem = self._nonfinite(loss_value)
+        if problem is not None:
+            if not self.allow_nonfinite:  # not recorded: the run stays the steps before it
+                where = (f"the run so far is in {self.out_dir}" if self.replaces is None else
+                         f"the new run was deleted and {self.replaces} still holds the run it was to replace")
+                switch = ("--allow-nonfinite" if self.manifest["recorded_by"] == trajectory.RECORDED_BY_TRAIN
+                          else "allow_nonfinite=True to the Recorder")
+                raise NonFiniteError(f"step {t} (epoch {epoch + 1}): {problem}; the run diverged (lower the "
+                                     f"learning rate or check the data); {where}; pass {switch} to record "
+                                     "it anyway")
+            if NONFINITE not in self.manifest:
+                self.manifest[NONFINITE] = {"first_step": t}
+                self._save_manifest()
         buffers = self._changed_buffers()
         if self._forwards > 1 and (self._rng_used or buffers):
             raise RecorderError(f"step(): update {t} ran {self._forwards} training forwards of a model "
@@ -441,7 +479,7 @@ class Recorder:
         if not frozen <= self._frozen:  # named in the manifest as it happens, as clip norms are
             self._frozen |= frozen
             self.manifest["optimizer"]["frozen"] = sorted(self._frozen)
-            trajectory.write_manifest(self.out_dir, self.manifest)
+            self._save_manifest()
         steps = self._param_steps
         self._last_record = dict(step=t, batch=indices, lr=self._lr_used, clip_coef=self._clip_coef,
                                  loss=loss_value, extra_metadata={"epoch": str(epoch)},
@@ -463,6 +501,22 @@ class Recorder:
             correct = self.task.correct(logits, self.dataset.y_train[indices])
             self._correct = None if correct is None else self._correct + correct
         return t
+
+    def _nonfinite(self, loss_value: float) -> str | None:
+        """What of the update just made is NaN or Inf, in words (the loss, else the first
+        gradient, else the first parameter after the update), or None. The optimizer leaves each
+        .grad in place, so the gradients it used are still there to check. Every tensor's flag
+        is read in one host sync."""
+        if not math.isfinite(loss_value):
+            return f"the training loss is {loss_value}"
+        grads = [(name, p.grad) for name, p in self._named.items() if p.grad is not None]
+        tensors = [("a gradient of {} is {}", name, g) for name, g in grads] + \
+            [("parameter {} is {} after the update", name, p) for name, p in self._named.items()]
+        flags = torch.stack([tensor.isfinite().all() for _, _, tensor in tensors])
+        if bool(flags.all()):
+            return None
+        form, name, tensor = tensors[int((~flags).nonzero()[0])]
+        return form.format(name, "nan" if bool(tensor.isnan().any()) else "inf")
 
     def finish(self) -> dict:
         """Mark the run complete: the number of updates made, the final metrics (train loss and
@@ -487,11 +541,17 @@ class Recorder:
                              epochs=math.ceil(self.step_count / self.steps_per_epoch),
                              complete=True, final=final,
                              forward={"random": self._random_forward, "buffers": sorted(self._changed)})
-        trajectory.write_manifest(self.out_dir, self.manifest)
+        self._save_manifest()
         self._finished = True
         if self.replaces is not None:
-            trajectory.replace_run_dir(self.out_dir, self.replaces)
+            try:
+                trajectory.replace_run_dir(self.out_dir, self.replaces)
+            except OutputError:  # it says where the new run is kept: not to be discarded then
+                self.replaces = None
+                raise
+            self._claims[-1].moved(self.replaces / outputs.RUN_LOCK)  # the staging directory's
             self.out_dir, self.replaces = self.replaces, None
+        self._release(keep=False)  # a complete run needs no marker
         return self.manifest
 
     def epoch_metrics(self) -> dict:
@@ -511,10 +571,12 @@ class Recorder:
             except BaseException:  # Ctrl-C or an error while finishing: the old run stays the run
                 self._remove_hooks()
                 self._discard_replacement()
+                self._release()
                 raise
         else:  # interrupted: the manifest stays complete = false, the steps so far stay valid
             self._remove_hooks()
             self._discard_replacement()
+            self._release()
         return False
 
     def _discard_replacement(self) -> None:
@@ -528,6 +590,68 @@ class Recorder:
             pass  # files the run did not write are left, and the directory with them
         self.out_dir, self.replaces = self.replaces, None
 
+    # ------------------------------------------------------------------ the run directory
+
+    def _claim_out_dir(self, out_dir: Path, *, resume: bool, overwrite: bool) -> Path | None:
+        """Claim ``out_dir`` for this writer before anything in it is written, and check it again
+        under the claim: another writer may have come and gone since the checks that failed fast.
+        Returns the run this one is to replace (absolute: the loop may change the working directory
+        before finish() swaps the runs), or None."""
+        # the run an --overwrite replaces gets no lock file: it stays as it is, even after a SIGKILL
+        self._claims.append(self._claim(out_dir, mark=not (overwrite and trajectory.is_non_empty_dir(out_dir))))
+        if overwrite:
+            trajectory.check_replaceable_run_dir(out_dir)
+            check_apart_from_inputs({"out_dir": out_dir}, dataset_files(self.dataset.spec), "run")
+        elif not resume:
+            trajectory.check_new_run_dir(out_dir, overwrite_flag=self._overwrite_flag, out_name=self._out_name)
+        return Path(os.path.abspath(out_dir)) if overwrite and trajectory.is_non_empty_dir(out_dir) else None
+
+    def _claim(self, run_dir: Path, mark: bool = True) -> outputs.Claim:
+        try:
+            return outputs.claim_run_dir(run_dir, self._out_name, mark=mark)
+        except OSError as exc:
+            raise write_failure(Path(exc.filename or run_dir), exc,
+                                f"{remedy(exc)}, or choose another {self._out_name}") from None
+
+    def _release(self, keep: bool | None = None) -> None:
+        for claim in reversed(self._claims):
+            claim.release(keep)
+        self._claims = []
+
+    def _remove_unstarted_run(self) -> None:
+        """A new run whose first files could not all be written (a full disk): remove them, so
+        that the directory is as it was; there is no run to resume."""
+        if not self._started or self._resumable or self.replaces is not None:
+            return
+        for path in (self.out_dir / trajectory.MANIFEST, trajectory.checkpoint_path(self.out_dir, 0)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+    @contextlib.contextmanager
+    def _writing(self, path: Path):
+        """A failed write of ``path`` (a full disk, a permission) as one OutputError that says how
+        to go on: the run's files stay as they were before this write."""
+        try:
+            yield
+        except OSError as exc:
+            raise write_failure(path, exc, self._how_to_go_on(exc)) from None
+
+    def _how_to_go_on(self, exc: OSError) -> str:
+        fix = remedy(exc)
+        if self.replaces is not None:
+            return f"{fix} and run again; the run in {self.replaces} is unchanged"
+        if not self._resumable:
+            return f"{fix} and run again"
+        if self.manifest["recorded_by"] == trajectory.RECORDED_BY_TRAIN:
+            return f"{fix}, then continue with `plgk train --resume`"
+        return f"{fix}, then continue the run with Recorder(..., resume=True)"
+
+    def _save_manifest(self) -> None:
+        with self._writing(self.out_dir / trajectory.MANIFEST):
+            trajectory.write_manifest(self.out_dir, self.manifest)
+
     # ------------------------------------------------------------------ internals
 
     def _write(self, full: bool) -> None:
@@ -540,12 +664,13 @@ class Recorder:
         if not full:
             self._block_records.append({**record, "optim_step": optim_step or record["step"]})
             return
-        trajectory.write_checkpoint(
-            self.out_dir, self.run_id, record["step"], self._named, state, optim_step or record["step"],
-            batch=record["batch"], lr=record["lr"], clip_coef=record["clip_coef"], loss=record["loss"],
-            extra_metadata=record["extra_metadata"], rng=record["rng"], buffers=record["buffers"],
-            hyper=record["hyper"], grad=record["grad"], optim_steps=record["optim_steps"],
-            records=tuple(r for r in self._block_records if r["step"] != record["step"]))
+        with self._writing(trajectory.checkpoint_path(self.out_dir, record["step"])):
+            trajectory.write_checkpoint(
+                self.out_dir, self.run_id, record["step"], self._named, state, optim_step or record["step"],
+                batch=record["batch"], lr=record["lr"], clip_coef=record["clip_coef"], loss=record["loss"],
+                extra_metadata=record["extra_metadata"], rng=record["rng"], buffers=record["buffers"],
+                hyper=record["hyper"], grad=record["grad"], optim_steps=record["optim_steps"],
+                records=tuple(r for r in self._block_records if r["step"] != record["step"]))
         self._block_records = []
 
     def _reopen(self) -> None:
@@ -563,7 +688,9 @@ class Recorder:
             self.manifest["optimizer"]["frozen"] = sorted(self._frozen)
         self._max_norms = [] if recorded_clip is None else (
             list(recorded_clip) if isinstance(recorded_clip, list) else [recorded_clip])
-        volatile = ("run_id", "created", "plgk_version") + (() if "recorded_by" in old else ("recorded_by",))
+        # what may differ from the interrupted run's manifest: a run of format v1-3 resumes as v4
+        volatile = ("run_id", "created", "plgk_version", "format_version") + (
+            () if "recorded_by" in old else ("recorded_by",))
         mine = json.loads(json.dumps({k: v for k, v in self.manifest.items() if k not in volatile}))
         differs = sorted(k for k in mine if old.get(k) != mine[k])
         if differs:
@@ -599,10 +726,11 @@ class Recorder:
         if "cuda_after" in ck.rng and self._device.type == "cuda":
             torch.cuda.set_rng_state(ck.rng["cuda_after"], self._device)
         self.run_id = old["run_id"]
-        self.manifest = {**self.manifest, "run_id": old["run_id"], "created": old["created"]}
+        self.manifest = {**self.manifest, "run_id": old["run_id"], "created": old["created"],
+                         **({NONFINITE: old[NONFINITE]} if NONFINITE in old else {})}
         self.step_count = last
         self._epoch = (last - 1) // self.steps_per_epoch if last else 0
-        trajectory.write_manifest(self.out_dir, self.manifest)
+        self._save_manifest()
 
     def _before_step(self, optimizer, args, kwargs) -> None:
         """Runs inside optimizer.step(), before the update: refuse an update the record could not

@@ -22,12 +22,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import contextlib
 import dataclasses
 import functools
 import json
 import math
-import signal
-import threading
+import os
 import time
 
 import numpy as np
@@ -38,22 +38,27 @@ from plgk_cli import _callable_module
 from plgk_cli.arguments import ReplayArguments, check_vocabulary, resolve_audit_set, resolve_train_subset
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
-from plgk_cli.data import to_device
+from plgk_cli.data import dataset_files, to_device
 from plgk_cli.distributed import current_shard, gather_to_root
 from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
-from plgk_cli.errors import (AuditSpecError, Interrupted, OutputError, StoreError, TrajectoryError,
-                             UpdateCheckError)
+from plgk_cli.errors import (AuditSpecError, Interrupted, NonFiniteError, OutputError, StoreError,
+                             TrajectoryError, UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
                                 ghost_products, restored_rng, target_columns)
 from plgk_cli.models import vocabulary
+from plgk_cli.outputs import (Claim, check_apart_from_inputs, claim_output, output_lock, remedy,
+                              write_failure)
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
 from plgk_cli.resimulate import FlatStep, TrajectoryView
 from plgk_cli.run import Run, load_run
-from plgk_cli.store import TargetResult, check_free_space, check_writable, write_influences
+from plgk_cli.trajectory import read_manifest
+from plgk_cli.signals import GRACE_SECONDS, StopOverdue, StopRequest
+from plgk_cli.store import (TargetResult, check_free_space, check_writable, partial_path,
+                            write_influences)
 from plgk_cli.threads import apply_default as apply_default_threads
 from plgk_cli.train import resolve_device
 
@@ -372,6 +377,7 @@ class WalkState:
         if evaluate_end:
             self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.total), out=self.a_boundary,
                                                                buffers=plan.buffers(plan.total))
+            _require_finite(plan, plan.total, self.values[-1], self.a_boundary)
 
     @classmethod
     def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
@@ -433,31 +439,6 @@ def _identity(args: ReplayArguments) -> dict:
                                   if k not in VOLATILE_ARGUMENTS}))
 
 
-class StopRequest:
-    """SIGINT/SIGTERM set a flag; the walk commits at the next update boundary and stops.
-    A second SIGINT interrupts at once."""
-
-    def __init__(self):
-        self.requested = False
-
-    def __enter__(self):
-        self._previous = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
-        if threading.current_thread() is threading.main_thread():
-            for sig in self._previous:
-                signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = True
-
-    def __exit__(self, *exc):
-        if threading.current_thread() is threading.main_thread():
-            for sig, handler in self._previous.items():
-                signal.signal(sig, handler)
-
-
 def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     """Replay the run named by ``args`` and write the audit; under torchrun every rank calls this
     and audits its shard of the audit set, rank 0 writes the one output (distributed.py)."""
@@ -465,7 +446,14 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     init_distributed(shard)
     out = Path(args.out)
     progress_file = progress_path(out, shard.rank if shard.distributed else None)
-    _check_output(args, out, progress_file)
+    _check_output(args, out, progress_file)  # fail fast, before the claim creates its lock file
+    with _claim_output(out) if shard.rank == 0 else contextlib.nullcontext():  # rank 0 writes it
+        _check_output(args, out, progress_file)  # again: no other replay changes it from here on
+        return _replay(args, shard, out, progress_file, progress)
+
+
+def _replay(args: ReplayArguments, shard, out: Path, progress_file: Path, progress: bool) -> ReplaySummary:
+    """replay() once its output is claimed."""
     plan = plan_replay(args)
     check_free_space(out, _estimated_bytes(plan))
     rank_plan = plan
@@ -500,9 +488,17 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     bar = tqdm(total=plan.total, initial=plan.total - 1 - state.next_step, desc="replay",
                unit="step", disable=not progress or shard.rank != 0, dynamic_ncols=True)
     with StopRequest() as stop:
-        _walk(rank_plan, state, bar, stop, save, progress_file)
+        try:
+            _walk(rank_plan, state, bar, stop, save, progress_file)
+        except StopOverdue:
+            bar.close()
+            kept = (f"the progress committed before it is in {progress_file}: continue with --resume"
+                    if progress_file.exists() else "nothing was committed yet: run it again")
+            raise Interrupted(f"replay stopped during update {state.next_step} of {plan.total} "
+                              f"(no update boundary within {GRACE_SECONDS} s of the signal); {kept}") from None
     bar.close()
 
+    _require_finite_results(rank_plan, state)
     if shard.distributed:
         gathered = gather_to_root(shard, {k: v.cpu() for k, v in state.tensors().items()})
         if shard.rank == 0:
@@ -534,7 +530,27 @@ def replay(args: ReplayArguments, *, progress: bool = True) -> ReplaySummary:
     return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total, max_drift=drift)
 
 
+def _claim_output(out: Path) -> Claim:
+    """The claim that makes this replay the one writer of ``out`` (outputs.claim_output)."""
+    try:
+        return claim_output(out)
+    except OSError as exc:
+        raise write_failure(output_lock(out), exc, f"{remedy(exc)} and run again") from None
+
+
 def _check_output(args: ReplayArguments, out: Path, progress_file: Path) -> None:
+    """Refuse an --out that is, or lies inside, an input (--overwrite or not), one that would
+    clobber a finished output or an interrupted replay's progress, or one that cannot be written."""
+    inputs = {"--ckpts": args.ckpts,
+              **{option: spec for option, spec in (("--audit-set", args.audit_set),
+                                                   ("--train-subset", args.train_subset))
+                 if spec is not None and os.path.exists(spec)}}  # a file, not a split or a range
+    try:  # the run's data too; a manifest that cannot be read is refused soon after, by plan_replay
+        inputs.update(dataset_files(read_manifest(args.ckpts)["dataset"]["spec"]))
+    except TrajectoryError:
+        pass
+    check_apart_from_inputs({"--out": out, "progress file": progress_file, "lock file": output_lock(out),
+                             "temporary file": partial_path(out)}, inputs, "replay")
     if args.resume and not progress_file.exists() and out.exists() and not args.overwrite:
         raise OutputError(f"{out}: already complete; nothing to resume (pass --overwrite to redo it)")
     if progress_file.exists() and not (args.resume or args.overwrite):
@@ -583,6 +599,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
                 values, a_start, shared = plan.audit_and_training_side(theta_start, rows, state.spare)
             else:
                 values, a_start = plan.audit_side(theta_start, state.spare, ghost_audit, buffers=held)
+            _require_finite(plan, seg_start, values, a_start)
             state.values[index] = values
             previous_h, a_end = state.h, state.a_boundary
             free = previous_h if previous_h is not a_end else None  # the finished segment's h
@@ -604,6 +621,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
                 state.h = _quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
                                       audit_at, out=free)
                 pieces = rule.sub_intervals
+            _require_finite(plan, seg_start, None, state.h, seg_end)
             state.segment_error[index] = (theta_end - theta_start) @ state.h - q_change
             state.sub_intervals[index] = pieces
             state.a_boundary, state.h_start = a_start, seg_start
@@ -620,11 +638,68 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             due = (args.commit_every and since_commit >= args.commit_every) or \
                 now - last_commit_time >= args.commit_seconds
             if stop.requested or (due and state.next_step >= 0):
-                save()
+                with stop.committing():
+                    save()
                 last_commit_time, since_commit = now, 0
             if stop.requested:
                 raise Interrupted(f"replay stopped at step {t} of {plan.total}; progress committed "
                                   f"to {progress_file}: continue with --resume")
+
+
+def _audited_quantity(plan: ReplayPlan, column: int) -> tuple[int, str]:
+    """(audit point, target) of a column of the walk's N*Q columns."""
+    point, within = divmod(column, plan.columns // plan.n_audit)
+    for target in plan.args.targets:
+        width = plan.run.task.target_width(target, plan.gradients.num_classes, plan.gradients.label_shape)
+        if within < width:
+            break
+        within -= width
+    return point, target
+
+
+FINITE_ADVICE = ("an audited quantity must be finite along the whole run (an infinite loss: a point the "
+                 "model gives zero probability, or inputs that overflow): leave the point out of the audit set")
+
+
+def _require_finite(plan: ReplayPlan, step: int, values: torch.Tensor | None, gradients: torch.Tensor,
+                    segment_end: int | None = None) -> None:
+    """NonFiniteError naming the first audited quantity that is NaN/Inf, or whose gradient is,
+    at θ_step (``segment_end``: inside the segment step -> segment_end, the quadrature's h):
+    its influences would be NaN, and the completeness metrics with them."""
+    finite = torch.isfinite(gradients).all(0)
+    if values is not None:
+        finite &= torch.isfinite(values)
+    if bool(finite.all()):
+        return
+    column = int((~finite).nonzero()[0])
+    point, target = _audited_quantity(plan, column)
+    if values is not None and not torch.isfinite(values[column]):
+        what = f"is {float(values[column])}"
+    else:
+        what = "has a non-finite gradient"
+    where = f"at step {step}" if segment_end is None else f"between steps {step} and {segment_end}"
+    raise NonFiniteError(f"--audit-set {plan.audit_set.source}: audit point {point}'s {target} {what} {where}; "
+                         + FINITE_ADVICE)
+
+
+FLOAT32_MAX = float(torch.finfo(torch.float32).max)  # the output stores influences as float32
+
+
+def _require_finite_results(plan: ReplayPlan, state: WalkState) -> None:
+    """The walk's sums, finite and storable: quantities of finite but huge values (inputs near the
+    dtype's limit) can overflow the influences even where q and ∇q did not."""
+    influence = state.acc.influence
+    worst = torch.nan_to_num(influence.abs(), nan=math.inf).amax(0)
+    worst = torch.maximum(worst, torch.nan_to_num(state.acc.residual.abs(), nan=math.inf))
+    bad = worst > FLOAT32_MAX
+    if not bool(bad.any()):
+        return
+    column = int(bad.nonzero()[0])
+    point, target = _audited_quantity(plan, column)
+    raise NonFiniteError(f"--audit-set {plan.audit_set.source}: audit point {point}'s {target}: its influences "
+                         f"overflow (reach {float(worst[column]):.3g}, beyond float32's {FLOAT32_MAX:.3g} that "
+                         f"the output stores; the quantity is {float(state.values[-1, column]):.3g} at the end); "
+                         + FINITE_ADVICE)
 
 
 def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, step: FlatStep,

@@ -15,8 +15,8 @@ from plgk_cli.gradients import ParameterLayout
 from plgk_cli.models import build_model, mode_dependent
 from plgk_cli.optimizers import HYPER_FIELDS, Decomposition, Hyper, UpdateHyper, decomposition_for
 from plgk_cli.tasks import Task, task_for
-from plgk_cli.trajectory import (GRAD_LOSS, GRAD_NONE, Checkpoint, check_steps, read_checkpoint,
-                                 read_fixed, read_manifest)
+from plgk_cli.trajectory import (GRAD_LOSS, GRAD_NONE, MANIFEST, Checkpoint, check_steps,
+                                 read_checkpoint, read_fixed, read_manifest)
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 
@@ -55,6 +55,14 @@ class Run:
         if data.fingerprint() != d["fingerprint"]:
             raise DataError(f"dataset {d['spec']}: its contents changed since run {self.run_id} was "
                             "recorded (fingerprint mismatch); restore the original data or re-train")
+        # The same data, so a count or shape the manifest states otherwise was changed in it.
+        found = {"num_train": len(data.y_train), "num_test": len(data.y_test),
+                 "num_classes": data.num_classes, "in_shape": list(data.in_shape)}
+        for key, value in found.items():
+            if d[key] != value:
+                raise TrajectoryError(f"{self.path / MANIFEST}: dataset.{key} is {d[key]}, but the "
+                                      f"run's data {d['spec']} have {value}; restore the manifest or "
+                                      "re-run `plgk train`")
         return data
 
     def build_model(self) -> torch.nn.Module:
@@ -95,7 +103,12 @@ class Run:
     @cached_property
     def changing_buffers(self) -> tuple:
         """Buffers that training changed (BatchNorm statistics), recorded with every checkpoint."""
-        return tuple(self.manifest.get("forward", {}).get("buffers", ()))
+        names = tuple(self.manifest.get("forward", {}).get("buffers", ()))
+        unknown = [name for name in names if name not in self.fixed_state]
+        if unknown:  # each starts from its step-0 value
+            raise TrajectoryError(f"{self.path / MANIFEST}: forward.buffers names {unknown[0]!r}, which "
+                                  "step 0 does not record; restore the manifest or re-run `plgk train`")
+        return names
 
     @cached_property
     def faithful(self) -> bool:

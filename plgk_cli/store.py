@@ -57,6 +57,7 @@ import numpy as np
 
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
+from plgk_cli.outputs import os_error, remedy, write_failure
 from plgk_cli.tasks import known_direction, quantity_name, sign_sentence, task_for
 
 SCHEMA_VERSION = 5  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
@@ -163,10 +164,11 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                      layers: list, complete_audit: bool, overwrite: bool, geometry=None,
                      drift: dict | None = None) -> Path:
     """Write to PATH.partial.<pid> and rename: a crash or a bad run never leaves a half file at
-    PATH, and two writers never share the temporary file."""
+    PATH, and two writers never share the temporary file. A full disk (or another write failure)
+    is one OutputError, with PATH as it was."""
     path = Path(path)
     check_writable(path, overwrite)
-    tmp = path.with_name(f"{path.name}.partial.{os.getpid()}")
+    tmp = partial_path(path)
     try:
         _write(tmp, arguments=arguments, manifest=manifest, rule=rule, targets=targets,
                train_index=train_index, train_label=train_label, group=group,
@@ -174,9 +176,20 @@ def write_influences(path: Path, *, arguments: dict, manifest: dict, rule: str, 
                audit_label=audit_label, results=results, update_error=update_error, layers=layers,
                complete_audit=complete_audit, geometry=geometry, drift=drift or {})
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:  # h5py reports a failed write as either
+        error = os_error(exc)
+        if error is None:
+            raise
+        raise write_failure(path, error, f"{remedy(error)} and run `plgk replay` again; {path} is as it "
+                                         "was") from None
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def partial_path(path: Path) -> Path:
+    """The temporary file write_influences writes PATH into (this process's own)."""
+    return Path(path).with_name(f"{Path(path).name}.partial.{os.getpid()}")
 
 
 def _write(tmp: Path, *, arguments, manifest, rule, targets, train_index, train_label, group,
@@ -257,22 +270,39 @@ def _labels(labels: np.ndarray) -> np.ndarray:
     return labels.astype(np.int64 if np.issubdtype(labels.dtype, np.integer) else np.float64)
 
 
+# What HDF5 raises where a file's bytes are damaged: a failed chunk checksum (fletcher32) or a
+# failed inflate (OSError), an object header or heap that no longer parses (KeyError, OSError,
+# RuntimeError), a datatype that makes no sense (ValueError, TypeError).
+DAMAGE = (OSError, KeyError, RuntimeError, ValueError, TypeError)
+RERUN = "restore the file or re-run `plgk replay`"
+
+
+def _damaged(path: Path, what: str, exc: BaseException, why: str = "") -> StoreError:
+    detail = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+    return StoreError(f"{path}: {what} is damaged (HDF5: {detail}{why}): {RERUN}")
+
+
 class _Verified:
-    """An h5py file, group or dataset whose reads turn HDF5's failed chunk checksum (fletcher32;
-    an OSError) into one StoreError naming the file and the dataset."""
+    """An h5py file, group or dataset whose reads turn HDF5's errors over damaged bytes (DAMAGE: a
+    chunk that fails its checksum or does not inflate, an object that does not parse) into one
+    StoreError naming the file and the dataset or group."""
 
     def __init__(self, node, path: Path):
         self._node, self._path = node, path
 
     def __getitem__(self, key):
         if not isinstance(self._node, h5py.Dataset):
-            return _Verified(self._node[key], self._path)
+            try:
+                return _Verified(self._node[key], self._path)
+            except DAMAGE as exc:
+                name = f"{self._node.name.rstrip('/')}/{key}"
+                raise _damaged(self._path, f"object {name}", exc) from None
         try:
             return self._node[key]
-        except OSError as exc:
-            raise StoreError(f"{self._path}: dataset {self._node.name} is damaged (HDF5: {exc}; a "
-                             "chunk failed its checksum): restore the file or re-run `plgk replay`"
-                             ) from None
+        except DAMAGE as exc:
+            # every dataset carries fletcher32 checksums: a damaged chunk fails its check first
+            why = "; a chunk failed its checksum" if isinstance(exc, OSError) else ""
+            raise _damaged(self._path, f"dataset {self._node.name}", exc, why) from None
 
     def __contains__(self, key) -> bool:
         return key in self._node
@@ -283,8 +313,49 @@ class _Verified:
     def __len__(self) -> int:
         return len(self._node)
 
-    def __getattr__(self, name):  # attrs, close, shape, dtype, ...
+    @property
+    def attrs(self) -> dict:
+        """The node's attributes, read in full (a damaged attribute fails here, as a StoreError)."""
+        try:
+            return dict(self._node.attrs)
+        except DAMAGE as exc:
+            raise _damaged(self._path, f"the attributes of {self._node.name}", exc) from None
+
+    def __getattr__(self, name):  # close, shape, dtype, ...
         return getattr(self._node, name)
+
+
+# What the readers need of every file, checked when it is opened (InfluenceFile._validate): the
+# root attributes (JSON: parsed), the datasets, and for each target its datasets and attributes.
+ROOT_ATTRS = {"schema_version": "integer", "targets": "JSON", "manifest": "JSON",
+              "replay_arguments": "JSON", "rule": "text", "optimizer": "text", "complete_audit": "flag",
+              "group_by": "text"}
+ROOT_DATASETS = ("train/index", "train/label", "audit/label", "replay/update_error")
+TARGET_DATASETS = ("influence", "residual", "initial", "final", "trace/step", "trace/true_change",
+                   "trace/reconstructed", "by_layer_epoch/signed", "by_layer_epoch/abs", "by_epoch/net",
+                   "by_epoch/gross")
+TARGET_ATTRS = ("mre", "lc", "rmre", "max_update_error", "attribution_gap")
+
+
+def _kind_problem(value, kind: str) -> str | None:
+    """Why an attribute's value is not of ``kind`` (None: it is)."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", "replace")
+    if kind == "integer":
+        ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    elif kind == "number":
+        ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    elif kind == "flag":
+        ok = isinstance(value, (bool, np.bool_, int, np.integer))
+    elif kind == "JSON":
+        try:
+            json.loads(value)
+            ok = isinstance(value, str)
+        except (TypeError, ValueError):
+            ok = False
+    else:
+        ok = isinstance(value, str)
+    return None if ok else f"{value!r:.60} is not {'a' if kind != 'integer' else 'an'} {kind} value"
 
 
 class InfluenceFile:
@@ -312,11 +383,75 @@ class InfluenceFile:
         if self._f.attrs.get("schema_version") is None or "audit" not in self._f:
             self._f.close()
             raise StoreError(f"{self.path}: not a plgk influences file (no schema_version or /audit)")
+        problem = _kind_problem(self._f.attrs["schema_version"], "integer")
+        if problem is not None:
+            self._f.close()
+            raise StoreError(f"{self.path}: attribute schema_version: {problem}; {RERUN}")
         if int(self._f.attrs["schema_version"]) not in READABLE_SCHEMAS:
             version = int(self._f.attrs["schema_version"])
             self._f.close()
             raise StoreError(f"{self.path}: schema version {version}; this plgk reads versions "
                              f"{', '.join(map(str, READABLE_SCHEMAS))}")
+        try:
+            self._validate()
+        except DAMAGE as exc:  # an object that does not parse while looking for it
+            self._f.close()
+            raise _damaged(self.path, "its structure", exc) from None
+        except StoreError:
+            self._f.close()
+            raise
+
+    def _validate(self) -> None:
+        """Refuse (StoreError) a file that lacks something a reader needs (ROOT_ATTRS, ROOT_DATASETS,
+        TARGET_DATASETS, TARGET_ATTRS), or holds it of the wrong kind: a damaged file, or one not
+        written by plgk, fails here, when it is opened, not halfway through a report."""
+        attrs = self._f.attrs
+        for name, kind in ROOT_ATTRS.items():
+            self._check_attribute(attrs, "/", name, kind)
+        targets = json.loads(attrs["targets"])
+        if not isinstance(targets, list) or not targets or not all(isinstance(t, str) for t in targets):
+            raise StoreError(f"{self.path}: attribute targets is {attrs['targets']!r:.60}, not a list of "
+                             f"target names; {RERUN}")
+        for name in ("manifest", "replay_arguments"):
+            if not isinstance(json.loads(attrs[name]), dict):
+                raise StoreError(f"{self.path}: attribute {name} is not a JSON object; {RERUN}")
+        for name in ROOT_DATASETS:
+            self._dataset(name)
+        self._check_attribute(self._f["audit"].attrs, "/audit", "source", "text")
+        points = self._dataset("audit/label").shape[:1]
+        for target in targets:
+            if f"audit/{target}" not in self._f:
+                raise StoreError(f"{self.path}: group /audit/{target} of target {target!r} is missing; {RERUN}")
+            for name in TARGET_DATASETS:
+                self._dataset(f"audit/{target}/{name}")
+            for name in TARGET_ATTRS:
+                self._check_attribute(self._f[f"audit/{target}"].attrs, f"/audit/{target}", name, "number")
+            self._check_attribute(self._f[f"audit/{target}/by_layer_epoch"].attrs,
+                                  f"/audit/{target}/by_layer_epoch", "layers", "JSON")
+            influence = self._dataset(f"audit/{target}/influence")
+            if influence.ndim not in (2, 3) or influence.shape[1:2] != points:
+                raise StoreError(f"{self.path}: dataset /audit/{target}/influence has shape {influence.shape}, "
+                                 f"not (rows, {points[0] if points else '?'} audit points[, classes]); {RERUN}")
+
+    def _check_attribute(self, attrs: dict, where: str, name: str, kind: str) -> None:
+        place = f"attribute {name}" if where == "/" else f"attribute {name} of {where}"
+        if name not in attrs:
+            raise StoreError(f"{self.path}: {place} is missing; the file is damaged or was not written "
+                             f"by plgk: {RERUN}")
+        problem = _kind_problem(attrs[name], kind)
+        if problem is not None:
+            raise StoreError(f"{self.path}: {place}: {problem}; {RERUN}")
+
+    def _dataset(self, name: str):
+        """The dataset ``name``, which must exist and hold numbers."""
+        if name not in self._f:
+            raise StoreError(f"{self.path}: dataset /{name} is missing; the file is damaged or was not "
+                             f"written by plgk: {RERUN}")
+        node = self._f[name]
+        if not isinstance(node._node, h5py.Dataset) or node.dtype.kind not in "biuf":
+            what = "a group" if not isinstance(node._node, h5py.Dataset) else f"of type {node.dtype}"
+            raise StoreError(f"{self.path}: /{name} is {what}, not a dataset of numbers; {RERUN}")
+        return node
 
     def close(self):
         self._f.close()

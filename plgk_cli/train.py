@@ -19,10 +19,12 @@ from plgk_cli import _callable_module
 from plgk_cli.config import GROUP_KEYS, RunConfig, ScheduleConfig
 from plgk_cli.data import load_dataset, to_device
 from plgk_cli.errors import ConfigError, Interrupted, OutputError
-from plgk_cli.models import build_model, mode_dependent, output_tensor, vocabulary
+from plgk_cli.models import (build_model, check_model, check_output, forward_of, mode_dependent,
+                             vocabulary)
 from plgk_cli.optimizers import Hyper, build_torch_optimizer
-from plgk_cli.recorder import Recorder
-from plgk_cli.tasks import task_for
+from plgk_cli.outputs import check_apart_from_inputs, check_can_create, check_run_not_claimed
+from plgk_cli.recorder import DTYPE_NAMES, Recorder
+from plgk_cli.tasks import task_code, task_for
 from plgk_cli.threads import apply_default as apply_default_threads
 from plgk_cli.trajectory import (MANIFEST, RECORDED_BY_TRAIN, check_new_run_dir,
                                  check_replaceable_run_dir)
@@ -120,6 +122,19 @@ def build_optimizer(config: RunConfig, model: torch.nn.Module) -> torch.optim.Op
     return build_torch_optimizer(hyper_from_config(config), parameter_groups(config, model), config.optim.lr)
 
 
+def check_hyper_range(optimizer: torch.optim.Optimizer, dtype: torch.dtype) -> None:
+    """Refuse (ConfigError) an optimizer value beyond the parameters' dtype (lr = 1e300 in
+    float32), which torch cannot apply to them (it raises in the middle of the first update)."""
+    limit = torch.finfo(dtype).max
+    for group in optimizer.param_groups:
+        for key, value in group.items():
+            values = value if isinstance(value, tuple) else (value,)
+            if any(isinstance(v, float) and math.isfinite(v) and abs(v) > limit for v in values):
+                raise ConfigError(f"[optim] {key} = {value}: beyond the range of {DTYPE_NAMES[dtype]} ([train] "
+                                  "dtype), so torch cannot apply it to the parameters; lower it or train in "
+                                  "float64")
+
+
 def hyper_from_config(config: RunConfig) -> Hyper:
     o = config.optim
     return Hyper(name=o.name, momentum=o.momentum, dampening=o.dampening, nesterov=o.nesterov,
@@ -127,25 +142,35 @@ def hyper_from_config(config: RunConfig) -> Hyper:
                  weight_decay=o.weight_decay, amsgrad=o.amsgrad, centered=o.centered)
 
 
-def check_out_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False) -> None:
+def check_out_dir(out_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+                  inputs: dict | None = None) -> None:
     """--out as --resume and --overwrite want it, checked before anything is loaded: new or empty;
-    with ``resume`` an interrupted run; with ``overwrite`` also a run directory to replace."""
+    with ``resume`` an interrupted run; with ``overwrite`` also a run directory to replace, which
+    holds none of ``inputs`` (option -> path: the --config file, the dataset file). Another
+    process writing the run is refused, and so is a folder that cannot be written. Creates nothing:
+    the Recorder claims the run directory (outputs.claim_run_dir) and checks it again."""
     if resume and overwrite:
         raise ConfigError("--overwrite and --resume: give one; --resume continues the interrupted "
                           "run in --out, --overwrite replaces it with a new run")
-    if overwrite:
+    if overwrite:  # the only mode that deletes what --out holds
+        check_apart_from_inputs({"--out": out_dir}, inputs or {}, "plgk train")
         check_replaceable_run_dir(out_dir)
     elif not resume:
         check_new_run_dir(out_dir, overwrite_flag="--overwrite", out_name="--out")
     elif not (Path(out_dir) / MANIFEST).is_file():
         raise OutputError(f"{out_dir}: no run to resume (no manifest.json); train without --resume")
+    else:
+        check_run_not_claimed(out_dir)
+    check_can_create(out_dir)
 
 
 def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resume: bool = False,
-          overwrite: bool = False) -> dict:
+          overwrite: bool = False, allow_nonfinite: bool = False) -> dict:
     """Train and record; returns the manifest. Refuses a non-empty output directory unless
     ``resume``, which continues an interrupted run from its last checkpoint (bit-identical on CPU),
-    or ``overwrite``, which replaces the run there once the new one is complete (check_out_dir)."""
+    or ``overwrite``, which replaces the run there once the new one is complete (check_out_dir).
+    A step whose loss, gradients or updated parameters are not finite stops the run
+    (NonFiniteError) unless ``allow_nonfinite``, which records it and marks the manifest."""
     check_out_dir(out_dir, resume=resume, overwrite=overwrite)  # before the data are loaded: fail fast
     dtype = torch.float64 if config.train.dtype == "float64" else torch.float32
     device = resolve_device(config.train.device)
@@ -164,7 +189,11 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                           f"BatchNorm ({mode_dependent(model)[0]!r}), which sparse runs do not re-simulate "
                           "yet; use every = 1")
     model = model.to(device=device, dtype=dtype).train()
+    # before the run directory is started: a model plgk cannot train or record is refused now
+    check_model(model, config.model.name, to_device(data.x_train[:2], device, dtype), task, data.num_classes,
+                to_device(data.y_train[:2], device, dtype))
     optimizer = build_optimizer(config, model)
+    check_hyper_range(optimizer, dtype)
     m = len(data.y_train)
     batch_size = min(config.train.batch_size, m)
     recorder = Recorder(out_dir, model, optimizer, model_name=config.model.name,
@@ -172,7 +201,7 @@ def train(config: RunConfig, out_dir: str | Path, *, progress: bool = True, resu
                         batch_size=batch_size, epochs=config.train.epochs, config=config.to_dict(),
                         schedule=dataclasses.asdict(config.schedule), resume=resume,
                         checkpoint_every=config.checkpoint.every, task=task, overwrite=overwrite,
-                        recorded_by=RECORDED_BY_TRAIN)
+                        recorded_by=RECORDED_BY_TRAIN, allow_nonfinite=allow_nonfinite)
     replacing = recorder.replaces is not None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)  # what replay counts
     apply_default_threads(trainable, device, progress)
@@ -201,6 +230,8 @@ def _train_loop(config: RunConfig, recorder: Recorder, model, optimizer, data, t
         done = recorder.step_count  # > 0 when resuming: those updates are recorded already
         bar.update(done)
         schedule = Schedule(config, optimizer, total_steps, done)
+        forward = forward_of(config.model.name)  # the user's model raising: one line naming its code
+        task_loss = task_code(task, "batch_loss")  # and a py: task's loss
         step = 0
         for _ in range(config.train.epochs):
             # every epoch's order is drawn even when resuming, so the generator stays in step
@@ -212,13 +243,11 @@ def _train_loop(config: RunConfig, recorder: Recorder, model, optimizer, data, t
                 schedule.before_update(recorder.step_count)
                 optimizer.zero_grad(set_to_none=True)
                 rows = batch.to(device)
-                output = model(x_train[rows])
-                logits = output_tensor(output)
-                if not isinstance(logits, torch.Tensor) or logits.dim() == 0 or len(logits) != len(rows):
-                    shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
-                    raise ConfigError(f"[model] name: {config.model.name} returned {shape} for a batch of "
-                                      f"{len(rows)}; the output must have one row per example (batch first)")
-                loss = task.batch_loss(output, y_train[rows])
+                with forward:
+                    output = model(x_train[rows])
+                logits = check_output(output, config.model.name, len(rows), task, data.num_classes)
+                with task_loss:
+                    loss = task.batch_loss(output, y_train[rows])
                 loss.backward()
                 if config.optim.clip_grad_norm:
                     recorder.clip_grad_norm(config.optim.clip_grad_norm)

@@ -1,4 +1,4 @@
-"""The trajectory format (v2): ``manifest.json`` plus one ``step_XXXXXXXX.safetensors`` per checkpoint.
+"""The trajectory format (v4): ``manifest.json`` plus one ``step_XXXXXXXX.safetensors`` per checkpoint.
 
 Checkpoint t holds θ_t (``param/<name>``), the optimizer state after t updates
 (``optim/<name>/<key>``) and the record of the update t-1 -> t: the minibatch indices ``batch``
@@ -15,7 +15,10 @@ lr, momentum, dampening, betas, eps, alpha and weight decay that update used), t
 ``optimizer.groups`` (the parameters of each group), and, where some parameter did not take an
 ordinary step, ``grad`` (uint8 per recorded parameter: GRAD_NONE, GRAD_LOSS or GRAD_ZERO, see
 below) and ``optim_steps`` (int64 per parameter: its own step count, where they differ); runs of
-versions 1 and 2 read as one group whose values are the manifest's but the recorded lr. Its
+versions 1 and 2 read as one group whose values are the manifest's but the recorded lr. Version
+4 adds the manifest's ``checksum`` (sha256 of its content, see plgk_cli/manifest.py, which also
+holds the manifest's schema); a version 4 manifest without it, or whose content does not match
+it, is refused; runs of versions 1 to 3 carry none and read as before. A step file's
 safetensors metadata names the run and the step so that a file
 from another run or a renamed file is caught. This module is the only place that knows these names.
 
@@ -49,12 +52,14 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import safe_open, save_file
 
+from plgk_cli import manifest as manifest_schema
 from plgk_cli.errors import OutputError, TrajectoryError
 from plgk_cli.faults import fault_hook
+from plgk_cli.outputs import RUN_LOCK, check_run_not_claimed, os_error, respect_umask
 
 FORMAT = "plgk-trajectory"
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
 PARAM_PREFIX = "param/"
@@ -70,13 +75,11 @@ GRAD_NONE = 0  # None: torch skipped the parameter, its value and state did not 
 GRAD_LOSS = 1  # the loss's gradient (requires_grad was on)
 GRAD_ZERO = 2  # zeros: frozen (requires_grad off) after zero_grad(set_to_none=False)
 CHECKSUM, CHECKSUM_KIND, CRC_PREFIX = "checksum", "crc32", "crc32/"  # metadata: per-tensor checksums
-MANIFEST_KEYS = ("run_id", "config", "dataset", "model", "optimizer", "parameters", "dtype",
-                 "steps_per_epoch", "total_steps")
 # The manifest's ``recorded_by``: what wrote the run, which decides how an interrupted one is finished.
 RECORDED_BY_TRAIN, RECORDED_BY_RECORDER = "plgk train", "Recorder"
-# Every name a run directory's writers create (a file's temporary name included): --overwrite
-# replaces a directory that holds these only.
-RUN_FILE_PATTERN = re.compile(r"^(manifest\.json|step_\d{8}\.safetensors)(\.tmp)?$")
+# Every name a run directory's writers create (a file's temporary name and the writer's lock file,
+# outputs.RUN_LOCK, included): --overwrite replaces a directory that holds these only.
+RUN_FILE_PATTERN = re.compile(r"^((manifest\.json|step_\d{8}\.safetensors)(\.tmp)?|\.plgk-lock)$")
 
 
 def checkpoint_path(run_dir: Path, step: int) -> Path:
@@ -114,7 +117,9 @@ def check_new_run_dir(run_dir: Path, overwrite_flag: str = "overwrite=True", out
     run_dir = Path(run_dir)
     if run_dir.exists() and not run_dir.is_dir():
         raise OutputError(f"{run_dir}: exists and is not a directory; choose a new {out_name}")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
+    check_not_inside_a_run(run_dir, out_name)
+    check_run_not_claimed(run_dir, out_name)
+    if run_dir.is_dir() and _contents(run_dir):
         try:
             _only_a_run(run_dir)
         except OutputError:
@@ -124,32 +129,55 @@ def check_new_run_dir(run_dir: Path, overwrite_flag: str = "overwrite=True", out
                           f"in it, or choose a new {out_name}")
 
 
+def _contents(run_dir: Path) -> list:
+    """What a directory holds besides a writer's lock file, which alone makes no run."""
+    return sorted(p for p in run_dir.iterdir() if p.name != RUN_LOCK)
+
+
+def check_not_inside_a_run(run_dir: Path, out_name: str) -> None:
+    """Refuse (OutputError) a new run directory inside another run's: a run directory holds only
+    its own files (what --overwrite replaces, what `plgk check` reads)."""
+    for parent in Path(os.path.abspath(run_dir)).parents:
+        if (parent / MANIFEST).is_file() and any(STEP_PATTERN.match(p.name) for p in parent.iterdir()):
+            raise OutputError(f"{run_dir}: lies inside the run directory {parent}, which holds only its own "
+                              f"files; choose an {out_name} outside it")
+
+
 def is_non_empty_dir(run_dir: Path) -> bool:
-    """Whether ``run_dir`` is a directory with something in it: after check_replaceable_run_dir, a
-    run to replace; False for a missing or empty one, where a new run is simply written."""
+    """Whether ``run_dir`` is a directory with something in it (a lock file alone is nothing):
+    after check_replaceable_run_dir, a run to replace; False for a missing or empty one, where a
+    new run is simply written."""
     run_dir = Path(run_dir)
-    return run_dir.is_dir() and not run_dir.is_symlink() and any(run_dir.iterdir())
+    return run_dir.is_dir() and not run_dir.is_symlink() and bool(_contents(run_dir))
 
 
-LIVE_RUN_SECONDS = 60  # an unfinished run written to more recently than this may be training still
+# An unfinished run without a lock file (written by a plgk from before the locks) written to more
+# recently than this may be training still.
+LIVE_RUN_SECONDS = 60
 
 
 def check_replaceable_run_dir(run_dir: Path) -> None:
     """Refuse (OutputError) to replace ``run_dir`` unless it is missing, empty, or a plgk run
-    directory and nothing else (_only_a_run) that is not, by the look of it, still being written."""
+    directory and nothing else (_only_a_run) that no other process is writing: its lock file
+    tells (outputs.RUN_LOCK); an unfinished run without one, written by an older plgk, by the
+    look of it (LIVE_RUN_SECONDS)."""
     run_dir = Path(run_dir)
     if run_dir.is_symlink():
         raise OutputError(f"{run_dir}: is a symbolic link; --overwrite replaces only a run directory "
                           "itself: give the directory's own path or choose a new --out")
+    check_not_inside_a_run(run_dir, "--out")
     if not run_dir.exists():
         return
     if not run_dir.is_dir():
         raise OutputError(f"{run_dir}: exists and is not a directory; choose a new --out")
-    entries = sorted(run_dir.iterdir())
+    check_run_not_claimed(run_dir)
+    entries = _contents(run_dir)
     if not entries:
         return
     manifest = _only_a_run(run_dir, entries)
-    # Nothing locks a run directory: an unfinished run written to moments ago may be one that is
+    if (run_dir / RUN_LOCK).exists():
+        return  # its writers lock it, and none holds the lock
+    # An older plgk locks nothing: an unfinished run written to moments ago may be one that is
     # still training, whose next checkpoint would land in the new run.
     age = time.time() - max(p.stat().st_mtime for p in entries)
     if not manifest.get("complete") and age < LIVE_RUN_SECONDS:
@@ -212,7 +240,7 @@ def replace_run_dir(new: Path, run_dir: Path) -> None:
     try:
         if not is_non_empty_dir(run_dir):
             if run_dir.is_dir():
-                run_dir.rmdir()
+                remove_run_dir(run_dir)  # emptied meanwhile: at most a lock file is left
             os.rename(new, run_dir)
             return
         os.rename(run_dir, old)  # two renames, not a delete: until the second, both runs are whole
@@ -241,7 +269,10 @@ def recorded_by(manifest: dict) -> str:
 
 
 def write_manifest(run_dir: Path, manifest: dict) -> None:
-    _atomic_write_text(Path(run_dir) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=True))
+    """Write ``manifest`` with the checksum of its content, computed anew on every write (a
+    checksum the dict carries is not reused); ``manifest`` itself is left as it is."""
+    _atomic_write_text(Path(run_dir) / MANIFEST,
+                       json.dumps(manifest_schema.with_checksum(manifest), indent=2, sort_keys=True))
 
 
 def read_manifest(run_dir: Path) -> dict:
@@ -257,25 +288,43 @@ def read_manifest(run_dir: Path) -> dict:
     if not isinstance(manifest, dict):
         raise TrajectoryError(f"{path}: manifest is not a JSON object; restore it or re-run "
                               "`plgk train`")
-    if manifest.get("format") != FORMAT or manifest.get("format_version") not in READABLE_VERSIONS:
-        version = manifest.get("format_version")
-        newer = (manifest.get("format") == FORMAT and isinstance(version, int)
-                 and not isinstance(version, bool) and version > FORMAT_VERSION)
+    version = manifest.get("format_version")
+    integer = isinstance(version, int) and not isinstance(version, bool)  # true == 1, 1.0 == 1 in Python
+    if manifest.get("format") != FORMAT or not integer or version not in READABLE_VERSIONS:
+        newer = manifest.get("format") == FORMAT and integer and version > FORMAT_VERSION
         raise TrajectoryError(f"{path}: format {manifest.get('format')!r} version {version!r}; "
                               f"this plgk reads {FORMAT} versions 1 to {FORMAT_VERSION}"
                               + ("; the run was written by a newer plgk: upgrade plgk" if newer
                                  else ""))
-    missing = [k for k in MANIFEST_KEYS if k not in manifest]
-    if missing:
-        raise TrajectoryError(f"{path}: manifest lacks {', '.join(missing)}; restore it or re-run "
-                              "`plgk train`")
+    changed = manifest_schema.checksum_problem(manifest)
+    if changed is not None:
+        raise TrajectoryError(f"{path}: {changed}")
+    manifest_schema.check(manifest, path)  # every field plgk reads, typed and in range
     return manifest
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
+    """Write ``text`` to ``path`` by way of a temporary file: OSError (naming ``path``) where it
+    cannot be written, and the temporary file removed."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException as exc:
+        _remove_failed(tmp, path, exc)
+        raise
+
+
+def _remove_failed(tmp: Path, path: Path, exc: BaseException) -> None:
+    """After a failed write of ``path`` by way of ``tmp``: remove ``tmp``, and raise the OSError
+    behind ``exc`` (a library's own exception type) naming ``path``; return for other errors."""
+    try:
+        tmp.unlink(missing_ok=True)
+    except OSError:
+        pass
+    error = os_error(exc)
+    if error is not None:
+        raise OSError(error.errno, error.strerror, str(path)) from None
 
 
 def _crc32(t: torch.Tensor) -> str:
@@ -375,8 +424,13 @@ def write_checkpoint(run_dir: Path, run_id: str, step: int, params: dict, optim_
     metadata.update(checksum_metadata(tensors))
     path = checkpoint_path(run_dir, step)
     tmp = path.with_name(path.name + ".tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    os.replace(tmp, path)  # a crash never leaves a half-written step file under its real name
+    try:
+        save_file(tensors, str(tmp), metadata=metadata)
+        respect_umask(tmp)  # safetensors creates it 0600: unreadable to the user's group
+        os.replace(tmp, path)  # a crash never leaves a half-written step file under its real name
+    except BaseException as exc:  # a full disk: OSError naming the step file, no temporary file left
+        _remove_failed(tmp, path, exc)
+        raise
     fault_hook("after_checkpoint")
     return path
 

@@ -98,7 +98,7 @@ def main(argv=None) -> int:
                                overwrite=True, modes=k,
                                # trained on PGD examples, not the recorded rows: the audit is not
                                # this run's, only the modes at the reference checkpoint are used
-                               max_update_error=float("inf")), progress=False)
+                               max_update_error=1e300), progress=False)  # no gate (the option must be finite)
         with InfluenceFile(h5) as f:
             mode_name = f.modes[-1]
             attrs = f.mode_attrs(mode_name)

@@ -28,7 +28,7 @@ from safetensors.torch import load_file, safe_open, save_file
 from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
                              TrajectoryError)
 from plgk_cli.progress import progress_path
-from plgk_cli.trajectory import checksum_metadata
+from plgk_cli.trajectory import checksum_metadata, write_manifest
 from test_cli_errors import (assert_nothing_written, assert_one_line_error, invoke, replay,
                              train_run, write_config, write_npz)
 
@@ -186,9 +186,9 @@ def test_manifest_from_another_run(runs, run_copy, existing_out):
 
 
 @pytest.mark.parametrize("edit, needles", [
-    (lambda m: m.update(format_version=4), ("version 4", "reads plgk-trajectory versions 1 to 3",
+    (lambda m: m.update(format_version=5), ("version 5", "reads plgk-trajectory versions 1 to 4",
                                             "upgrade plgk")),
-    (lambda m: m.update(format_version="1"), ("version '1'", "reads plgk-trajectory versions 1 to 3")),
+    (lambda m: m.update(format_version="1"), ("version '1'", "reads plgk-trajectory versions 1 to 4")),
     (lambda m: m.update(format="something-else"), ("format 'something-else'",)),
     (lambda m: m.pop("format_version"), ("version None",)),
 ], ids=["newer", "string", "other_format", "no_version"])
@@ -205,7 +205,7 @@ def test_unfinished_training_run(run_copy, existing_out):
     manifest = manifest_of(run_copy)
     manifest["complete"] = False
     del manifest["final"]
-    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(run_copy, manifest)
     step_file(run_copy, 3).unlink()
     line = assert_replay_refused(run_copy, existing_out, TrajectoryError.exit_code, str(run_copy),
                                  "training did not finish", "complete = false",
@@ -234,8 +234,8 @@ def test_check_reports_every_problem(run_copy, existing_out):
                        lambda t: t["param/" + name].view(-1).__setitem__(0, float("nan")))
     rewrite_checkpoint(step_file(run_copy, 3), lambda t: t["batch"].__setitem__(0, 99))
     manifest = manifest_of(run_copy)
-    manifest["dataset"]["fingerprint"] = "0" * 64
-    (run_copy / "manifest.json").write_text(json.dumps(manifest))
+    manifest["dataset"]["fingerprint"] = "0" * 64  # as if the data changed since: not a manifest edit
+    write_manifest(run_copy, manifest)
 
     before = snapshot(run_copy)
     result = invoke("check", run_copy)
@@ -411,7 +411,7 @@ def test_path_with_a_newline_stays_one_line(runs, tmp_path):
     ("0\n5\nx7\n", ("'x7' is not an integer index",)),
     ("0 5\n20\n", ("index 20 is outside 0..19",)),
     ("\U000c5f8f\n", ("is not an integer index",)),  # numpy 2.4's loadtxt misreads this one
-    ("# nothing\n", ("indices must be in 0..19",)),
+    ("# nothing\n", ("holds no indices",)),
 ], ids=["word", "out_of_range", "non_ascii", "empty"])
 def test_bad_train_subset_file(runs, tmp_path, content, needles):
     path = tmp_path / "subset.txt"

@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from plgk_cli.cli import main
+from plgk_cli.trajectory import write_manifest
 from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
                              TrajectoryError)
 
@@ -229,9 +230,10 @@ def test_dataset_changed_after_training(base, tmp_path, out):
 
 
 def _drop_key(path: Path, key: str):
+    """A manifest without ``key``, checksummed as plgk writes it: the missing key is what is caught."""
     manifest = json.loads(path.read_text())
     del manifest[key]
-    path.write_text(json.dumps(manifest))
+    write_manifest(path.parent, manifest)
 
 
 @pytest.mark.parametrize("damage, needles", [
@@ -276,9 +278,16 @@ def test_bad_audit_slice(base, out, spec, needles):
 @pytest.mark.parametrize("extra, needles", [
     (("--target", "gradnorm"), ("--target", "'gradnorm'", "loss, logit, margin, logits")),
     (("--rule", "simpson"), ("--rule", "'simpson'", "supersample:K")),
-    (("--rule", "supersample:0"), ("--rule", "'supersample:0'", "K >= 1")),
+    (("--rule", "supersample:0"), ("--rule", "'supersample:0'", "in 1..4096")),
+    (("--rule", "supersample:100000000"), ("--rule", "'supersample:100000000'", "in 1..4096")),
+    (("--rule", "supersample:" + "9" * 5000), ("--rule", "in 1..4096")),
     (("--stride", "0"), ("--stride", ">= 1", "0")),
-    (("--chunk-size", "0"), ("--chunk-size", ">= 1")),
+    (("--chunk-size", "0"), ("--chunk-size", "in 1..")),
+    (("--commit-seconds", "nan"), ("--commit-seconds", "finite", "nan")),
+    (("--commit-seconds", "inf"), ("--commit-seconds", "finite", "inf")),
+    (("--memory-budget", "-1"), ("--memory-budget", ">= 0")),
+    (("--accept-update-error", "nan"), ("--accept-update-error", "finite")),
+    (("--threads", "100000"), ("--threads", "100000", "CPUs")),
     (("--threads", "0"), ("--threads", ">= 1", "0")),
     (("--train-subset", "0:99"), ("--train-subset", "'0:99'", "out of range")),
     (("--ghost",), ("--ghost", "--rule euler", "--stride 1")),

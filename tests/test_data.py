@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from plgk_cli.data import DIGITS_TEST_FRACTION, load_dataset
-from plgk_cli.errors import DataError
+from plgk_cli.errors import DataError, UserCodeError
 
 # scikit-learn's load_digits: 1797 images of 8x8 pixels with values 0..16, classes 0..9.
 DIGITS_TOTAL = 1797
@@ -455,8 +455,13 @@ def test_py_function_arrays_are_used_as_returned():
     ("py:test_data", "expected py:package.module:function"),
     ("py:test_data:py_not_a_tuple", r"returned dict; expected the tuple \(x_train, y_train, x_test, y_test\)"),
     ("py:test_data:py_float_labels", "y_train must hold integer class labels"),
-    ("py:test_data:py_raises", "the function raised FileNotFoundError: /data/mine.csv"),
 ])
 def test_py_function_errors(spec, message):
     with pytest.raises(DataError, match=message):
         load_dataset(spec)
+
+
+def test_py_function_that_raises_is_the_users_code():
+    with pytest.raises(UserCodeError, match=r"dataset py:test_data:py_raises: the function raised "
+                                            r"\(.*test_data\.py:\d+\): FileNotFoundError: /data/mine\.csv"):
+        load_dataset("py:test_data:py_raises")

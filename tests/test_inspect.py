@@ -209,3 +209,17 @@ def test_regression_output_has_no_helpful_direction(tmp_path):
     text = format_top(top)
     assert "training examples that raised the output 1 most:" in text and "most helpful" not in text
     assert "neither is helpful or harmful" in text.splitlines()[-1]
+
+
+@pytest.mark.parametrize("extra, code, needle", [
+    (("--top", "0"), 13, "--top"),  # without --audit too: never silently dropped
+    (("--target", "gradnorm"), 15, "'gradnorm'"),
+    (("--class", "1"), 13, "--class"),
+    (("--audit", "0", "--top", "-3"), 13, "--top"),
+])
+def test_options_that_would_be_ignored_are_refused(files, extra, code, needle):
+    result = invoke("inspect", files["test"], *extra)
+    assert result.exit_code == code, result.output
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("plgk: error: ") and needle in lines[0], lines
+    assert result.stdout == ""

@@ -17,7 +17,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from plgk_cli.arguments import parse_rule, resolve_audit_set, resolve_train_subset
+from plgk_cli.arguments import MAX_SUB_INTERVALS, parse_rule, resolve_audit_set, resolve_train_subset
 from plgk_cli.config import (COMMON_OPTIMIZER_KEYS, CYCLE_ONLY_KEYS, OPTIMIZER_KEYS, OPTIMIZERS,
                              SCHEDULE_KEYS, SCHEDULES,
                              SECTIONS, GroupConfig, RunConfig, config_from_dict, parse_config)
@@ -367,7 +367,8 @@ def test_rule_parses_or_is_an_audit_spec_error(rule):
     try:
         parsed = parse_rule(rule)
     except AuditSpecError as exc:
-        assert str(exc).startswith((f"--rule: unknown rule {rule!r}", f"--rule: {rule!r}: the tolerance"))
+        assert str(exc).startswith((f"--rule: unknown rule {rule!r}", f"--rule: {rule!r}: the tolerance",
+                                    f"--rule: {rule!r}: K of supersample:K must be in 1..{MAX_SUB_INTERVALS}"))
         return
     k = parsed.sub_intervals
     m = re.fullmatch(r"supersample:(\d+)", rule)

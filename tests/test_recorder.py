@@ -33,7 +33,7 @@ from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
 from plgk_cli.train import hyper_from_config
 from plgk_cli.trajectory import (check_steps, checksum_metadata, read_checkpoint, read_manifest,
-                                 recorded_by)
+                                 recorded_by, write_manifest)
 
 # conftest.train_tiny: mlp hidden 6, 2 epochs of batch 8, seed 0, float64, cpu; the tiny npz has
 # 22 training rows of 6 features in 3 classes, so 3 updates per epoch (8 + 8 + 6).
@@ -252,7 +252,7 @@ def test_manifest_without_recorded_by_reads_and_resumes(tmp_path, tiny_npz):
         plain_loop(run, f"npz:{tiny_npz}", _sgd, fail_after=2)
     manifest = read_manifest(run)
     del manifest["recorded_by"]
-    (run / "manifest.json").write_text(json.dumps(manifest))
+    write_manifest(run, manifest)
     assert recorded_by(manifest) == "Recorder" and recorded_by({**manifest, "config": {}}) == "plgk train"
     assert "Recorder(..., resume=True)" in next(p.message for p in validate_run(run)
                                                 if "did not finish" in p.message)

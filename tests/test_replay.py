@@ -374,3 +374,37 @@ def test_partial_audit_update_check_is_the_full_audits(float32_runs, tmp_path, r
         np.testing.assert_array_equal(part.update_error, full.update_error)
         assert part_summary.max_update_error == full_summary.max_update_error
         np.testing.assert_allclose(part.influence(), full.influence()[start:stop], rtol=1e-5, atol=1e-9)
+
+
+@pytest.mark.parametrize("where, needle", [("value", "is inf at step"), ("gradient", "non-finite gradient")])
+@pytest.mark.parametrize("theta_step", [None, 1])  # at θ_T (evaluated first), inside the walk
+def test_non_finite_audit_quantity_stops_the_replay_naming_the_point(run_dir, tmp_path, monkeypatch, where,
+                                                                     needle, theta_step):
+    """A NaN/Inf audited quantity (or gradient) would make its influences and the completeness
+    metrics NaN: replay stops with NonFiniteError naming the audit point, target and step, and
+    writes nothing. The fault is injected into the audit side's result for point 2's margin."""
+    from plgk_cli import replay as replay_module
+    from plgk_cli.errors import NonFiniteError
+
+    targets = ("loss", "margin")
+
+    def poisoned(side):
+        def wrapper(plan, theta, *args, **kwargs):
+            values, grads, *rest = side(plan, theta, *args, **kwargs)
+            if torch.equal(theta, plan.theta(plan.total if theta_step is None else theta_step)):
+                column = 2 * len(targets) + 1  # point 2, its margin
+                if where == "value":
+                    values[column] = float("inf")
+                else:
+                    grads[0, column] = float("nan")
+            return (values, grads, *rest)
+        return wrapper
+
+    for name in ("audit_side", "audit_and_training_side"):  # the walk shares the pass where it can
+        monkeypatch.setattr(replay_module.ReplayPlan, name, poisoned(getattr(replay_module.ReplayPlan, name)))
+    with pytest.raises(NonFiniteError) as caught:
+        _replay(run_dir, tmp_path, targets=targets, rule="euler")
+    message = str(caught.value)
+    step = "step 1" if theta_step == 1 else "step "
+    assert "audit point 2's margin" in message and needle in message and step in message, message
+    assert not list(tmp_path.iterdir())

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 
@@ -175,5 +176,6 @@ def test_threads_zero_refused_in_one_line(config, tmp_path, command, error):
     result = invoke(command, *args, "--quiet", "--threads", "0")
     assert result.exit_code == error.exit_code
     lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert lines == ["plgk: error: --threads: must be >= 1, got 0"], result.stderr
+    assert lines == [f"plgk: error: --threads: must be >= 1 and at most the {os.cpu_count()} CPUs of this machine, "
+                     "got 0"], result.stderr
     assert not (tmp_path / "run").exists() and not (tmp_path / "a.h5").exists()

@@ -13,10 +13,12 @@ Hugging Face does; targets loss, sequence-logprob, token-losses). ``py:package.m
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from plgk_cli.errors import ConfigError
-from plgk_cli.importing import import_object
+from plgk_cli.importing import import_object, user_code
 
 
 # Which way of an audited quantity is better for the audit point. The stored `sign` attribute,
@@ -75,6 +77,12 @@ class Task:
     # target -> the direction that helps the audit point (one of DIRECTIONS); a target not named
     # here has none (NO_HELPFUL): inspect then ranks by raised / lowered, not helpful / harmful
     helpful_directions: dict = {"loss": HELPFUL_DOWN}
+    output_shape = "(batch, ...)"  # the model's output in words, for the messages that refuse another
+
+    def output_problem(self, output: torch.Tensor, width: int) -> str | None:
+        """What is wrong with the shape of a model's output (batch first) for this task with an
+        output ``width`` (output_width's), as the end of "[model] name: NAME ...", or None."""
+        return None
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         """The split's targets as the task uses them; raises ValueError with what is wrong."""
@@ -144,6 +152,15 @@ def known_direction(task_name: str, target: str) -> str:
     return NO_HELPFUL
 
 
+def task_code(task: Task, method: str):
+    """A context for a call of ``task.method``: a py: task's own method raising is a
+    UserCodeError; the built-in tasks get no such boundary (their failing is plgk's bug)."""
+    module = type(task).__module__
+    if module == "plgk_cli" or module.startswith("plgk_cli."):
+        return contextlib.nullcontext()
+    return user_code(f"[task] name: {task.name}'s {method} raised")
+
+
 def task_for(name: str) -> Task:
     """The task named ``name``: a built-in one or ``py:package.module:Name``."""
     builtin = _builtin()
@@ -153,11 +170,15 @@ def task_for(name: str) -> Task:
         raise ConfigError(f"[task] name: unknown task {name!r}; expected one of "
                           f"{', '.join(BUILTIN_TASKS)} or py:package.module:Name")
     try:
-        obj = import_object(name[3:])
-    except (ImportError, AttributeError, SyntaxError) as exc:
+        obj = import_object(name[3:], f"[task] name {name}")
+    except (ImportError, AttributeError) as exc:
         raise ConfigError(f"[task] name: cannot import {name[3:]!r} ({type(exc).__name__}: {exc}); give "
                           "package.module:Name importable from the working directory") from None
-    task = obj() if isinstance(obj, type) else obj
+    if isinstance(obj, type):
+        with user_code(f"[task] name: {name[3:]}() raised"):
+            task = obj()
+    else:
+        task = obj
     if not isinstance(task, Task):
         raise ConfigError(f"[task] name: {name[3:]} is {type(task).__name__}, not a plgk_cli.tasks.Task; "
                           "subclass Task (docs/tasks.md)")

@@ -131,6 +131,15 @@ class LanguageModel(Task):
     targets = ("loss", "sequence-logprob", "token-losses")
     label_kind = "tokens"
     helpful_directions = {"loss": HELPFUL_DOWN, "sequence-logprob": HELPFUL_UP, "token-losses": HELPFUL_DOWN}
+    output_shape = "(batch, length, vocabulary)"
+
+    def output_problem(self, output, width):
+        if output.dim() != 3:
+            return f"returned shape {tuple(output.shape)}; a language model needs {self.output_shape}"
+        if output.shape[-1] < width:
+            return (f"returned {output.shape[-1]} logits per position for a vocabulary of {width} token ids; "
+                    f"its output layer needs num_classes ({width}) columns")
+        return None
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         y = np.asarray(y)

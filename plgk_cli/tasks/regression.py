@@ -21,6 +21,7 @@ class Regression(Task):
     # an output is better raised for one audit point and lowered for another (it depends on which
     # side of its target it lies): only the loss says which training examples helped
     helpful_directions = {"loss": HELPFUL_DOWN, "output": NO_HELPFUL}
+    output_shape = "(batch, outputs)"
 
     def check_labels(self, y, where: str) -> torch.Tensor:
         y = np.asarray(y)
@@ -28,12 +29,23 @@ class Regression(Task):
             raise ValueError(f"{where} must hold real-valued regression targets")
         if y.ndim == 0:
             raise ValueError(f"{where} must have one row per example")
-        if y.size and not np.isfinite(y.astype(np.float64)).all():
-            raise ValueError(f"{where} holds NaN or Inf")
+        finite = np.isfinite(y.astype(np.float64))
+        if not finite.all():
+            index = tuple(int(i) for i in np.argwhere(~finite)[0])
+            raise ValueError(f"{where} holds NaN or Inf: {where}[{', '.join(map(str, index))}] is "
+                             f"{float(y[index])}; fix or drop example {index[0]}")
         return torch.as_tensor(y.astype(np.float64))
 
     def output_width(self, y_train, y_test):
         return math.prod(y_train.shape[1:])
+
+    def output_problem(self, output, width):
+        # A narrower or wider output would broadcast against the targets: a loss, but a wrong one.
+        values = output[0].numel() if len(output) else width
+        if values != width:
+            return (f"returned {values} values per example for targets of {width}; its output layer needs "
+                    f"num_classes ({width}) outputs")
+        return None
 
     def _rows(self, output, y):
         return output.reshape(len(output), -1), y.reshape(len(y), -1).to(output.dtype)
