@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fuzz import Case, build_shared, record
-from test_cli_errors import CONFIG
+from test_cli_errors import CONFIG, invoke
 from test_resume import assert_same_file
 
 pytestmark = pytest.mark.slow
@@ -90,8 +90,9 @@ def note(id, argv, line, exit_code, roots) -> None:
 
 
 def check_ok(run: Path) -> None:
-    rc, out, err = finish(plgk("check", run))
-    assert rc == 0 and out.strip().endswith("ok"), err
+    """`plgk check` of the run passes (in this process: a child would only add torch's import)."""
+    result = invoke("check", run)
+    assert result.exit_code == 0 and result.stdout.strip().endswith("ok"), result.stderr
 
 
 def test_two_trains_on_one_new_out(shared, tmp_path):
@@ -114,8 +115,8 @@ def test_two_replays_on_one_new_out(shared, tmp_path):
     assert sorted(rc for rc, _, _ in results) == [0, 14], results
     line = one_line(next(err for rc, _, err in results if rc == 14))
     assert str(out) in line, line
-    rc, _, err = finish(plgk("inspect", out))
-    assert rc == 0, err
+    result = invoke("inspect", out)
+    assert result.exit_code == 0, result.stderr
     assert not [p for p in tmp_path.iterdir() if p != out], list(tmp_path.iterdir())
     note("race-two-replays-one-out", argv, line, 14, [tmp_path, shared["root"]])
 
@@ -212,7 +213,8 @@ def test_kill_during_train_then_resume(shared, tmp_path):
     argv = ("train", "--config", shared["long_config"], "--out", out, "--quiet")
     rc, _, err = finish(plgk(*argv, env={"PLGK_FAULT": "after_checkpoint:20:KILL"}))
     assert rc == -signal.SIGKILL, (rc, err)
-    rc, _, check_err = finish(plgk("check", out))
+    result = invoke("check", out)
+    rc, check_err = result.exit_code, result.stderr
     assert rc == 12 and "--resume" in check_err, (rc, check_err)
     rc, _, err = finish(plgk(*argv, "--resume"))
     assert rc == 0, err
