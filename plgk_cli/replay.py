@@ -47,7 +47,7 @@ from plgk_cli.errors import (AuditSpecError, Interrupted, NonFiniteError, Output
                              TrajectoryError, UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
                                 ghost_products, restored_rng, target_columns)
-from plgk_cli.models import vocabulary
+from plgk_cli.models import forward_of, vocabulary
 from plgk_cli.outputs import (Claim, check_apart_from_inputs, claim_output, output_lock, remedy,
                               write_failure)
 from plgk_cli.progress import commit as commit_progress
@@ -57,6 +57,7 @@ from plgk_cli.resimulate import FlatStep, TrajectoryView
 from plgk_cli.run import Run, load_run
 from plgk_cli.trajectory import read_manifest
 from plgk_cli.signals import GRACE_SECONDS, StopOverdue, StopRequest
+from plgk_cli.tasks import task_code
 from plgk_cli.store import (TargetResult, check_free_space, check_writable, partial_path,
                             write_influences)
 from plgk_cli.threads import apply_default as apply_default_threads
@@ -271,6 +272,7 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         raise AuditSpecError(f"--target: unknown target {offered[0]!r} for the run's task {task.name}; "
                              f"expected one of {', '.join(task.targets)}")
     model = run.build_model().to(device=device, dtype=compute)
+    _try_user_code(run, model, data, device, compute)
     check_vocabulary(audit_set, vocabulary(model), task, data.num_classes)
     layout = ParameterLayout.of(model)
     label_shape = tuple(data.y_train.shape[1:])
@@ -304,6 +306,25 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
         workspace=Workspace(), ghost_layers=ghost_layers, faithful=faithful,
         buffered=bool(run.changing_buffers),
         max_update_error=args.max_update_error or MAX_UPDATE_ERROR[compute])
+
+
+def _try_user_code(run: Run, model: torch.nn.Module, data, device, dtype) -> None:
+    """The user's model forward and py: task loss on two training rows, before any work: code that
+    trained once may raise now (edited since), which is a UserCodeError naming its line here
+    rather than a traceback from inside the batched gradient passes. Eval mode, no gradients, a
+    forked random state: the replay is as if it had not run."""
+    x, y = to_device(data.x_train[:2], device, dtype), to_device(data.y_train[:2], device, dtype)
+    devices = [device] if device.type == "cuda" else []
+    was_training = model.training
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad():
+            model.eval()
+            with forward_of(run.manifest["model"]["name"]):
+                output = model(x)
+            with task_code(run.task, "batch_loss"):
+                run.task.batch_loss(output, y)
+    finally:
+        model.train(was_training)
 
 
 def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:

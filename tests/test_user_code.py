@@ -225,6 +225,26 @@ def test_replay_builds_the_model_behind_the_same_boundary(here):
     assert not out.exists()
 
 
+def test_replay_runs_the_forward_behind_the_same_boundary(here):
+    """A model whose forward was edited after training to raise: replay's trial forward, before any
+    work, names the user's line (not a traceback from inside the batched gradient passes)."""
+    path = write_module(here, "models_forward", MODELS)
+    config = config_with(here, 'name = "models_forward:failing"')
+    source = MODELS.replace('        raise ValueError("no forward today")  # FORWARD RAISES\n',
+                            "        return self.linear(x)\n", 1)
+    path.write_text(source)
+    run = here / "run"
+    result = train(config, run)
+    assert result.exit_code == 0, result.output
+    path.write_text(MODELS)  # the forward raises again
+    sys.modules.pop("models_forward", None)
+    out = here / "influences.h5"
+    result = invoke("replay", "--ckpts", run, "--audit-set", "test[:2]", "--out", out, "--quiet")
+    assert_one_line_error(result, UserCodeError.exit_code, "[model] name: the forward of models_forward:failing raised",
+                          f"(models_forward.py:{line_of(path, 'FORWARD RAISES')}): ValueError: no forward today")
+    assert not out.exists()
+
+
 def test_a_py_task_that_raises_when_made(here):
     path = write_module(here, "task_raises", """\
         from plgk_cli.tasks.classification import Classification
