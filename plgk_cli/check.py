@@ -11,6 +11,7 @@ fingerprint, the model's parameters.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -178,7 +179,7 @@ def validate_run(run_dir: str | Path, *, check_data: bool = True) -> list[Proble
                                         f"the training split 0..{num_train - 1}; the file is "
                                         "damaged or of other data: re-run `plgk train`"))
             for key, value in (("lr", ck.lr), ("clip_coef", ck.clip_coef), ("loss", ck.loss)):
-                if not torch.isfinite(torch.tensor(value)):
+                if not math.isfinite(value):  # a float64 record: torch.tensor(value) would be float32
                     problems.append(Problem(f"{path}: {key} is {value}"))
     try:
         if 0 in files:  # a missing step 0 is reported above

@@ -23,6 +23,9 @@ INTERRUPTED = {
 }
 
 
+# an OSError naming a path that no check caught: the code of the command's own files
+PATH_ERROR_CODES = {"train": 14, "replay": 14, "check": 12, "inspect": 15}
+
 LINE_BREAKS = re.compile("[\n\r\v\f\x1c-\x1e\x85\u2028\u2029]")  # what str.splitlines splits on
 
 
@@ -51,6 +54,12 @@ def reports_errors(fn):
             ignore_signals()
             click.echo(interrupted_line(ctx.info_name, ctx.params), err=True)
             sys.exit(130)
+        except OSError as exc:  # a path the system refuses (a name too long, a loop of links)
+            if exc.filename is None or ctx.find_root().params.get("debug"):
+                raise
+            ignore_signals()
+            click.echo(f"plgk: error: {one_line(str(exc.filename))}: {exc.strerror}; give another path", err=True)
+            sys.exit(PATH_ERROR_CODES.get(ctx.info_name, 14))
         finally:  # a command that failed before choosing threads leaves no request behind
             from plgk_cli.threads import request_default
 
@@ -138,9 +147,10 @@ def train(config_path, out, overwrite, resume, allow_nonfinite, threads, quiet):
     manifest = run_training(load_config(config_path), out, progress=not quiet, resume=resume,
                             overwrite=overwrite, allow_nonfinite=allow_nonfinite)
     final = manifest["final"]
-    accuracy = final["test_accuracy"]
+    accuracy, test_loss = final["test_accuracy"], final["test_loss"]
+    test = f"test loss {test_loss:.4f}" if test_loss == test_loss else "no test split"
     click.echo(f"recorded {manifest['total_steps']} steps to {out}: train loss "
-               f"{final['train_loss']:.4f}, test loss {final['test_loss']:.4f}"
+               f"{final['train_loss']:.4f}, {test}"
                + ("" if accuracy != accuracy else f", test accuracy {accuracy:.4f}"))
 
 
@@ -290,6 +300,11 @@ def entry() -> None:
     """The `plgk` console script and `python -m plgk_cli`: main(), except that a command stopped by
     a signal exits right after its line, skipping the interpreter's teardown (torch's alone takes
     about half a second), so that the signal is honoured within one."""
+    try:
+        os.getcwd()
+    except FileNotFoundError:  # torch cannot even be imported from a deleted directory
+        click.echo("plgk: error: the working directory no longer exists; cd to one that does", err=True)
+        sys.exit(14)
     try:
         main()
     except SystemExit as exc:

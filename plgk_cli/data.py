@@ -376,6 +376,9 @@ def load_dataset(spec: str, seed: int = 0, dtype: torch.dtype = torch.float32, t
                             f"1-D: use x.reshape({n}, 1)")
         if len(x) != len(y):
             raise DataError(f"dataset {spec}: x_{name} has {len(x)} rows but y_{name} has {len(y)}")
+        if 0 in np.shape(x)[1:]:
+            raise DataError(f"dataset {spec}: x_{name} has shape {np.shape(x)}: its examples hold no values; "
+                            "each example needs at least one feature")
         _check_real(spec, f"x_{name}", x)
         try:
             labels.append(task.check_labels(y, f"y_{name}"))

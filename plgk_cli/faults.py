@@ -11,16 +11,24 @@ from __future__ import annotations
 import os
 import signal
 
+from plgk_cli.errors import ConfigError
+
+
+HOWS = ("KILL", "TERM", "INT", "CRASH")
+
 
 def fault_hook(point: str) -> None:
     spec = os.environ.get("PLGK_FAULT", "").split(":")
     if spec[0] != point:
         return
+    how = spec[2] if len(spec) > 2 else "KILL"
+    if len(spec) not in (2, 3) or not spec[1].isdigit() or how not in HOWS:
+        raise ConfigError(f"PLGK_FAULT: {os.environ['PLGK_FAULT']!r}; expected POINT:K[:HOW] with K a whole "
+                          f"number and HOW one of {', '.join(HOWS)} (a test hook: unset it)")
     count = int(os.environ.get("PLGK_FAULT_COUNT", "0")) + 1
     os.environ["PLGK_FAULT_COUNT"] = str(count)
     if count != int(spec[1]):
         return
-    how = spec[2] if len(spec) > 2 else "KILL"
     if how == "CRASH":
         raise RuntimeError("injected crash (PLGK_FAULT)")
     os.kill(os.getpid(), getattr(signal, "SIG" + how))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import inspect
 import math
+import warnings
 
 import torch
 from torch import nn
@@ -263,7 +264,9 @@ def build_model(name: str, kwargs: dict, in_shape: tuple, num_classes: int) -> n
             model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
     else:
         try:
-            model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
+            with warnings.catch_warnings():  # torch's "initializing zero-element tensors": refused below
+                warnings.simplefilter("ignore", UserWarning)
+                model = builder(in_shape=tuple(in_shape), num_classes=num_classes, **kwargs)
         except (TypeError, ValueError, RuntimeError) as exc:  # unknown or out-of-range kwargs
             raise ConfigError(f"[model] kwargs: {name} rejected {kwargs!r} ({exc})") from None
     if not isinstance(model, nn.Module):
@@ -287,6 +290,11 @@ def check_model(model: nn.Module, name: str, x: torch.Tensor, task, width: int, 
     if not any(p.requires_grad for p in model.parameters()):
         raise ConfigError(f"[model] name: {name} built a model with no trainable parameters; there is "
                           "nothing to train: give it parameters (or leave some with requires_grad=True)")
+    empty = next((n for n, p in model.named_parameters() if p.requires_grad and p.numel() == 0), None)
+    if empty is not None:  # a layer of width 0 (hidden = 0): nothing flows through it
+        raise ConfigError(f"[model] name: {name} built parameter {empty} with no elements (shape "
+                          f"{tuple(model.get_parameter(empty).shape)}); give every layer a width >= 1 "
+                          "([model] kwargs)")
     was_training = model.training
     devices = [x.device] if x.device.type == "cuda" else []
     try:

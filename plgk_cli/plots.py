@@ -28,8 +28,10 @@ import numpy as np
 from plgk_cli.errors import AuditSpecError, DependencyError, OutputError, PlgkError
 from plgk_cli.inspect import (_label, _show, audit_origin, audit_point_row, default_column, helpful_sign,
                               rank_headings, ranking_direction)
+from plgk_cli.outputs import remedy, write_failure
 from plgk_cli.store import InfluenceFile
 from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, quantity_name, sign_sentence
+from plgk_cli.trajectory import MANIFEST, check_not_inside_a_run
 
 DPI = 100
 WIDE = (10.0, 4.5)  # inches: 1000 x 450 pixels at DPI
@@ -74,7 +76,14 @@ def write_plots(f: InfluenceFile, out_dir: str | Path, audit: int = 0, target: s
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise OutputError(f"--plot: {out_dir} exists and is not a directory; give a directory")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if (out_dir / MANIFEST).is_file():
+        raise OutputError(f"--plot: {out_dir} is a run directory, which holds only its own files; give "
+                          "another directory")
+    check_not_inside_a_run(out_dir, "--plot directory")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_failure(out_dir, exc, "give another --plot directory") from None
 
     report = PlotReport()
     column_class = None if classes is None else int(classes[audit])
@@ -414,5 +423,8 @@ def _embedding(columns: np.ndarray, labels: np.ndarray, audit: int, target: str,
 
 
 def _save(fig, path: Path) -> Path:
-    fig.savefig(path, dpi=DPI)  # no bbox_inches="tight": every PNG keeps its documented pixel size
+    try:
+        fig.savefig(path, dpi=DPI)
+    except OSError as exc:
+        raise write_failure(path, exc, f"{remedy(exc)}, or give another --plot directory") from None  # no bbox_inches="tight": every PNG keeps its documented pixel size
     return path

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from plgk_cli.errors import StoreError
 from plgk_cli.faults import fault_hook
+from plgk_cli.signals import stopping
 from plgk_cli.outputs import respect_umask, write_failure
 
 FORMAT = "plgk-replay-progress"
@@ -82,11 +83,15 @@ def commit(path: Path, tensors: dict, metadata: dict) -> None:
 
 
 def load(path: Path) -> tuple[dict, dict]:
+    if path.exists() and not path.is_file():  # a FIFO would block the open for ever
+        raise StoreError(f"{path}: is not a regular file; start over with --overwrite")
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}
         tensors = load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if stopping():  # the signal landed in the reader, which wrapped it: not a damaged file
+            raise KeyboardInterrupt from None
         raise StoreError(f"{path}: unreadable progress file ({exc}); start over with --overwrite") from None
     if meta.get("format") != FORMAT or meta.get("version") != VERSION:
         raise StoreError(f"{path}: not a plgk replay progress file of version {VERSION}; "

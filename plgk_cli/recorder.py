@@ -300,6 +300,11 @@ class Recorder:
         m = len(data.y_train)
         batch_size = min(batch_size, m)
         steps_per_epoch = steps_per_epoch or math.ceil(m / batch_size)
+        if steps_per_epoch * epochs > trajectory.MAX_STEPS:
+            raise ConfigError(f"{'[train] epochs' if recorded_by == trajectory.RECORDED_BY_TRAIN else 'epochs'} = "
+                              f"{epochs}: {steps_per_epoch * epochs} updates ({steps_per_epoch} per epoch), more "
+                              f"than a run records (at most {trajectory.MAX_STEPS}: step files are numbered "
+                              "with 8 digits); train fewer epochs or larger batches")
         names_of = {id(p): n for n, p in named.items()}
         values = group_values(optimizer, hyper.name).tolist()
         groups = [_group_record(g, [names_of[id(p)] for p in g["params"]], row)
@@ -504,14 +509,19 @@ class Recorder:
 
     def _nonfinite(self, loss_value: float) -> str | None:
         """What of the update just made is NaN or Inf, in words (the loss, else the first
-        gradient, else the first parameter after the update), or None. The optimizer leaves each
+        gradient, else the first parameter after the update, else the first optimizer state
+        tensor), or None. The optimizer leaves each
         .grad in place, so the gradients it used are still there to check. Every tensor's flag
         is read in one host sync."""
         if not math.isfinite(loss_value):
             return f"the training loss is {loss_value}"
         grads = [(name, p.grad) for name, p in self._named.items() if p.grad is not None]
         tensors = [("a gradient of {} is {}", name, g) for name, g in grads] + \
-            [("parameter {} is {} after the update", name, p) for name, p in self._named.items()]
+            [("parameter {} is {} after the update", name, p) for name, p in self._named.items()] + \
+            [(f"the optimizer's {key} of {{}} is {{}} after the update", name, value)  # Adam's v: grad² overflows
+             for name, p in self._named.items()
+             for key, value in self.optimizer.state.get(p, {}).items()
+             if isinstance(value, torch.Tensor) and value.is_floating_point()]
         flags = torch.stack([tensor.isfinite().all() for _, _, tensor in tensors])
         if bool(flags.all()):
             return None

@@ -24,11 +24,23 @@ class StopOverdue(KeyboardInterrupt):
     """The walk did not reach an update boundary within GRACE_SECONDS of the stop request."""
 
 
+_stopping = False  # a signal has asked the command to stop (whatever a library made of it since)
+
+
+def stopping() -> bool:
+    """Whether SIGINT or SIGTERM has stopped the command: a reader that sees an error where the
+    signal landed (safetensors wraps the KeyboardInterrupt in its own error) must not report the
+    file it was reading as damaged, but let the interruption through (raise KeyboardInterrupt)."""
+    return _stopping
+
+
 def _in_main_thread() -> bool:
     return threading.current_thread() is threading.main_thread()
 
 
 def _raise_once(signum, frame):
+    global _stopping
+    _stopping = True
     ignore()  # a second signal must not interrupt the cleanup this one starts
     raise KeyboardInterrupt
 
@@ -46,12 +58,14 @@ def interruptible():
     if not _in_main_thread():
         yield
         return
+    global _stopping
     previous = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _raise_once)
     try:
         yield
     finally:
+        _stopping = False
         for sig, handler in previous.items():
             signal.signal(sig, handler)
 
@@ -77,6 +91,8 @@ class StopRequest:
         return self
 
     def _interrupt(self, exc: BaseException) -> None:
+        global _stopping
+        _stopping = True
         if self._committing:
             self._pending = exc
             return
@@ -105,6 +121,8 @@ class StopRequest:
             self._interrupt(pending)
 
     def __exit__(self, *exc):
+        global _stopping
+        _stopping = False  # the stop has been raised: what reads on is no longer interrupted
         if self._main:
             signal.setitimer(signal.ITIMER_REAL, 0)
             for sig, handler in self._previous.items():

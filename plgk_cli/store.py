@@ -58,6 +58,7 @@ import numpy as np
 from plgk_cli import __version__
 from plgk_cli.errors import OutputError, StoreError
 from plgk_cli.outputs import os_error, remedy, write_failure
+from plgk_cli.manifest import problems as manifest_problems
 from plgk_cli.tasks import known_direction, quantity_name, sign_sentence, task_for
 
 SCHEMA_VERSION = 5  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
@@ -135,7 +136,10 @@ def check_writable(path: Path, overwrite: bool) -> None:
 def check_free_space(path: Path, needed: int) -> None:
     """Refuse before any work when the output's file system cannot hold the planned output.
     PLGK_FREE_BYTES overrides the measured free space (fault injection for tests)."""
-    free = int(os.environ.get("PLGK_FREE_BYTES", shutil.disk_usage(path.parent).free))
+    given = os.environ.get("PLGK_FREE_BYTES")
+    if given is not None and not given.isdigit():
+        raise OutputError(f"PLGK_FREE_BYTES: {given!r} is not a whole number of bytes (a test hook: unset it)")
+    free = int(given) if given is not None else shutil.disk_usage(path.parent).free
     if free < needed:
         raise OutputError(f"{path.parent}: {_size(free)} free but the replay needs about "
                           f"{_size(needed)} (output and progress commits); free space or "
@@ -432,6 +436,19 @@ class InfluenceFile:
             if influence.ndim not in (2, 3) or influence.shape[1:2] != points:
                 raise StoreError(f"{self.path}: dataset /audit/{target}/influence has shape {influence.shape}, "
                                  f"not (rows, {points[0] if points else '?'} audit points[, classes]); {RERUN}")
+            rows = len(self._dataset("train/group")) if "train/group" in self._f else len(self._dataset("train/index"))
+            row_names = ("train/group",) if "train/group" in self._f else ("train/index", "train/label")
+            for name in row_names:  # one per influence row: what inspect lists them by
+                if len(self._dataset(name)) != influence.shape[0] or rows != influence.shape[0]:
+                    raise StoreError(f"{self.path}: dataset /{name} has {len(self._dataset(name))} entries for "
+                                     f"{influence.shape[0]} influence rows; {RERUN}")
+        if "audit/index" in self._f and self._dataset("audit/index").shape[:1] != points:
+            raise StoreError(f"{self.path}: dataset /audit/index has {len(self._dataset('audit/index'))} entries "
+                             f"for {points[0]} audit points; {RERUN}")
+        found = manifest_problems(json.loads(attrs["manifest"])) if isinstance(
+            json.loads(attrs["manifest"]).get("format_version"), int) else ["format_version is missing"]
+        if found:
+            raise StoreError(f"{self.path}: attribute manifest (the run's): {found[0]}; {RERUN}")
 
     def _check_attribute(self, attrs: dict, where: str, name: str, kind: str) -> None:
         place = f"attribute {name}" if where == "/" else f"attribute {name} of {where}"
@@ -515,7 +532,11 @@ class InfluenceFile:
         return self._target(target)[name][()]
 
     def influence(self, target: str = "loss") -> np.ndarray:
-        return self.array(target, "influence")
+        influence = self.array(target, "influence")
+        if not np.isfinite(influence).all():  # replay never writes one: a ranking of NaNs is no ranking
+            raise StoreError(f"{self.path}: dataset /audit/{target}/influence holds NaN or Inf, which plgk "
+                             f"replay never writes; the file was changed: {RERUN}")
+        return influence
 
     def helpful_direction(self, target: str = "loss") -> str:
         """Which way of ``target`` helps the audit point: down, up, none or true-class-up (a task's

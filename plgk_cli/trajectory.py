@@ -41,6 +41,7 @@ import dataclasses
 import json
 import os
 import re
+import stat
 import sys
 import time
 import uuid
@@ -56,12 +57,14 @@ from plgk_cli import manifest as manifest_schema
 from plgk_cli.errors import OutputError, TrajectoryError
 from plgk_cli.faults import fault_hook
 from plgk_cli.outputs import RUN_LOCK, check_run_not_claimed, os_error, respect_umask
+from plgk_cli.signals import stopping
 
 FORMAT = "plgk-trajectory"
 FORMAT_VERSION = 4
 READABLE_VERSIONS = (1, 2, 3, 4)
 MANIFEST = "manifest.json"
 STEP_PATTERN = re.compile(r"^step_(\d{8})\.safetensors$")
+MAX_STEPS = 10 ** 8 - 1  # the most updates a run records: its step files' numbers have 8 digits
 PARAM_PREFIX = "param/"
 OPTIM_PREFIX = "optim/"
 BATCH, LR, CLIP_COEF, LOSS = "batch", "lr", "clip_coef", "loss"
@@ -445,14 +448,29 @@ def _block_holder(run_dir: Path, step: int, every: int) -> Path | None:
     return checkpoint_path(run_dir, later[-1]) if later else None
 
 
+def _require_regular(path: Path) -> None:
+    """Refuse a step file that is not a regular file: opening a FIFO blocks for ever, where no
+    signal reaches the reader."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return  # missing or unreadable: the open says so
+    if not stat.S_ISREG(mode):
+        raise TrajectoryError(f"{path}: is not a regular file (a FIFO, a device or a directory); a step "
+                              "file is one plgk wrote: restore it or re-run `plgk train`")
+
+
 def _open(path: Path, keys=None) -> tuple[dict, dict]:
     """(metadata, tensors) of a step file: all tensors, or those whose names start with ``keys``,
     each verified against its checksum."""
+    _require_regular(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
             tensors = {key: f.get_tensor(key) for key in f.keys() if keys is None or key.startswith(keys)}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        if stopping():  # the signal landed in the reader, which wrapped it: not a damaged file
+            raise KeyboardInterrupt from None
         raise TrajectoryError(f"{path}: cannot read checkpoint ({exc}); the file is truncated or "
                               "corrupt: restore it or re-run `plgk train`") from None
     _verify(Path(path), metadata, tensors)
@@ -503,6 +521,7 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: 
     """Step ``step`` of a run; ``every``: the run's checkpoint_every, whose blocks carry the
     records of the steps without a file."""
     path = checkpoint_path(run_dir, step)
+    _require_regular(path)
     if not path.is_file() and every > 1 and step % every:
         return _read_block_record(Path(run_dir), step, every, run_id)
     if not path.is_file():
@@ -542,10 +561,15 @@ def read_checkpoint(run_dir: Path, step: int, run_id: str | None = None, every: 
 
 def checkpoint_run_id(run_dir: Path, step: int) -> str | None:
     """The run id in a checkpoint's metadata (reads the header only); None if unreadable."""
+    path = checkpoint_path(run_dir, step)
     try:
-        with safe_open(str(checkpoint_path(run_dir, step)), framework="pt") as f:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
+        with safe_open(str(path), framework="pt") as f:
             return (f.metadata() or {}).get("run_id")
     except (SafetensorError, OSError, ValueError, RuntimeError):
+        if stopping():
+            raise KeyboardInterrupt from None
         return None
 
 

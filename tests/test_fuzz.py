@@ -1199,8 +1199,67 @@ DISK_CASES = [
              "os.mkdir", raise_oserror(errno.EACCES))),
 ]
 
+def _replace_dataset(f, name: str, values) -> None:
+    del f[name]
+    f.create_dataset(name, data=values)
+
+
+def _nan_influence(f) -> None:
+    values = f["audit/loss/influence"][()]
+    values[0, 0] = np.nan
+    _replace_dataset(f, "audit/loss/influence", values)
+
+
+def _fifo_step(run: Path, step_number: int) -> None:
+    path = step(run, step_number)
+    path.unlink(missing_ok=True)
+    os.mkfifo(path)
+
+
+# Found by reading the change adversarially (a review after the suite passed): each failed before
+# its fix, in the class named.
+REVIEW_CASES = [
+    run_damage_case("run-fifo-step-file", "a FIFO in place of a step file (opening it blocked for ever: a hang)",
+                    lambda run, s: _fifo_step(run, 2), ["step_00000002.safetensors", "not a regular file"]),
+    Case("data-optimizer-state-overflow", NF, "inputs of 1e200 whose squared gradients overflow Adam's state "
+         "(recorded as a success)", TRAIN, 20, ("step 1", "exp_avg_sq", "inf"), may_create=STARTED,
+         setup=lambda s: s.config(npz=s.npz("bad.npz", x_train=np.full((20, 6), 1e200)))),
+    data_case("data-zero-width-examples", "examples of shape (0,): x_train (20, 0) (trained, then refused by replay)",
+              lambda a: {"x_train": np.ones((20, 0)), "x_test": np.ones((8, 0))}, ["(20, 0)"]),
+    config_case("model-zero-width-layer", "`hidden = 0`: a layer without elements (replay tracebacked)",
+                lambda c: c.replace("hidden = 4", "hidden = 0"), ["1.weight", "no elements"]),
+    data_case("data-label-beyond-int64", "uint64 labels of 2**63 + 5 (a traceback)",
+              lambda a: {"y_train": np.full(20, 2 ** 63 + 5, np.uint64)}, ["y_train[0]", "9223372036854775813"]),
+    data_case("data-label-huge", "a label of 10**12 (blamed on the model's kwargs)",
+              lambda a: {"y_train": np.where(np.arange(20) == 3, 10 ** 12, a["y_train"])}, ["y_train[3]", "1000000000000"]),
+    config_case("train-epochs-beyond-step-names", "`epochs = 10**12` (3*10**12 updates: would run for ever)",
+                lambda c: c.replace("epochs = 1", "epochs = 1000000000000"), ["[train] epochs", "99999999"]),
+    inspect_case("inspect-nan-influence", "an influence dataset rewritten to hold a NaN (ranked silently)",
+                 h5_edit(_nan_influence), ["/audit/loss/influence", "NaN"]),
+    inspect_case("inspect-short-train-index", "/train/index shorter than the influence rows (a traceback)",
+                 h5_edit(lambda f: _replace_dataset(f, "train/index", f["train/index"][()][:5])), ["/train/index"]),
+    inspect_case("inspect-short-audit-index", "/audit/index shorter than the audit points (a traceback)",
+                 h5_edit(lambda f: _replace_dataset(f, "audit/index", f["audit/index"][()][:1])), ["/audit/index"]),
+    inspect_case("inspect-manifest-attribute-wrong", "the file's manifest attribute holding `{\"dataset\": \"digits\"}`",
+                 h5_edit(lambda f: f.attrs.__setitem__("manifest", '{"dataset": "digits"}')), ["manifest"]),
+    Case("inspect-plot-under-a-file", "plgk inspect", "`--plot` a folder under a file (a traceback)",
+         ("inspect", "{h5}", "--plot", "{tmp}/afile/sub"), 14, ("afile",),
+         setup=lambda s: (s.copy("h5", "damaged.h5"), s.write("afile", "x\n"))),
+    Case("inspect-plot-into-a-run", "plgk inspect", "`--plot` the run directory itself (unguarded)",
+         ("inspect", "{h5}", "--plot", "{run}"), 14, ("{run}", "run directory"),
+         setup=lambda s: (s.copy("h5", "damaged.h5"), s.copy_run())),
+    Case("train-out-name-too-long", OUT, "`--out` with a 300-character name (a traceback)",
+         ("train", "--config", "{config}", "--out", "{tmp}/" + "x" * 300, "--quiet"), 14, ("File name too long",),
+         setup=lambda s: s.config()),
+    Case("env-fault-hook-malformed", OUT, "`PLGK_FAULT=after_checkpoint:x` (a traceback)", TRAIN, 10,
+         ("PLGK_FAULT",), setup=lambda s: s.config(), env={"PLGK_FAULT": "after_checkpoint:x"}, may_create=STARTED),
+    Case("env-free-bytes-malformed", DISK, "`PLGK_FREE_BYTES=lots` (a traceback)", REPLAY, 14, ("PLGK_FREE_BYTES",),
+         env={"PLGK_FREE_BYTES": "lots"}),
+]
+
 CASES = (CONFIG_CASES + DATA_CASES + USER_CODE_CASES + NONFINITE_CASES + REPLAY_OPTION_CASES
-         + AUDIT_SET_CASES + SUBSET_CASES + RUN_CASES + CHECK_CASES + INSPECT_CASES + OUTPUT_CASES + DISK_CASES)
+         + AUDIT_SET_CASES + SUBSET_CASES + RUN_CASES + CHECK_CASES + INSPECT_CASES + OUTPUT_CASES + DISK_CASES
+         + REVIEW_CASES)
 
 
 def test_case_ids_are_unique_and_kebab_case():

@@ -10,6 +10,9 @@ from plgk_cli.errors import AuditSpecError
 from plgk_cli.tasks import HELPFUL_DOWN, HELPFUL_UP, TRUE_CLASS_UP, Task
 
 
+MAX_CLASSES = 1 << 24  # a label of 10**12 would ask for an output layer of 10**12 columns
+
+
 class Classification(Task):
     name = "classification"
     targets = ("loss", "logit", "margin", "logits")
@@ -38,6 +41,11 @@ class Classification(Task):
             index = _first(y < 0)
             raise ValueError(f"{where} has negative labels: {where}[{index}] is {int(y[index])}; class "
                              "labels are 0, 1, ..., classes - 1")
+        if len(y) and int(y.max()) >= MAX_CLASSES:  # compared before the cast: uint64 may not fit int64
+            index = _first(y >= MAX_CLASSES)
+            raise ValueError(f"{where}[{index}] is label {int(y[index])}, which would make {int(y[index]) + 1} "
+                             f"classes; plgk takes at most {MAX_CLASSES} (labels 0..{MAX_CLASSES - 1}): "
+                             "number the classes from 0")
         return torch.as_tensor(y, dtype=torch.int64)
 
     def output_width(self, y_train, y_test):
