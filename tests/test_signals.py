@@ -110,3 +110,23 @@ def test_replay_stops_within_a_second_in_a_long_update(base, tmp_path):
     assert replay(base["run"], "--rule", "supersample:16", out=reference).exit_code == 0
     with h5py.File(out) as a, h5py.File(reference) as b:
         np.testing.assert_array_equal(a["audit/loss/influence"][()], b["audit/loss/influence"][()])
+
+
+def test_a_signal_inside_a_checkpoint_read_is_not_a_corrupt_file(base, monkeypatch):
+    """safetensors wraps a KeyboardInterrupt raised inside its reader in an error of its own; once
+    a signal has stopped the command, the reader lets the interruption through instead of calling
+    the step file truncated or corrupt (which would send the user to restore a good file)."""
+    from plgk_cli import signals, trajectory
+    from plgk_cli.errors import TrajectoryError
+
+    def wrapped_interrupt(*args, **kwargs):
+        raise RuntimeError("could not determine the shape of object type 'torch.storage.UntypedStorage'")
+
+    monkeypatch.setattr(trajectory, "safe_open", wrapped_interrupt)
+    with pytest.raises(TrajectoryError, match="truncated or corrupt"):  # no signal: a damaged file
+        trajectory.read_checkpoint(base["run"], 1)
+    monkeypatch.setattr(signals, "_stopping", True)
+    with pytest.raises(KeyboardInterrupt):
+        trajectory.read_checkpoint(base["run"], 1)
+    with pytest.raises(KeyboardInterrupt):  # the header-only reader of plgk check too
+        trajectory.checkpoint_run_id(base["run"], 1)
