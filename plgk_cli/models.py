@@ -282,6 +282,20 @@ def forward_of(name: str):
         else contextlib.nullcontext()
 
 
+def trial_forward(model: nn.Module, name: str, x: torch.Tensor):
+    """The output of the model ``name`` builds on ``x`` (a few training inputs), in eval mode,
+    without gradients, on a forked random state, so that training or replay then runs as if this
+    had not; the user's own model raising is a UserCodeError (forward_of)."""
+    was_training = model.training
+    devices = [x.device] if x.device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.no_grad(), forward_of(name):
+            model.eval()
+            return model(x)
+    finally:
+        model.train(was_training)
+
+
 def check_model(model: nn.Module, name: str, x: torch.Tensor, task, width: int, y: torch.Tensor) -> None:
     """Before a run is started: the model has trainable parameters, its output on ``x`` (a few
     training inputs) meets the task's contract (check_output) and the task's loss takes it with
@@ -295,17 +309,11 @@ def check_model(model: nn.Module, name: str, x: torch.Tensor, task, width: int, 
         raise ConfigError(f"[model] name: {name} built parameter {empty} with no elements (shape "
                           f"{tuple(model.get_parameter(empty).shape)}); give every layer a width >= 1 "
                           "([model] kwargs)")
-    was_training = model.training
-    devices = [x.device] if x.device.type == "cuda" else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad(), forward_of(name):
-            model.eval()
-            output = model(x)
+        output = trial_forward(model, name, x)
     except (TypeError, ValueError, RuntimeError, IndexError) as exc:  # plgk's model, the data's inputs
         raise ConfigError(f"[model] name: {name} cannot take the inputs of the data (rows "
                           f"{tuple(x.shape[1:])}, {x.dtype}): {type(exc).__name__}: {exc}") from None
-    finally:
-        model.train(was_training)
     check_output(output, name, len(x), task, width)
     with torch.no_grad(), task_code(task, "batch_loss"):
         task.batch_loss(output, y)

@@ -182,6 +182,12 @@ def _lock(path: Path, busy, *, directory: bool = False, create: bool = True) -> 
     raise OSError(errno.EAGAIN, "it kept being replaced while it was locked", str(path))
 
 
+def _write_pid(fd: int) -> None:
+    """This process's pid into the lock file it holds, for the message a second writer gets."""
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
 def _remove_empty(directories: list) -> None:
     for directory in reversed(directories):
         try:
@@ -230,8 +236,7 @@ def claim_run_dir(run_dir: Path, out_name: str = "--out", *, mark: bool = True) 
         _remove_empty(created)
         raise
     if mark:
-        os.ftruncate(fds[0], 0)
-        os.pwrite(fds[0], f"{os.getpid()}\n".encode(), 0)
+        _write_pid(fds[0])
     return Claim(run_dir / RUN_LOCK if mark else None, fds, created, keep=not created_file)
 
 
@@ -251,8 +256,7 @@ def claim_output(out: Path) -> Claim:
         return OutputError(f"{out}: {who} is writing this output; wait for it or choose another --out")
 
     fd, _ = _lock(lock, busy)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _write_pid(fd)
     return Claim(lock, [fd], [], keep=False)
 
 

@@ -47,7 +47,7 @@ from plgk_cli.errors import (AuditSpecError, Interrupted, NonFiniteError, Output
                              TrajectoryError, UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
                                 ghost_products, restored_rng, target_columns)
-from plgk_cli.models import forward_of, vocabulary
+from plgk_cli.models import trial_forward, vocabulary
 from plgk_cli.outputs import (Claim, check_apart_from_inputs, claim_output, output_lock, remedy,
                               write_failure)
 from plgk_cli.progress import commit as commit_progress
@@ -311,20 +311,11 @@ def plan_replay(args: ReplayArguments) -> ReplayPlan:
 def _try_user_code(run: Run, model: torch.nn.Module, data, device, dtype) -> None:
     """The user's model forward and py: task loss on two training rows, before any work: code that
     trained once may raise now (edited since), which is a UserCodeError naming its line here
-    rather than a traceback from inside the batched gradient passes. Eval mode, no gradients, a
-    forked random state: the replay is as if it had not run."""
+    rather than a traceback from inside the batched gradient passes."""
     x, y = to_device(data.x_train[:2], device, dtype), to_device(data.y_train[:2], device, dtype)
-    devices = [device] if device.type == "cuda" else []
-    was_training = model.training
-    try:
-        with torch.random.fork_rng(devices=devices), torch.no_grad():
-            model.eval()
-            with forward_of(run.manifest["model"]["name"]):
-                output = model(x)
-            with task_code(run.task, "batch_loss"):
-                run.task.batch_loss(output, y)
-    finally:
-        model.train(was_training)
+    output = trial_forward(model, run.manifest["model"]["name"], x)
+    with torch.no_grad(), task_code(run.task, "batch_loss"):
+        run.task.batch_loss(output, y)
 
 
 def _adjoint_buffer(plan: ReplayPlan) -> torch.Tensor:
