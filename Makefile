@@ -18,7 +18,7 @@ install: $(VENV)/.installed
 
 demo: install
 	$(PLGK) train --config configs/demo.toml --out $(DEMO_RUN) --overwrite
-	$(PLGK) replay --ckpts $(DEMO_RUN) --audit-set 'test[:64]' --out $(DEMO_RUN).h5 --overwrite
+	$(PLGK) replay --ckpts $(DEMO_RUN) --audit-set 'test[:64]' --rule adaptive:1e-2 --out $(DEMO_RUN).h5 --overwrite
 	$(PLGK) inspect $(DEMO_RUN).h5
 	$(PLGK) inspect $(DEMO_RUN).h5 --audit 0 --top 5
 

@@ -15,6 +15,7 @@ import torch
 
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.gradients import TARGETS
+from plgk_cli.modes import DEFAULT_ENERGY
 from plgk_cli.tasks.language_model import IGNORE, prompt_points
 
 _BOUND = r"(-?[0-9]+)?"  # ASCII digits; a lone "-" is not a bound
@@ -44,7 +45,7 @@ class ReplayArguments:
     kernel_stride: int = 0  # steps between kernel checkpoints; 0: one epoch
     kernel_train: bool = False  # also train x train (M x M)
     precondition: bool = False  # weigh the PLGK by the optimizer's preconditioner (eq. 29)
-    modes: int = 0  # K modes (Algorithm 1); 0: none
+    modes: int | str = 0  # K modes (Algorithm 1), or "auto[:ENERGY]" (K grown to hold ENERGY); 0: none
     modes_at: tuple = ()  # reference checkpoints of the SVD modes; (): the final one
     modes_method: str = "svd"  # svd (streamed randomized SVD) or oja (online, paper A.8)
     save_modes: bool = False  # store V (P x K)
@@ -91,12 +92,16 @@ class ReplayArguments:
         object.__setattr__(self, "modes_at", tuple(self.modes_at))
         if self.max_update_error is not None:
             _check_number("max_update_error", self.max_update_error, 0.0, True)
+        object.__setattr__(self, "modes", canonical_modes(self.modes))
         if self.modes_method not in ("svd", "oja"):
             raise AuditSpecError(f"--modes-method: expected svd or oja, got {self.modes_method!r}")
         if (self.kernel_train or self.precondition) and not (self.kernel or self.modes):
             raise AuditSpecError("--kernel-train and --precondition need --kernel or --modes")
         if (self.modes_at or self.save_modes) and not self.modes:
             raise AuditSpecError("--modes-at and --save-modes need --modes K")
+        if self.modes_energy is not None and self.modes_method == "oja":
+            raise AuditSpecError("--modes auto: the oja modes follow a fixed K through the run; give "
+                                 "--modes K with --modes-method oja")
         if self.modes_at and self.modes_method == "oja":
             raise AuditSpecError("--modes-at: the oja modes follow the whole run; it applies to "
                                  "--modes-method svd only")
@@ -114,7 +119,12 @@ class ReplayArguments:
 
     @property
     def geometry(self) -> bool:
-        return self.kernel or self.modes > 0
+        return self.kernel or bool(self.modes)
+
+    @property
+    def modes_energy(self) -> float | None:
+        """--modes auto[:ENERGY]: the energy share the modes must hold; None for a fixed K."""
+        return parse_modes(self.modes)[1]
 
     def modes_steps(self, total: int) -> tuple:
         """Reference checkpoints of the SVD modes, validated against the run's last step."""
@@ -131,7 +141,8 @@ FLAGS = ("overwrite", "resume", "kernel", "kernel_train", "precondition", "save_
 MAX_SUB_INTERVALS = 4096  # supersample:K beyond this costs hours per update for no measurable gain
 # (field, smallest, largest or None): the integer options' ranges
 INTEGER_RANGES = (("stride", 1, None), ("chunk_size", 1, 1 << 24), ("commit_every", 0, None),
-                  ("kernel_stride", 0, None), ("modes", 0, 100_000))
+                  ("kernel_stride", 0, None))
+MAX_MODES = 100_000
 # (field, bound, bound excluded): the real-valued options, all finite
 NUMBER_RANGES = (("memory_budget", 0.0, False), ("commit_seconds", 0.0, True))
 _OPTION = {"max_update_error": "--accept-update-error", "targets": "--target"}
@@ -155,6 +166,33 @@ def _check_number(name: str, value, bound: float, excluded: bool) -> None:
     if not ok:
         raise AuditSpecError(f"{_flag(name)}: must be a finite number {'>' if excluded else '>='} {bound:g}, "
                              f"got {value!r}")
+
+
+def parse_modes(modes) -> tuple[int, float | None]:
+    """--modes: K (an int, or its ASCII digits as the command line gives them; 0: none) -> (K, None);
+    "auto[:ENERGY]" -> (0, ENERGY), ENERGY in (0, 1), 0.99 by default (paper Table 3's K@99%)."""
+    if isinstance(modes, str) and re.fullmatch(r"[0-9]{1,7}", modes):
+        modes = int(modes)
+    if isinstance(modes, int) and not isinstance(modes, bool) and 0 <= modes <= MAX_MODES:
+        return modes, None
+    m = re.fullmatch(r"auto(?::([0-9.eE+-]{1,32}))?", modes) if isinstance(modes, str) else None
+    if m:
+        try:
+            energy = DEFAULT_ENERGY if m.group(1) is None else float(m.group(1))
+        except ValueError:
+            energy = math.nan
+        if 0 < energy < 1:  # NaN fails too
+            return 0, energy
+    shown = repr(modes) if len(repr(modes)) <= 60 else repr(modes)[:57] + "..."
+    raise AuditSpecError(f"--modes: expected a whole number K in 0..{MAX_MODES} or auto[:ENERGY] with ENERGY "
+                         f"in (0, 1) (e.g. auto:0.95), got {shown}")
+
+
+def canonical_modes(modes) -> int | str:
+    """The one spelling of a --modes value (auto -> "auto:0.99"), as stored with the results; the
+    energy's repr, so that what is stored is what was used."""
+    k, energy = parse_modes(modes)
+    return k if energy is None else f"auto:{energy!r}"
 
 
 ADAPTIVE_TOLERANCE = 3e-3  # adaptive's default: mean |segment error| <= TOL x mean |Δq| of the segment

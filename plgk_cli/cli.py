@@ -187,8 +187,9 @@ def train(config_path, out, overwrite, resume, allow_nonfinite, threads, quiet):
 @click.option("--kernel-train", is_flag=True, help="Also the train x train PLGK (M x M).")
 @click.option("--precondition", is_flag=True,
               help="Weigh the PLGK by the optimizer's preconditioner (paper eq. 29).")
-@click.option("--modes", default=0, show_default=True, type=int,
-              help="K training-gradient modes (Algorithm 1); 0: none.")
+@click.option("--modes", default="0", show_default=True, metavar="K|auto[:ENERGY]",
+              help="K training-gradient modes (Algorithm 1), or auto: grow K until the modes hold ENERGY "
+                   "of the gradients' energy (default 0.99); 0: none.")
 @click.option("--modes-at", multiple=True, type=int, help="Reference step of the modes (repeatable; "
               "default: the final checkpoint).")
 @click.option("--modes-method", default="svd", show_default=True, type=click.Choice(["svd", "oja"]))
@@ -233,6 +234,8 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
     drift = "" if result.max_drift is None else f"; re-simulation drift {result.max_drift:.2e}"
     click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps{drift}; "
                f"wrote {out}")
+    for line in result.warnings:
+        click.echo(f"plgk: warning: {line}", err=True)
 
 
 @main.command()

@@ -20,6 +20,7 @@ from torch.func import functional_call
 from tqdm import tqdm
 
 from plgk_cli import kernel as K
+from plgk_cli import modes as M
 
 REGIME_SAMPLE = 256  # training examples for the kernel-regime metrics (fixed, seeded subsample)
 SUBSPACE_K = 10  # paper 6.3 (ii): top-10 subspace overlap
@@ -32,6 +33,7 @@ class GeometryResult:
     kernel: dict = field(default_factory=dict)
     kernel_attrs: dict = field(default_factory=dict)
     modes: dict = field(default_factory=dict)  # name -> {array name -> array}, attrs under "attrs"
+    warnings: list = field(default_factory=list)  # one line each: modes that missed their tolerance or energy
 
 
 def kernel_steps(total: int, stride: int) -> list[int]:
@@ -91,17 +93,23 @@ def _geometry(plan, progress: bool) -> GeometryResult:
                disable=not progress, dynamic_ncols=True)
     result = GeometryResult()
 
-    # Reference modes (Algorithm 1) at each --modes-at checkpoint: 2q+2 streamed passes.
+    # Reference modes (Algorithm 1) at each --modes-at checkpoint: streamed passes until converged.
     reference = {}
     if args.modes and args.modes_method == "svd":
         for t_ref in args.modes_steps(total):
             theta = theta_at(t_ref)
-            svd = K.StreamedSVD(m_train, min(args.modes, m_train, layout.size), device=device)
+            rank = None if args.modes_energy else min(args.modes, m_train, layout.size)
+            # below ~10 units in the last place of the gradients' dtype a value is their rounding
+            svd = M.StreamedSVD(m_train, rank, energy=args.modes_energy, device=device,
+                                noise_floor=max(M.NUMERICAL_ZERO, 10 * torch.finfo(compute).eps))
             while not svd.done:
+                bar.set_postfix_str(f"modes at step {t_ref}: pass {svd.passes + 1}, K {svd.rank}")
                 for rows in chunks():
                     svd.feed(rows, train_grads(theta, rows))
                 svd.end_pass()
-            reference[t_ref] = svd.result(audit_grads(theta), keep_v=True)
+            reference[t_ref] = modes = svd.result(audit_grads(theta), keep_v=True)
+            result.warnings.extend(_modes_warnings(t_ref, modes))
+            bar.set_postfix_str("")
             bar.update(1)
 
     # References at the final checkpoint for the kernel-regime metrics (fixed subsample).
@@ -116,7 +124,7 @@ def _geometry(plan, progress: bool) -> GeometryResult:
     n_audit = plan.n_audit
     plgk = K.PLGKAccumulator(n_audit, m_train, train_gram=args.kernel_train, device=device)
     sketch = K.TemporalKernelSketch(len(steps), m_train, layout.size, device=device)
-    oja = K.OjaModes(layout.size, min(args.modes, layout.size), device=device) \
+    oja = M.OjaModes(layout.size, min(args.modes, layout.size), device=device) \
         if args.modes and args.modes_method == "oja" else None
     k_cr = {t: torch.full((len(steps), n_audit, len(m.s)), torch.nan, dtype=torch.float64)
             for t, m in reference.items()}
@@ -141,13 +149,13 @@ def _geometry(plan, progress: bool) -> GeometryResult:
             K.feed_training_rows(plgk, lambda rows: train_grads(theta, rows), chunk)
         plgk.end_checkpoint()
         for t_ref, modes in reference.items():  # CR(K) with the reference modes held fixed
-            k_cr[t_ref][i] = K.cancellation_ratio(K.mode_drive(modes.v, sum_gradient),
+            k_cr[t_ref][i] = M.cancellation_ratio(M.mode_drive(modes.v, sum_gradient),
                                                   g_audit @ modes.v).cpu()
         if oja is not None:
             captured = oja.end_epoch()
             oja_captured[i] = np.nan if captured is None else captured.energy_fraction
             v = oja.projector
-            oja_cr[i] = K.cancellation_ratio(K.mode_drive(v, sum_gradient), g_audit @ v).cpu()
+            oja_cr[i] = M.cancellation_ratio(M.mode_drive(v, sum_gradient), g_audit @ v).cpu()
         g_sample = train_grads(theta, sample)
         feature[i] = float(torch.nanmean(K.row_cosines(g_sample, g_sample_final)))
         top = torch.linalg.svd(g_sample, full_matrices=False)[2][:SUBSPACE_K].T
@@ -191,7 +199,9 @@ def _geometry(plan, progress: bool) -> GeometryResult:
             arrays["v"] = modes.v
         result.modes[f"step_{t_ref:08d}"] = {
             **{k: _np(v) for k, v in arrays.items()},
-            "attrs": {"method": "svd", "step": t_ref, "total_energy": modes.total_energy,
+            "attrs": {"method": "svd", "step": t_ref, "total_energy": modes.total_energy, "k": len(modes.s),
+                      "energy_target": modes.energy_target or 0.0, "converged": modes.converged,
+                      "estimated_error": modes.estimated_error, "passes": modes.passes,
                       **{f"k_at_{int(round(f * 100))}": (-1 if k is None else k) for f, k in kat.items()}}}
     if oja is not None:
         arrays = {"captured_energy": oja_captured, "cancellation": oja_cr}
@@ -200,6 +210,20 @@ def _geometry(plan, progress: bool) -> GeometryResult:
         result.modes["oja"] = {**{k: _np(v) for k, v in arrays.items()},
                                "attrs": {"method": "oja", "rank": oja.rank}}
     return result
+
+
+def _modes_warnings(step: int, modes: M.SVDModes) -> list:
+    """What the user must hear about modes that are not what was asked: values short of the SVD's
+    tolerance, or an energy share auto could not reach."""
+    out = []
+    if not modes.converged:
+        out.append(f"modes at step {step}: the SVD did not converge in {modes.passes} passes (estimated "
+                   f"relative error {modes.estimated_error:.1e} > {M.SVD_TOLERANCE:g}); the values are lower "
+                   "bounds of the exact ones")
+    if modes.energy_target is not None and float(modes.energy_curve[-1]) < modes.energy_target:
+        out.append(f"modes at step {step}: the {len(modes.s)} modes found hold {float(modes.energy_curve[-1]):.4f} "
+                   f"of the energy, short of --modes auto:{modes.energy_target!r}")
+    return out
 
 
 def _activations(plan, last_linear, theta, x):

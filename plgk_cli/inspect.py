@@ -321,6 +321,11 @@ def kernel_summary(f: InfluenceFile) -> dict:
         if attrs["method"] == "svd":
             entry.update(step=int(attrs["step"]), singular_values=f.mode(name, "s")[:10].tolist(),
                          **{f"K@{p}%": int(attrs[f"k_at_{p}"]) for p in (90, 95, 99)})
+            if "k" in attrs:  # schema 6: how the SVD chose K and how accurate its values are
+                entry.update(k=int(attrs["k"]), energy_target=float(attrs["energy_target"]) or None,
+                             energy_held=float(f.mode(name, "energy_curve")[-1]),
+                             converged=bool(attrs["converged"]),
+                             estimated_error=float(attrs["estimated_error"]), passes=int(attrs["passes"]))
         else:
             entry["captured_energy"] = f.mode(name, "captured_energy").tolist()
         cr = f.mode(name, "cancellation")  # (kernel checkpoints, N, K)
@@ -356,9 +361,18 @@ def format_kernel(k: dict) -> str:
         lines.append(f"  {name:<20} " + " ".join(f"{v:.3f}" for v in values))
     for name, m in k["modes"].items():
         if m["method"] == "svd":
+            unreached = "" if m.get("energy_target") else (
+                "(−1: not reached by the computed modes; --modes auto grows K until it is); ")
             lines.append(f"modes {name}: K@90% {m['K@90%']}  K@95% {m['K@95%']}  K@99% {m['K@99%']} "
-                         "(−1: not reached by the computed modes); top s: "
-                         + " ".join(f"{v:.3g}" for v in m["singular_values"][:5]))
+                         f"{unreached}top s: " + " ".join(f"{v:.3g}" for v in m["singular_values"][:5]))
+            if "k" in m:
+                held = m["energy_held"] >= m["energy_target"] if m["energy_target"] else True
+                chosen = ("as asked" if not m["energy_target"] else
+                          f"the fewest that hold {m['energy_target']:g} of the energy" if held else
+                          f"they hold {m['energy_held']:.4f} of the energy, SHORT of {m['energy_target']:g}")
+                accuracy = (f"every value within {m['estimated_error']:.1e} (estimated)" if m["converged"] else
+                            f"NOT converged: estimated error {m['estimated_error']:.1e}")
+                lines.append(f"  K {m['k']} ({chosen}); {accuracy}; {m['passes']} passes over the rows")
         else:
             lines.append("oja captured energy: " + " ".join(f"{v:.3f}" for v in m["captured_energy"]))
         lines.append("  mean CR(all modes) per kernel checkpoint: "

@@ -1,4 +1,4 @@
-"""Kernel geometry of a recorded run: PLGK, IPS, feature modes, temporal kernel (pure tensor maths).
+"""Kernel geometry of a recorded run: PLGK, IPS, temporal kernel, regime metrics (pure tensor maths).
 
 Paper sections 3.6, 4, 6.2, 6.3, A.2.3, A.6–A.8. Everything here works on per-sample *loss*
 gradients g = ε φ = ∇_θ ℓ(x, y; θ_t) as flat vectors — rows of a (B, P) tensor, as
@@ -10,10 +10,6 @@ writes what they return.
 
 - :class:`PLGKAccumulator` — PLGK Gram matrices (Def. 7, eq. 11; eq. 29 with a diagonal
   preconditioner), IPS (Def. 8, eq. 15) and the distances of Cor. 4.1.1 (eq. 16).
-- :class:`StreamedSVD`, :func:`streamed_svd`, :class:`SVDModes` — truncated SVD of Φ_train(t*)
-  (Algorithm 1) by a streamed randomized range finder; energy curve, K@X%, a_k, λ_k, c_{k,n},
-  cancellation ratio CR(K) (section 6.3).
-- :class:`OjaModes` — the online mode estimator of A.8 and its captured-energy diagnostic.
 - :class:`TemporalKernel`, :class:`TemporalKernelSketch`, :func:`temporal_spectrum` — the
   T×(MP) temporal kernel of eq. 40 / A.7, its spectrum and participation ratio.
 - :func:`row_cosines`, :class:`MeanRowCosine`, :func:`subspace_overlap` — kernel-regime metrics of
@@ -24,53 +20,22 @@ writes what they return.
 
 Use per kernel checkpoint t (weight w_t, optional diagonal preconditioner A_t as a P-vector):
 ``plgk.begin_checkpoint(g_audit, A_t, w_t)``; for each chunk of training rows
-``plgk.add_train_chunk(rows, g)`` (and ``sketch.add_chunk(k, rows, g)``, ``svd.feed(rows, g)`` at
-t*, ``MeanRowCosine.add`` ...); ``plgk.end_checkpoint()``. Per replayed step: ``oja.observe(g_batch)``,
-and ``oja.end_epoch()`` at each epoch boundary.
+``plgk.add_train_chunk(rows, g)`` (and ``sketch.add_chunk(k, rows, g)``, ``MeanRowCosine.add`` ...);
+``plgk.end_checkpoint()``. The modes of the training gradients (Algorithm 1, A.8) are modes.py's.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 
-F64 = torch.float64
-Rows = torch.Tensor | slice | range
-ChunkSource = Callable[[], Iterable[tuple]]  # () -> iterable of (rows, g (C, P)); re-callable
-DEFAULT_FRACTIONS = (0.90, 0.95, 0.99)
-
+from plgk_cli.chunks import F64, Rows, device_of, gradient_matrix, orthonormal, row_positions, sign_fix
 
 # ----------------------------------------------------------------------------- helpers
-
-
-def _device(device) -> torch.device:
-    return torch.device("cpu") if device is None else torch.device(device)
-
-
-def _rows(rows: Rows, device: torch.device) -> torch.Tensor:
-    """Row positions as a 1-D int64 tensor on `device`."""
-    if isinstance(rows, slice):
-        if rows.stop is None:
-            raise ValueError("rows: a slice needs an explicit stop")
-        rows = range(rows.start or 0, rows.stop, rows.step or 1)
-    if isinstance(rows, range):
-        return torch.arange(rows.start, rows.stop, rows.step, device=device)
-    rows = torch.as_tensor(rows, device=device)
-    if rows.dim() != 1 or rows.dtype not in (torch.int64, torch.int32):
-        raise ValueError(f"rows: need a 1-D integer tensor, got {rows.dtype} of shape {tuple(rows.shape)}")
-    return rows.to(torch.int64)
-
-
-def _matrix(g: torch.Tensor, name: str, columns: int | None = None) -> torch.Tensor:
-    if g.dim() != 2:
-        raise ValueError(f"{name}: need a 2-D (rows, P) tensor, got shape {tuple(g.shape)}")
-    if columns is not None and g.shape[1] != columns:
-        raise ValueError(f"{name}: {g.shape[1]} columns, expected {columns}")
-    return g
 
 
 def _weight(weight: float) -> float:
@@ -90,18 +55,6 @@ def _sqrt_precond(precond: torch.Tensor | None, num_params: int, device, dtype) 
     if not bool(torch.isfinite(a).all()) or bool((a < 0).any()):
         raise ValueError("precond: eq. 29 needs a diagonal A_t with finite entries >= 0")
     return a.sqrt().to(dtype)
-
-
-def _sign_fix(columns: torch.Tensor) -> torch.Tensor:
-    """±1 per column so that each column's largest-magnitude entry is positive (a fixed convention
-    for the sign freedom of singular/eigen vectors; sklearn's svd_flip does the same)."""
-    pick = columns.abs().argmax(0)
-    signs = torch.sign(columns[pick, torch.arange(columns.shape[1], device=columns.device)])
-    return torch.where(signs == 0, torch.ones_like(signs), signs)
-
-
-def _orthonormal(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.qr(x, mode="reduced").Q
 
 
 # ----------------------------------------------------------------------------- PLGK and IPS
@@ -172,7 +125,7 @@ class PLGKAccumulator:
             raise ValueError("num_audit and num_train must be >= 0")
         if train_gram and num_train == 0:
             raise ValueError("train_gram needs num_train > 0")
-        self.device = _device(device)
+        self.device = device_of(device)
         self.compute_dtype = compute_dtype
         f64 = dict(dtype=F64, device=self.device)
         self.num_audit, self.num_train = num_audit, num_train
@@ -198,7 +151,7 @@ class PLGKAccumulator:
                 raise ValueError("begin_checkpoint: without audit gradients pass num_params")
             p = num_params
         else:
-            g_audit = _matrix(g_audit, "g_audit")
+            g_audit = gradient_matrix(g_audit, "g_audit")
             if g_audit.shape[0] != self.num_audit:
                 raise ValueError(f"g_audit: {g_audit.shape[0]} rows, expected {self.num_audit}")
             p = g_audit.shape[1]
@@ -227,8 +180,8 @@ class PLGKAccumulator:
         """Training loss gradients (C, P) at θ_t of the rows ``rows``: adds audit×train columns,
         P'_mm and, with ``train_gram``, the chunk's diagonal block."""
         self._check_open("add_train_chunk")
-        idx = _rows(rows, self.device)
-        g_train = _matrix(g_train, "g_train", self._p)
+        idx = row_positions(rows, self.device)
+        g_train = gradient_matrix(g_train, "g_train", self._p)
         if len(idx) != g_train.shape[0]:
             raise ValueError(f"rows: {len(idx)} positions for {g_train.shape[0]} gradient rows")
         h = self._features(g_train)
@@ -246,8 +199,8 @@ class PLGKAccumulator:
         self._check_open("add_train_pair")
         if self.train_gram is None:
             raise RuntimeError("add_train_pair: this accumulator was made without train_gram=True")
-        ia, ib = _rows(rows_a, self.device), _rows(rows_b, self.device)
-        g_a, g_b = _matrix(g_a, "g_a", self._p), _matrix(g_b, "g_b", self._p)
+        ia, ib = row_positions(rows_a, self.device), row_positions(rows_b, self.device)
+        g_a, g_b = gradient_matrix(g_a, "g_a", self._p), gradient_matrix(g_b, "g_b", self._p)
         if len(ia) != len(g_a) or len(ib) != len(g_b):
             raise ValueError("add_train_pair: rows and gradients differ in length")
         block = self._w * (self._features(g_a) @ self._features(g_b).T).to(F64)
@@ -315,19 +268,6 @@ class PLGKAccumulator:
         self.checkpoints = int(tensors[f"{prefix}/checkpoints"])
 
 
-def row_chunks(gradients_of: Callable[[torch.Tensor], torch.Tensor], num_rows: int,
-               chunk_size: int, device=None) -> ChunkSource:
-    """A re-callable chunk source over rows 0..num_rows-1 from a function rows -> (C, P) gradients."""
-    if chunk_size < 1:
-        raise ValueError("chunk_size must be >= 1")
-
-    def chunks():
-        for start in range(0, num_rows, chunk_size):
-            rows = torch.arange(start, min(start + chunk_size, num_rows), device=_device(device))
-            yield rows, gradients_of(rows)
-    return chunks
-
-
 def feed_training_rows(acc: PLGKAccumulator, gradients_of: Callable[[torch.Tensor], torch.Tensor],
                        chunk_size: int) -> None:
     """The training side of one open checkpoint: every chunk once (audit×train, P'_mm) and, with
@@ -341,316 +281,6 @@ def feed_training_rows(acc: PLGKAccumulator, gradients_of: Callable[[torch.Tenso
         if acc.train_gram is not None:
             for rows_j in rows[i + 1:]:
                 acc.add_train_pair(rows_i, g_i, rows_j, gradients_of(rows_j))
-
-
-# ----------------------------------------------------------------------------- modes (Algorithm 1)
-
-
-def energy_curve(s: torch.Tensor, total_energy: float) -> torch.Tensor:
-    """Cumulative captured energy Σ_{k≤K} s_k² / ‖Φ‖_F² (K = 1..len(s))."""
-    return torch.cumsum(s.to(F64) ** 2, 0) / total_energy
-
-
-def k_at_energy(s: torch.Tensor, total_energy: float, fraction: float) -> int | None:
-    """Smallest K whose top-K modes hold ``fraction`` of the exact total energy; None when the
-    computed modes do not reach it (store −1)."""
-    if total_energy <= 0:
-        return None
-    hit = torch.nonzero(energy_curve(s, total_energy) >= fraction)
-    return int(hit[0]) + 1 if len(hit) else None
-
-
-def cancellation_ratio(drive: torch.Tensor, coefficients: torch.Tensor) -> torch.Tensor:
-    """CR(K) of paper section 6.3 for every K = 1..K_max and audit point:
-
-        CR_n(K) = |Σ_{k≤K} Λ_k c_{k,n}| / Σ_{k≤K} |Λ_k c_{k,n}|,
-
-    drive Λ (K_max,), coefficients c (N, K_max) → (N, K_max). 1: no cancellation among the modes,
-    ≈0: near-perfect cancellation; NaN where every term is zero. Invariant to the modes' signs.
-    """
-    terms = coefficients.to(F64) * drive.to(F64)[None, :]
-    net, gross = terms.cumsum(1).abs(), terms.abs().cumsum(1)
-    return torch.where(gross > 0, net / gross, torch.full_like(gross, torch.nan))
-
-
-def mode_drive(v: torch.Tensor, sum_gradient: torch.Tensor) -> torch.Tensor:
-    """λ_k = v_kᵀ(Φᵀ1) from orthonormal modes and the summed gradient; equals a_k s_k for exact
-    singular vectors (Φᵀ1 = V S Uᵀ1), and gives drives for modes from another estimator (OjaModes)."""
-    return v.to(F64).T @ sum_gradient.to(device=v.device, dtype=F64)
-
-
-@dataclass(frozen=True)
-class SVDModes:
-    """Top-K modes of Φ_train(t*) (M, P) (paper Algorithm 1, section 6.3); float64.
-
-    Signs: each u_k's largest-magnitude entry is positive (a_k, c_{k,n} flip with the sign of a
-    mode; λ_k c_{k,n} and CR do not).
-    """
-
-    s: torch.Tensor  # (K,) singular values, descending
-    u: torch.Tensor  # (M, K) left singular vectors
-    v: torch.Tensor | None  # (P, K) right singular vectors (parameter-space modes); None if not kept
-    total_energy: float  # ‖Φ‖_F² = Σ_m ‖g_m‖², exact, from the same pass
-    row_sq_norms: torch.Tensor  # (M,) ‖g_m‖²
-    sum_gradient: torch.Tensor  # (P,) Φᵀ1 = Σ_m g_m (the summed training gradient at t*)
-    coefficients: torch.Tensor | None = None  # (N, K) c_{k,n} = v_k·g_n for audit gradients
-    net_exact: torch.Tensor | None = None  # (N,) (Φᵀ1)·g_n = Σ_m g_m·g_n, what the modes decompose
-
-    @property
-    def a(self) -> torch.Tensor:
-        """a_k = u_kᵀ1 (Algorithm 1 line 3): net alignment of the training set with mode k."""
-        return self.u.sum(0)
-
-    @property
-    def drive(self) -> torch.Tensor:
-        """λ_k = a_k s_k (Algorithm 1 line 4), the mode drive Λ_k of section 6.3."""
-        return self.a * self.s
-
-    @property
-    def energy_curve(self) -> torch.Tensor:
-        return energy_curve(self.s, self.total_energy)
-
-    def k_at(self, fraction: float) -> int | None:
-        return k_at_energy(self.s, self.total_energy, fraction)
-
-    def k_at_energy(self, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> dict:
-        """{fraction: K@fraction or None} (paper Table 3's K@90/95/99%)."""
-        return {f: self.k_at(f) for f in fractions}
-
-    def cancellation_ratio(self) -> torch.Tensor:
-        """CR_n(K) for K = 1..K_max (N, K_max); needs ``coefficients``."""
-        if self.coefficients is None:
-            raise RuntimeError("cancellation_ratio: no audit coefficients (pass g_audit to result())")
-        return cancellation_ratio(self.drive, self.coefficients)
-
-    def net_by_modes(self) -> torch.Tensor:
-        """Σ_{k≤K} λ_k c_{k,n} for K = 1..K_max (N, K_max): the top-K reconstruction of ``net_exact``
-        (section 6.3: Σ_m g_m·g_n = Σ_k λ_k c_{k,n} when all modes are kept)."""
-        if self.coefficients is None:
-            raise RuntimeError("net_by_modes: no audit coefficients (pass g_audit to result())")
-        return (self.coefficients * self.drive[None, :]).cumsum(1)
-
-
-class StreamedSVD:
-    """Randomized truncated SVD of Φ (M×P) from passes over its row chunks, never holding Φ.
-
-    Halko, Martinsson & Tropp (2011), Alg. 4.4 (randomized subspace iteration), ℓ = K + oversample
-    columns: pass 0: Y = ΦΩ (Ω Gaussian P×ℓ), also the exact ‖Φ‖_F², ‖g_m‖² and Φᵀ1; then
-    ``power_iterations`` times: Z = ΦᵀQ(Y) (pass), Y = Φ Q(Z) (pass); finally Bᵀ = ΦᵀQ(Y) (pass) and
-    the SVD of the ℓ×P matrix B. 2q + 2 passes; memory M×ℓ + 2·P×ℓ + one chunk.
-
-    Drive it as: ``while not svd.done: [svd.feed(rows, g) for rows, g in chunks()]; svd.end_pass()``,
-    then :meth:`result`. Each pass must feed every row exactly once (any chunking, any order); the
-    first pass can be fused with the PLGK's training pass at t*. Rows must be the same in every pass
-    (recomputed gradients may differ by rounding only).
-    """
-
-    def __init__(self, num_rows: int, rank: int, *, oversample: int = 10, power_iterations: int = 2,
-                 seed: int = 0, device=None):
-        if rank < 1 or num_rows < rank:
-            raise ValueError(f"rank: need 1 <= rank <= num_rows ({num_rows}), got {rank}")
-        if oversample < 0 or power_iterations < 0:
-            raise ValueError("oversample and power_iterations must be >= 0")
-        self.num_rows, self.rank = num_rows, rank
-        self.oversample, self.power_iterations, self.seed = oversample, power_iterations, seed
-        self.device = _device(device)
-        self._stages = ["Y"] + ["Z", "Y"] * power_iterations + ["Z"]
-        self.pass_index = 0
-        self._p = None
-        self._q = None  # orthonormal M×ℓ basis of the current range estimate
-        self._acc = None  # Y (M×ℓ) or Z (P×ℓ) being accumulated this pass
-        self._seen = torch.zeros(num_rows, dtype=torch.bool, device=self.device)
-        self._z_final = None
-
-    @property
-    def passes(self) -> int:
-        return len(self._stages)
-
-    @property
-    def done(self) -> bool:
-        return self.pass_index == len(self._stages)
-
-    def _start(self, p: int) -> None:
-        self._p = p
-        self._width = min(self.rank + self.oversample, self.num_rows, p)
-        if self.rank > p:
-            raise ValueError(f"rank {self.rank} exceeds the number of parameters {p}")
-        gen = torch.Generator(device=self.device).manual_seed(self.seed)
-        self._right = torch.randn(p, self._width, generator=gen, device=self.device, dtype=F64)  # Ω
-        self.total_energy = torch.zeros((), dtype=F64, device=self.device)
-        self.row_sq_norms = torch.zeros(self.num_rows, dtype=F64, device=self.device)
-        self.sum_gradient = torch.zeros(p, dtype=F64, device=self.device)
-
-    def feed(self, rows: Rows, g: torch.Tensor) -> None:
-        """One chunk of the current pass: rows (C,) and their gradients (C, P)."""
-        if self.done:
-            raise RuntimeError("feed: all passes are done; call result()")
-        idx = _rows(rows, self.device)
-        g = _matrix(g, "g", self._p).to(device=self.device, dtype=F64)
-        if len(idx) != g.shape[0]:
-            raise ValueError(f"rows: {len(idx)} positions for {g.shape[0]} gradient rows")
-        if self._p is None:
-            self._start(g.shape[1])
-        if bool(self._seen[idx].any()) or len(torch.unique(idx)) != len(idx):
-            raise ValueError(f"feed: a row was fed twice in pass {self.pass_index}")
-        self._seen[idx] = True
-        stage = self._stages[self.pass_index]
-        if stage == "Y":
-            if self._acc is None:
-                self._acc = torch.zeros(self.num_rows, self._width, dtype=F64, device=self.device)
-            self._acc[idx] = g @ self._right
-            if self.pass_index == 0:
-                sq = (g * g).sum(1)
-                self.row_sq_norms[idx] = sq
-                self.total_energy += sq.sum()
-                self.sum_gradient += g.sum(0)
-        else:
-            if self._acc is None:
-                self._acc = torch.zeros(self._p, self._width, dtype=F64, device=self.device)
-            self._acc += g.T @ self._q[idx]
-
-    def end_pass(self) -> None:
-        if self.done:
-            raise RuntimeError("end_pass: all passes are done")
-        if not bool(self._seen.all()):
-            raise ValueError(f"end_pass: {int((~self._seen).sum())} of {self.num_rows} rows were not "
-                             f"fed in pass {self.pass_index}")
-        stage = self._stages[self.pass_index]
-        if stage == "Y":
-            self._q = _orthonormal(self._acc)
-        elif self.pass_index + 1 < len(self._stages):
-            self._right = _orthonormal(self._acc)
-        else:
-            self._z_final = self._acc  # Bᵀ = ΦᵀQ, P×ℓ
-            self._right = None
-        self._acc = None
-        self._seen.zero_()
-        self.pass_index += 1
-
-    def result(self, g_audit: torch.Tensor | None = None, keep_v: bool = True) -> SVDModes:
-        """The top-``rank`` modes; with audit loss gradients (N, P) also c_{k,n} and (Φᵀ1)·g_n."""
-        if not self.done:
-            raise RuntimeError(f"result: {self.passes - self.pass_index} passes still to feed")
-        # Bᵀ = ΦᵀQ = Q₂R;  R = A S Bhᵀ  ⇒  Φ ≈ Q B = (Q Bh) S (Q₂ A)ᵀ
-        q2, r = torch.linalg.qr(self._z_final, mode="reduced")
-        a_small, s, bh_t = torch.linalg.svd(r)
-        k = self.rank
-        u = self._q @ bh_t.T[:, :k]
-        v = q2 @ a_small[:, :k]
-        signs = _sign_fix(u)
-        u, v, s = u * signs, v * signs, s[:k]
-        coefficients = net = None
-        if g_audit is not None:
-            ga = _matrix(g_audit, "g_audit", self._p).to(device=self.device, dtype=F64)
-            coefficients = ga @ v
-            net = ga @ self.sum_gradient
-        return SVDModes(s=s, u=u, v=v if keep_v else None, total_energy=float(self.total_energy),
-                        row_sq_norms=self.row_sq_norms,
-                        sum_gradient=self.sum_gradient,
-                        coefficients=coefficients, net_exact=net)
-
-
-def streamed_svd(chunks: ChunkSource, num_rows: int, rank: int, *, oversample: int = 10,
-                 power_iterations: int = 2, seed: int = 0, device=None,
-                 g_audit: torch.Tensor | None = None, keep_v: bool = True) -> SVDModes:
-    """Truncated SVD of Φ (num_rows × P) whose row chunks ``chunks()`` yields as (rows, g) —
-    called 2·power_iterations + 2 times. See :class:`StreamedSVD`."""
-    svd = StreamedSVD(num_rows, rank, oversample=oversample, power_iterations=power_iterations,
-                      seed=seed, device=device)
-    while not svd.done:
-        for rows, g in chunks():
-            svd.feed(rows, g)
-        svd.end_pass()
-    return svd.result(g_audit, keep_v)
-
-
-# ----------------------------------------------------------------------------- online modes (A.8)
-
-
-@dataclass(frozen=True)
-class CapturedEnergy:
-    """Share of a feature matrix X (rows g_m) that a projector V (P×K, orthonormal) keeps."""
-
-    norm_fraction: float  # ‖XV‖_F / ‖X‖_F — the ratio paper A.8 plots (Figure 25)
-    energy_fraction: float  # ‖XV‖_F² / ‖X‖_F² — comparable with the SVD energy curve s_k²/‖Φ‖_F²
-
-
-def captured_energy(g: torch.Tensor, v: torch.Tensor) -> CapturedEnergy:
-    g = g.to(device=v.device, dtype=F64)
-    total = float((g * g).sum())
-    kept = float((g @ v.to(F64)).pow(2).sum())
-    frac = kept / total if total > 0 else float("nan")
-    return CapturedEnergy(math.sqrt(frac) if total > 0 else float("nan"), frac)
-
-
-class OjaModes:
-    """Online top-K modes of the training features (paper A.8): Oja's subspace rule (Oja 1989),
-
-        V ← orth(V + η XᵀX V),   η = lr / ‖X‖_F²   (QR after every step),
-
-    streamed over the minibatches' per-sample loss gradients X (B, P). The step is normalised by the
-    batch's energy so that it is free of the gradients' scale (η·trace(XᵀX) = lr). At each
-    :meth:`end_epoch` the running estimate is frozen as the projector used on the *next* epoch's
-    gradients, and :meth:`observe` reports the share of each batch that projector captures (A.8,
-    Figure 25). Before the first :meth:`end_epoch` there is no projector and observe returns None.
-    The estimate keeps running across epochs (warm start). Order-agnostic: "next" is the next epoch
-    fed, so a backward walk uses epoch e+1's projector on epoch e.
-    """
-
-    STATE = ("estimate", "projector")
-
-    def __init__(self, num_params: int, rank: int, *, lr: float = 3.0, seed: int = 0, device=None):
-        if not 1 <= rank <= num_params:
-            raise ValueError(f"rank: need 1 <= rank <= num_params ({num_params}), got {rank}")
-        if not lr > 0:
-            raise ValueError("lr must be > 0")
-        self.device = _device(device)
-        self.num_params, self.rank, self.lr = num_params, rank, float(lr)
-        gen = torch.Generator(device=self.device).manual_seed(seed)
-        start = torch.randn(num_params, rank, generator=gen, device=self.device, dtype=F64)
-        self.estimate = _orthonormal(start)
-        self.projector: torch.Tensor | None = None
-        self._kept = 0.0
-        self._total = 0.0
-
-    def observe(self, g: torch.Tensor) -> CapturedEnergy | None:
-        """One checkpoint's minibatch gradients (B, P): captured share under the frozen projector
-        (None before the first epoch ends), then one Oja step on the running estimate."""
-        x = _matrix(g, "g", self.num_params).to(device=self.device, dtype=F64)
-        energy = float((x * x).sum())
-        captured = None
-        if self.projector is not None and energy > 0:
-            kept = float((x @ self.projector).pow(2).sum())
-            self._kept += kept
-            self._total += energy
-            captured = CapturedEnergy(math.sqrt(kept / energy), kept / energy)
-        if energy > 0:
-            self.estimate = _orthonormal(self.estimate + (self.lr / energy) * (x.T @ (x @ self.estimate)))
-        return captured
-
-    def end_epoch(self) -> CapturedEnergy | None:
-        """Close an epoch: returns the epoch's aggregate share under the projector it used (None for
-        the first), then freezes the current estimate as the projector for the next epoch."""
-        out = None
-        if self.projector is not None and self._total > 0:
-            frac = self._kept / self._total
-            out = CapturedEnergy(math.sqrt(frac), frac)
-        self.projector = self.estimate.clone()
-        self._kept = self._total = 0.0
-        return out
-
-    def state_tensors(self, prefix: str = "kernel/oja") -> dict:
-        out = {f"{prefix}/estimate": self.estimate,
-               f"{prefix}/epoch_sums": torch.tensor([self._kept, self._total], dtype=F64)}
-        if self.projector is not None:
-            out[f"{prefix}/projector"] = self.projector
-        return out
-
-    def load_state_tensors(self, tensors: dict, prefix: str = "kernel/oja") -> None:
-        self.estimate = tensors[f"{prefix}/estimate"].to(device=self.device, dtype=F64)
-        p = tensors.get(f"{prefix}/projector")
-        self.projector = None if p is None else p.to(device=self.device, dtype=F64)
-        self._kept, self._total = (float(x) for x in tensors[f"{prefix}/epoch_sums"])
 
 
 # ----------------------------------------------------------------------------- temporal kernel (A.7)
@@ -668,7 +298,7 @@ class TemporalKernel:
     """
 
     def __init__(self, num_checkpoints: int, device=None):
-        self.device = _device(device)
+        self.device = device_of(device)
         self.gram = torch.zeros(num_checkpoints, num_checkpoints, dtype=F64, device=self.device)
 
     def add_rows(self, grads: torch.Tensor | Sequence[torch.Tensor]) -> None:
@@ -694,7 +324,7 @@ class TemporalKernelSketch:
 
     def __init__(self, num_checkpoints: int, num_rows: int, num_params: int, *, dim: int = 2 ** 18,
                  seed: int = 0, device=None):
-        self.device = _device(device)
+        self.device = device_of(device)
         self.dim = dim
         gen = torch.Generator(device=self.device).manual_seed(seed)
 
@@ -707,8 +337,8 @@ class TemporalKernelSketch:
 
     def add_chunk(self, index: int, rows: Rows, g: torch.Tensor) -> None:
         """Training rows (C, P) of kernel checkpoint ``index`` (0..T−1)."""
-        idx = _rows(rows, self.device)
-        g = _matrix(g, "g", len(self._h2)).to(device=self.device, dtype=F64)
+        idx = row_positions(rows, self.device)
+        g = gradient_matrix(g, "g", len(self._h2)).to(device=self.device, dtype=F64)
         bucket = (self._h1[idx][:, None] + self._h2[None, :]) % self.dim
         values = (self._s1[idx][:, None] * self._s2[None, :]) * g
         self.sketch[index].index_add_(0, bucket.reshape(-1), values.reshape(-1))
@@ -743,7 +373,7 @@ def temporal_spectrum(gram: torch.Tensor, scales: torch.Tensor | None = None) ->
         k = d[:, None] * k * d[None, :]
     lam, vec = torch.linalg.eigh(0.5 * (k + k.T))
     lam, vec = lam.flip(0), vec.flip(1)
-    vec = vec * _sign_fix(vec)
+    vec = vec * sign_fix(vec)
     total = float(lam.clamp_min(0).sum())
     frac = lam / total if total > 0 else torch.full_like(lam, torch.nan)
     return TemporalSpectrum(lam, vec, participation_ratio(lam), frac)
@@ -794,7 +424,7 @@ class MeanRowCosine:
 
 def principal_cosines(va: torch.Tensor, vb: torch.Tensor) -> torch.Tensor:
     """Cosines of the principal angles between span(va) and span(vb) (columns), descending."""
-    qa, qb = _orthonormal(va.to(F64)), _orthonormal(vb.to(device=va.device, dtype=F64))
+    qa, qb = orthonormal(va.to(F64)), orthonormal(vb.to(device=va.device, dtype=F64))
     return torch.linalg.svdvals(qa.T @ qb).clamp(0.0, 1.0)
 
 
@@ -834,7 +464,7 @@ class NetGrossInfluence:
     """
 
     def __init__(self, num_epochs: int, num_columns: int, device=None):
-        self.device = _device(device)
+        self.device = device_of(device)
         self.net = torch.zeros(num_epochs, num_columns, dtype=F64, device=self.device)
         self.gross = torch.zeros(num_epochs, num_columns, dtype=F64, device=self.device)
 

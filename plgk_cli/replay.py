@@ -82,6 +82,7 @@ class ReplaySummary:
     steps: int
     rank: int = 0
     max_drift: float | None = None  # sparse runs: re-simulated θ against the stored checkpoints  # under torchrun: only rank 0 wrote the output
+    warnings: tuple = ()  # lines the user must read beside the metrics (modes short of what was asked)
 
 
 def _relative_error(predicted: torch.Tensor, recorded: torch.Tensor, recorded_values: torch.Tensor,
@@ -539,7 +540,8 @@ def _replay(args: ReplayArguments, shard, out: Path, progress_file: Path, progre
     metrics = {r.name: {"mre": r.mre, "lc": r.lc, "rmre": r.rmre, "attribution_gap": r.attribution_gap}
                for r in results}
     drift = max(plan.trajectory.drift.values()) if plan.trajectory.drift else None
-    return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total, max_drift=drift)
+    return ReplaySummary(out, metrics, float(state.acc.update_error.max()), plan.total, max_drift=drift,
+                         warnings=tuple(geometry.warnings) if geometry is not None else ())
 
 
 def _claim_output(out: Path) -> Claim:

@@ -37,7 +37,9 @@ Layout (train x audit, as TRAK and dattri):
     temporal/prefix_participation_ratio; regime/feature_overlap, subspace_overlap,
     activation_overlap (K_k) against the final checkpoint (paper 6.3 (i)-(iii))
   /modes/step_XXXXXXXX (with --modes, svd)  attrs: method, step, total_energy, k_at_90/95/99 (−1: not
-      reached by the K modes); s, a, drive, energy_curve (K); coefficients (N, K);
+      reached by the K modes), k (the K kept), energy_target (--modes auto's share; 0: a fixed K),
+      converged, estimated_error (largest estimated relative error of s), passes (over the rows);
+      s, a, drive, energy_curve (K); coefficients (N, K);
       cancellation (K_k, N, K) CR of the first k modes held fixed, at every kernel checkpoint; [v (P, K)]
   /modes/oja (with --modes-method oja)  captured_energy (K_k); cancellation (K_k, N, K); [v]
 """
@@ -61,9 +63,10 @@ from plgk_cli.outputs import os_error, remedy, write_failure
 from plgk_cli.manifest import problems as manifest_problems
 from plgk_cli.tasks import known_direction, quantity_name, sign_sentence, task_for
 
-SCHEMA_VERSION = 5  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
-# 4: quadrature/*, error_bound, accepted_update_error, checksums; 5: helpful_direction, a `sign` per target
-READABLE_SCHEMAS = (2, 3, 4, 5)  # a version 2 file is a classification audit without buffers
+SCHEMA_VERSION = 6  # 2: /kernel, /modes, /audit/<target>/by_epoch; 3: task, buffer_residual;
+# 4: quadrature/*, error_bound, accepted_update_error, checksums; 5: helpful_direction, a `sign` per target;
+# 6: /modes/step_* attrs k, energy_target, converged, estimated_error, passes
+READABLE_SCHEMAS = (2, 3, 4, 5, 6)  # a version 2 file is a classification audit without buffers
 KERNEL, MODES = "kernel", "modes"
 COMPRESSION = dict(compression="gzip", compression_opts=4, shuffle=True)
 CHECKSUM = dict(fletcher32=True)  # HDF5 checksums every chunk and verifies it on every read

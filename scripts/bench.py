@@ -13,7 +13,7 @@
     python scripts/bench.py --workload quadrature --quadrature-runs demo,cnn-adam   # a subset
 
 Workloads:
-  digits           configs/demo.toml (CNN, Adam, 5 epochs), audit test[:64], rule trapezoid.
+  digits           configs/demo.toml (CNN, Adam, 10 epochs), audit test[:64], rule trapezoid.
   mnist-synthetic  LeNet-5 on a generated 28x28, 10-class set (class templates + shifts + noise),
                    M = 51,200, batch 256, Adam lr 1e-3, 256 audit points; the paper's A.5 task has
                    10,000 steps (50 epochs of 200), --steps-scale runs a fraction of them.
@@ -141,8 +141,11 @@ def _with_device(config: dict, device: str) -> dict:
 
 
 def digits_workload() -> Workload:
-    return Workload("digits", _toml_config(ROOT / "configs" / "demo.toml"), "test[:64]", "trapezoid",
-                    notes=["configs/demo.toml: CNN (P=3,658), Adam lr 1e-3, batch 64, 5 epochs"])
+    config = _toml_config(ROOT / "configs" / "demo.toml")
+    optim, train = config["optim"], config["train"]
+    return Workload("digits", config, "test[:64]", "trapezoid",
+                    notes=[f"configs/demo.toml: {config['model']['name']} (P=3,658), {optim['name']} lr {optim['lr']:g}, "
+                           f"batch {train['batch_size']}, {train['epochs']} epochs"])
 
 
 def make_synthetic_mnist(path: Path, n_train: int, n_test: int, seed: int = 0) -> Path:

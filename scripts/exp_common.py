@@ -72,7 +72,8 @@ def quick_dataset(out: Path) -> str:
 
 def config_tag(config) -> str:
     c = config.to_dict()
-    return f"{Path(str(c['data']['dataset'])).name.replace(':', '_')}-{c['model']['name']}-{c['optim']['name']}-e{c['train']['epochs']}-b{c['train']['batch_size']}"
+    return (f"{Path(str(c['data']['dataset'])).name.replace(':', '_')}-{c['model']['name']}-{c['optim']['name']}"
+            f"-lr{c['optim']['lr']:g}-e{c['train']['epochs']}-b{c['train']['batch_size']}-s{c['train']['seed']}")
 
 
 def base_run(config, out_dir: Path) -> Path:
@@ -108,24 +109,33 @@ def load_run_data(run: Path):
     return load_dataset(m["dataset"]["spec"], m["dataset"]["seed"], torch.float32)
 
 
-def retrain(config, data, keep: np.ndarray | None = None) -> torch.nn.Module:
+def retrain(config, data, keep: np.ndarray | None = None, *, seed: int | None = None,
+            total_steps: int | None = None) -> torch.nn.Module:
     """The `plgk train` loop (same seeds, init, shuffles, lr schedule) on the rows ``keep`` of the
-    training split, without recording: a retrain from scratch on the pruned set."""
+    training split, without recording: a retrain from scratch on the pruned set.
+
+    ``seed`` replaces [train] seed (init and shuffles). ``total_steps`` fixes the number of
+    optimizer updates instead of [train] epochs: the epochs are repeated (a fresh shuffle each) and
+    the last one cut where the count is reached, so a pruned set gets as many updates as the full
+    one. Without it the loop is exactly `plgk train`'s (epochs x ceil(m / batch) updates)."""
     x, y = data.x_train, data.y_train
     if keep is not None:
         keep = torch.as_tensor(np.sort(keep))
         x, y = x[keep], y[keep]
-    torch.manual_seed(config.train.seed)
+    seed = config.train.seed if seed is None else seed
+    torch.manual_seed(seed)
     model = build_model(config.model.name, config.model.kwargs, data.in_shape, data.num_classes)
     optimizer = build_optimizer(config, model)
     m = len(y)
     bs = min(config.train.batch_size, m)
-    total = config.train.epochs * -(-m // bs)
-    gen = torch.Generator().manual_seed(config.train.seed)
+    total = config.train.epochs * -(-m // bs) if total_steps is None else int(total_steps)
+    gen = torch.Generator().manual_seed(seed)
     schedule = Schedule(config, optimizer, total)
     step = 0
-    for _ in range(config.train.epochs):
+    while step < total:
         for batch in torch.randperm(m, generator=gen).split(bs):
+            if step == total:
+                break
             schedule.before_update(step)
             optimizer.zero_grad(set_to_none=True)
             loss = F.cross_entropy(model(x[batch]), y[batch])
@@ -136,6 +146,18 @@ def retrain(config, data, keep: np.ndarray | None = None) -> torch.nn.Module:
             schedule.after_update()
             step += 1
     return model.eval()
+
+
+def steps_of(config, m: int) -> int:
+    """Optimizer updates of `plgk train` on m training rows: epochs x ceil(m / batch)."""
+    return config.train.epochs * -(-m // min(config.train.batch_size, m))
+
+
+def mean_sd_se(values) -> dict:
+    """mean, sample sd (ddof 1) and standard error of the mean of a list of per-seed numbers."""
+    a = np.asarray(values, dtype=np.float64)
+    sd = float(a.std(ddof=1)) if len(a) > 1 else float("nan")
+    return {"mean": float(a.mean()), "sd": sd, "se": sd / np.sqrt(len(a)), "n": len(a), "all": a.tolist()}
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
-"""Paper A.11 / Table 4: fidelity of the audit (trapezoid, euler) against TracIn on one run.
+"""Paper A.11 / Table 4: fidelity of the audit (trapezoid, euler, adaptive) against TracIn on one run.
 
 On the recorded config (default configs/demo.toml), for the audit set test[0:N]:
-- plgk replay with rule trapezoid and euler: MRE, LC (paper eqs. 22-23) and wall time;
+- plgk replay with the rules trapezoid, euler, adaptive (tolerance 3e-3) and adaptive:1e-2
+  (--rules): MRE, LC (paper eqs. 22-23) and wall time;
 - TracIn, implemented here with a checkpoint at every step (the record's θ_{t-1}, minibatch B_t,
   learning rate lr_t): influence[m, n] = −Σ_{t: m∈B_t} lr_t/|B_t| g(m, θ_{t-1})·g(n, θ_{t-1}),
   the minus sign matching plgk's convention (negative = pushed the audited loss down), in two
@@ -19,12 +20,11 @@ from __future__ import annotations
 import argparse
 import time
 
-import numpy as np
+import exp_common as C
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
-import exp_common as C
 from plgk_cli import trajectory
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.audit import completeness
@@ -64,7 +64,7 @@ def tracin(run, x_audit, y_audit, last_layer_only: bool):
 def main(argv=None) -> int:
     p = C.common_args(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
     p.add_argument("--audit-n", type=int, default=None, help="audit set test[0:N] (default 64; quick 8)")
-    p.add_argument("--rules", nargs="*", default=["trapezoid", "euler"])
+    p.add_argument("--rules", nargs="*", default=["trapezoid", "euler", "adaptive", "adaptive:1e-2"])
     args = p.parse_args(argv)
     out = C.out_dir(args)
     config = C.make_config(args)

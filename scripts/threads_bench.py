@@ -5,7 +5,7 @@ machine as it is and with HOGS busy-loop processes added; prints one table of me
     .venv/bin/python scripts/threads_bench.py --workload demo --repeat 5
 
 Workloads (each trained once with --threads 1, then replayed):
-  demo      configs/demo.toml (digits CNN, 3,658 parameters, 115 steps), audit test[:64]
+  demo      configs/demo.toml (digits CNN, 3,658 parameters, 230 steps), audit test[:64]
   lm        configs/lm_addition.toml (byte-level GPT, 100,352 parameters) with 1 epoch instead of
             20 (20 steps), audit test[:4]
   mlp-wide  digits, an MLP of two 512-wide hidden layers (301,066 parameters), Adam, 1 epoch

@@ -36,6 +36,15 @@ def arguments(**fields) -> ReplayArguments:
     ({"max_update_error": "1e-3"}, "--accept-update-error"),
     ({"modes": -1}, "--modes"),
     ({"modes": 10 ** 9}, "--modes"),
+    ({"modes": "²"}, "--modes"),
+    ({"modes": "auto:٠.٩"}, "--modes"),
+    ({"modes": "auto: 0.5"}, "--modes"),
+    ({"modes": True}, "--modes"),
+    ({"modes": "auto:1"}, "--modes"),
+    ({"modes": "auto:nan"}, "--modes"),
+    ({"modes": "auto:"}, "--modes"),
+    ({"modes": "automatic"}, "--modes"),
+    ({"modes": "auto", "modes_method": "oja"}, "--modes auto"),
     ({"kernel_stride": -1}, "--kernel-stride"),
     ({"modes": 2, "modes_at": (-1,)}, "--modes-at"),
     ({"modes": 2, "modes_at": ("3",)}, "--modes-at"),
@@ -53,6 +62,14 @@ def test_wrong_type_or_range_is_one_audit_spec_error(fields, needle):
     with pytest.raises(AuditSpecError) as caught:
         arguments(**fields)
     assert needle in str(caught.value), str(caught.value)
+
+
+def test_modes_auto_has_one_spelling_and_its_energy():
+    assert arguments(modes="auto").modes == "auto:0.99" and arguments(modes="auto").modes_energy == 0.99
+    assert arguments(modes="auto:0.9").modes_energy == 0.9 and arguments(modes=20).modes_energy is None
+    assert arguments(modes="auto:95e-2").modes == "auto:0.95"
+    assert arguments(modes="auto:0.9999999").modes == "auto:0.9999999"  # stored as used, not rounded
+    assert arguments(modes="20").modes == 20  # the command line's digits
 
 
 def test_paths_and_a_single_target_name_are_taken_as_given():

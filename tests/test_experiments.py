@@ -24,56 +24,125 @@ def _run(module_name, out, *extra):
     assert module.main(["--quick", "--out-dir", str(out), *extra]) == 0
 
 
+def _stat_ok(st, n):
+    assert st["n"] == n == len(st["all"])
+    assert st["mean"] == pytest.approx(sum(st["all"]) / n)
+    assert math.isnan(st["sd"]) if n == 1 else st["sd"] >= 0
+
+
 def test_pruning(out):
-    _run("exp_pruning", out, "--fractions", "0.1", "0.5")
+    import exp_common as C
+    _run("exp_pruning", out, "--fractions", "0.1", "0.5", "--rule", "euler")
     assert (out / "pruning.png").stat().st_size > 0
     result = json.loads((out / "pruning.json").read_text())
-    assert 0 <= result["no_pruning"] <= 1
+    seeds = result["seeds"]
+    assert seeds == [0, 1]
+    assert 0 <= result["no_pruning"]["mean"] <= 1
     assert result["retrain_full_test"] == pytest.approx(result["recorded_full_test"])
-    assert [r["p"] for r in result["rows"]] == [0.1, 0.5]
-    for r in result["rows"]:
-        for key in ("least_sum", "least_abs", "most_sum", "random_mean"):
-            assert 0 <= r[key] <= 1
-        assert all(0 <= a <= 1 for a in r["random_all"])
+    assert set(result["tables"]) == {"steps", "epochs"}
+    for budget, rows in result["tables"].items():
+        assert [r["p"] for r in rows] == [0.1, 0.5]
+        for r in rows:
+            assert r["dropped"] + r["kept"] == C.QUICK_TRAIN and r["dropped"] > 0
+            if budget == "steps":
+                assert r["updates"] == result["full_updates"]
+            else:
+                assert r["updates"] <= result["full_updates"]
+            for key in ("least_sum", "least_abs", "least_abs_cb", "random", "most_harmful", "most_helpful",
+                        "most_abs"):
+                _stat_ok(r[key], len(seeds))
+                assert all(0 <= a <= 1 for a in r[key]["all"])
+                if key != "random":
+                    diff = [a - b for a, b in zip(r[key]["all"], r["random"]["all"])]
+                    assert r["minus_random"][key]["all"] == pytest.approx(diff)
+                    assert r[key]["dropped"] == pytest.approx(r["dropped"], abs=10)  # class-balanced: rounding
     assert list((out / "pruning").glob("*/least-sum-p10.npz"))
     assert list((out / "pruning").glob("*/least-sum-p10.toml"))
 
 
+def test_retrain_budget():
+    """The steps budget gives a pruned set the full run's number of updates; without it the loop is
+    plgk train's (epochs x ceil(m / batch)), so budgets differ exactly when rows are pruned."""
+    import dataclasses
+
+    import exp_common as C
+    import numpy as np
+    import torch
+
+    from plgk_cli.config import load_config
+    from plgk_cli.data import load_dataset
+
+    config = load_config(ROOT / "configs" / "demo.toml")
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, epochs=1, batch_size=32))
+    d = load_dataset("digits", 0, torch.float32)
+    data = dataclasses.replace(d, x_train=d.x_train[:96], y_train=d.y_train[:96])
+    keep = np.arange(40)
+    assert C.steps_of(config, 96) == 3 and C.steps_of(config, 40) == 2
+    full = {k: v.clone() for k, v in C.retrain(config, data, keep, total_steps=2).state_dict().items()}
+    plain = C.retrain(config, data, keep).state_dict()  # 2 updates: the same model
+    assert all(torch.equal(full[k], plain[k]) for k in full)
+    more = C.retrain(config, data, keep, total_steps=3).state_dict()  # one more update
+    assert not all(torch.equal(full[k], more[k]) for k in full)
+    other = C.retrain(config, data, keep, seed=1, total_steps=2).state_dict()
+    assert not all(torch.equal(full[k], other[k]) for k in full)
+    st = C.mean_sd_se([0.5, 0.7])
+    assert st["mean"] == pytest.approx(0.6) and st["sd"] == pytest.approx(0.1414213562) \
+        and st["se"] == pytest.approx(0.1)
+
+
 def test_adversarial(out):
-    _run("exp_adversarial", out, "--n", "4", "--modes", "4", "--cure-steps", "3")
+    _run("exp_adversarial", out, "--n", "2", "--seeds", "2", "--modes", "4", "--cure-modes", "3",
+         "--cure-steps", "3", "--tau-rel", "1", "5", "--rule", "euler")
     assert (out / "adversarial.png").stat().st_size > 0
     result = json.loads((out / "adversarial.json").read_text())
-    assert set(result["table2"]) == {"Clean", "Random", "Adversarial", "Cured Adversarial", "Cured Random",
-                                     "Adversarial + Random Perturbation"}
-    assert all(0 <= a <= 1 for a in result["table2"].values())
-    assert result["table2"]["Clean"] == 1.0  # the clean points are chosen correctly classified
+    assert 0 <= result["robust_accuracy"] <= 1 and 0 <= result["clean_accuracy"] <= 1
+    assert set(result["cure"]) == {"1.0", "5.0"}
+    for tau in result["cure"].values():
+        table = tau["accuracy"]
+        assert set(table) == {"Clean", "Random", "Adversarial", "Cured Adversarial", "Cured Random",
+                              "Adversarial + Random Perturbation", "Adversarial + Random (matched ‖δ‖₂)"}
+        for st in table.values():
+            _stat_ok(st, 2)
+            assert all(0 <= a <= 1 for a in st["all"])
+        assert table["Clean"]["all"] == [1.0, 1.0]  # the clean points are chosen correctly classified
+        assert all(-1 - 1e-6 <= c <= 1 + 1e-6 for c in tau["cure_adv_cosine"]["all"])
     for g in result["groups"].values():
-        assert g["gross"] >= abs(g["net"]) - 1e-9  # Σ|P| ≥ |ΣP|
-        assert 0 <= g["cr_at_K"] <= 1 + 1e-9
+        for a, b in zip(g["gross"]["all"], g["net"]["all"]):
+            assert a >= abs(b) - 1e-9  # Σ|P| ≥ |ΣP| (per seed: mean G ≥ |mean S|)
+        assert all(0 <= c <= 1 + 1e-9 for c in g["cr_at_K"]["all"])
+    clean = __import__("numpy").load(out / "adversarial" / "clean.npz")
+    assert len(set(clean["test_index"].tolist())) == 4  # two disjoint blocks of 2 points
     for name in ("clean", "adversarial", "random"):
         assert (out / "adversarial" / f"{name}.npz").is_file()
 
 
 def test_modes_k(out):
-    _run("exp_modes_k", out, "--modes", "8", "--audit-n", "2", "--eval-iters", "2")
+    _run("exp_modes_k", out, "--modes", "auto", "--audit-n", "2", "--eval-iters", "2", "--seeds", "2")
     assert (out / "modes_k.png").stat().st_size > 0
     result = json.loads((out / "modes_k.json").read_text())
-    for r in result["results"].values():
-        ks = [r["k90"], r["k95"], r["k99"]]
-        reached = [k for k in ks if k > 0]
-        assert reached == sorted(reached)  # K@90 ≤ K@95 ≤ K@99
-        assert all(k == -1 or 1 <= k <= 8 for k in ks)
-        assert all(k == -1 for k in ks[len(reached):])  # once not reached, higher levels are not either
-        curve = r["energy_curve"]
-        assert all(0 <= c <= 1 + 1e-9 for c in curve) and curve == sorted(curve)
-        assert 0 <= r["clean_acc"] <= 1 and 0 <= r["robust_acc"] <= 1
+    assert result["seeds"] == [0, 1] and len(result["per_seed"]) == 2
+    for seed in result["per_seed"]:
+        for r in seed.values():
+            ks = [r["k90"], r["k95"], r["k99"]]
+            assert 1 <= ks[0] <= ks[1] <= ks[2] <= r["k_computed"]  # auto: K@99 always reached
+            curve = r["energy_curve"]
+            assert all(0 <= c <= 1 + 1e-9 for c in curve) and curve == sorted(curve)
+            for level, k in zip((0.90, 0.95, 0.99), ks):  # K@X is the first K whose curve reaches X
+                assert curve[k - 1] >= level - 1e-12 and (k == 1 or curve[k - 2] < level)
+            assert 0 <= r["robust_acc"] <= 1 and 0 <= r["clean_acc"] <= 1
+            assert r["adv_clean_energy_ratio"] > 0
+    for key in ("k90", "k95", "k99"):
+        st = result["summary"]["Standard"][key]
+        assert st["all"] == [seed["Standard"][key] for seed in result["per_seed"]]
+        assert result["summary"]["Ratio"][key]["all"] == pytest.approx(
+            [seed["PGD-AT"][key] / seed["Standard"][key] for seed in result["per_seed"]])
 
 
 def test_fidelity(out):
-    _run("exp_fidelity", out, "--audit-n", "4", "--rules", "euler")
+    _run("exp_fidelity", out, "--audit-n", "4", "--rules", "euler", "adaptive:1e-2")
     assert (out / "fidelity.png").stat().st_size > 0
     rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
-    assert set(rows) == {"Audit (euler)", "TracIn (last layer)", "TracIn (all layers)"}
+    assert set(rows) == {"Audit (euler)", "Audit (adaptive:1e-2)", "TracIn (last layer)", "TracIn (all layers)"}
     for r in rows.values():
         assert r["mre"] >= 0 and r["time_s"] >= 0
         assert math.isnan(r["lc"]) or -1 - 1e-9 <= r["lc"] <= 1 + 1e-9

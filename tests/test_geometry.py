@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,9 +16,13 @@ from torch.func import functional_call
 from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.cli import main
+from plgk_cli.config import load_config
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
+from plgk_cli.train import train
+
+DEMO = Path(__file__).resolve().parents[1] / "configs" / "demo.toml"
 
 ADAM = {"name": "adam", "lr": 0.05, "betas": [0.9, 0.99]}
 KERNEL_STRIDE = 2  # 9 updates -> kernel checkpoints 0, 2, 4, 6, 8, 9
@@ -101,6 +106,58 @@ def test_streamed_modes_match_the_materialised_svd(run_dir, tmp_path):
             assert f.mode_attrs(name)[f"k_at_{pct}"] == (k if k <= 4 else -1)
         cr = f.mode(name, "cancellation")
         assert cr.shape == (6, 5, 4) and np.nanmax(cr) <= 1 + 1e-12 and np.nanmin(cr) >= 0
+
+
+def test_modes_auto_holds_the_energy_and_stores_the_k_it_used(run_dir, tmp_path):
+    run = load_run(run_dir)
+    data = run.dataset
+    with _replay(run_dir, tmp_path / "auto.h5", modes="auto:0.95") as f:
+        name = f"step_{run.steps[-1]:08d}"
+        phi = _loop_gradients(run, run.steps[-1], data.x_train, data.y_train)
+        exact = torch.linalg.svdvals(phi)
+        curve = np.cumsum(exact.numpy() ** 2) / float((phi * phi).sum())
+        k = int(np.argmax(curve >= 0.95)) + 1
+        attrs = f.mode_attrs(name)
+        assert attrs["k"] == k == attrs["k_at_95"] and attrs["energy_target"] == 0.95
+        assert attrs["converged"] and f.mode(name, "energy_curve")[-1] >= 0.95
+        np.testing.assert_allclose(f.mode(name, "s"), exact[:k].numpy(), rtol=1e-3)
+        assert json.loads(f.attrs["replay_arguments"])["modes"] == "auto:0.95"
+
+
+def test_modes_auto_on_the_demo_holds_99_percent_of_the_energy(tmp_path):
+    """The built-in demo (digits CNN, 230 Adam updates): --modes auto keeps exactly the K of the
+    exact spectrum's 99 %, every value within 1e-3 of torch.linalg.svdvals of the materialised Φ."""
+    train(load_config(DEMO), tmp_path / "demo", progress=False)
+    run = load_run(tmp_path / "demo")
+    total = run.steps[-1]
+    replay(ReplayArguments(ckpts=str(tmp_path / "demo"), audit_set="test[0:2]", out=str(tmp_path / "d.h5"),
+                           device="cpu", modes="auto", kernel_stride=total), progress=False)
+    phi = _loop_gradients(run, total, run.dataset.x_train, run.dataset.y_train)
+    exact = torch.linalg.svdvals(phi)
+    curve = np.cumsum(exact.numpy() ** 2) / float((phi * phi).sum())
+    k99 = int(np.argmax(curve >= 0.99)) + 1
+    with InfluenceFile(tmp_path / "d.h5") as f:
+        name = f"step_{total:08d}"
+        attrs = f.mode_attrs(name)
+        assert attrs["k"] == attrs["k_at_99"] == k99 and attrs["converged"]
+        assert f.mode(name, "energy_curve")[-1] >= 0.99
+        np.testing.assert_allclose(f.mode(name, "s"), exact[:k99].numpy(), rtol=1e-3)
+
+
+def test_modes_short_of_what_was_asked_are_said():
+    from plgk_cli.geometry import _modes_warnings
+    from plgk_cli.modes import SVDModes
+
+    def modes(**kw):
+        s = torch.tensor([3.0, 2.0], dtype=torch.float64)  # energy share 13/14 of a total of 14
+        return SVDModes(s=s, u=torch.eye(2, dtype=torch.float64), v=None, total_energy=14.0,
+                        row_sq_norms=torch.zeros(2), sum_gradient=torch.zeros(2), **kw)
+    assert _modes_warnings(7, modes()) == []
+    assert _modes_warnings(7, modes(energy_target=0.9)) == []
+    short, = _modes_warnings(7, modes(energy_target=0.99))
+    assert "step 7" in short and "0.9286" in short and "auto:0.99" in short
+    unconverged, = _modes_warnings(7, modes(converged=False, estimated_error=3e-3, passes=82))
+    assert "did not converge in 82 passes" in unconverged and "3.0e-03" in unconverged
 
 
 def test_inspect_kernel_json(run_dir, tmp_path):
