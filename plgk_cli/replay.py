@@ -46,13 +46,14 @@ from plgk_cli.geometry import compute_geometry
 from plgk_cli.errors import (AuditSpecError, Interrupted, NonFiniteError, OutputError, StoreError,
                              TrajectoryError, UpdateCheckError)
 from plgk_cli.gradients import (GradientComputer, ParameterLayout, Workspace, ghost_batch_gradient,
-                                ghost_products, restored_rng, target_columns)
+                                ghost_products, target_columns)
 from plgk_cli.models import trial_forward, vocabulary
 from plgk_cli.outputs import (Claim, check_apart_from_inputs, claim_output, output_lock, remedy,
                               write_failure)
 from plgk_cli.progress import commit as commit_progress
 from plgk_cli.progress import load as load_progress
 from plgk_cli.progress import progress_path
+from plgk_cli.quadrature import adaptive_quadrature, quadrature
 from plgk_cli.resimulate import FlatStep, TrajectoryView
 from plgk_cli.run import Run, load_run
 from plgk_cli.trajectory import read_manifest
@@ -62,15 +63,12 @@ from plgk_cli.store import (TargetResult, check_free_space, check_writable, part
                             write_influences)
 from plgk_cli.threads import apply_default as apply_default_threads
 from plgk_cli.train import resolve_device
+from plgk_cli.update_check import check_forward, check_sum, diagnose, relative_error, worst_parameter
 
-ROUNDINGS_PER_UPDATE = 2
 # The update check's gate by training dtype: float32 updates re-derived from per-example gradients
 # agree to ~1e-7 (docs/results.md), a loss that is not the task's Σ w_m ℓ_m or masks that do not
 # match miss by O(1).
 MAX_UPDATE_ERROR = {torch.float32: 1e-3, torch.float64: 1e-8}
-# The replayed batch loss against the recorded one, for the diagnosis (whatever the gate): the
-# same sum in the same dtype agrees to a few units of its last place.
-LOSS_TOLERANCE = {torch.float32: 1e-5, torch.float64: 1e-12}
 WALK_BUFFERS = 5  # P x columns float64 tensors the walk keeps: W, h, v, ∇q at a boundary, a spare
 
 
@@ -83,24 +81,6 @@ class ReplaySummary:
     rank: int = 0
     max_drift: float | None = None  # sparse runs: re-simulated θ against the stored checkpoints  # under torchrun: only rank 0 wrote the output
     warnings: tuple = ()  # lines the user must read beside the metrics (modes short of what was asked)
-
-
-def _relative_error(predicted: torch.Tensor, recorded: torch.Tensor, recorded_values: torch.Tensor,
-                    dtype: torch.dtype) -> float:
-    """‖predicted − recorded‖ / ‖recorded‖, not counting what the record's own rounding explains.
-
-    torch's in-place update in the training dtype rounds twice per element (the scaled operand and
-    the result; AdamW's factor 1 − lr·λ is itself rounded), so the recorded difference is only known
-    to about two units in the last place (ulp) of the stored values. A float32 run that steps by a
-    few ulp(θ) (the tail of a cosine schedule) would otherwise show its rounding, not a modelling
-    error. In float64 the allowance is ~4e-16 relative to θ and changes nothing measurable.
-    """
-    stored = recorded_values.to(dtype).abs()
-    ulp = (torch.nextafter(stored, torch.full_like(stored, torch.inf)) - stored).to(torch.float64)
-    allowance = ROUNDINGS_PER_UPDATE * ulp
-    excess = ((predicted - recorded).abs() - allowance).clamp_min(0).norm()
-    scale = recorded.norm()
-    return float(excess / scale) if scale > 0 else float(excess)
 
 
 def _row_mapping(run: Run, subset: torch.Tensor | None, group_by: str | None):
@@ -627,12 +607,12 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             if rule.adaptive:
                 # q is evaluated in the compute dtype: its rounding is a floor for the measured error
                 noise = 16 * torch.finfo(plan.compute).eps * float(values.abs().mean())
-                state.h, pieces = _adaptive_quadrature(rule, a_start, a_end_held, theta_start, theta_end,
+                state.h, pieces = adaptive_quadrature(rule, a_start, a_end_held, theta_start, theta_end,
                                                        q_change, max(budget, noise), audit_at, out=free,
                                                        coarse_out=state.dh)
                 state.gradient_error[index] = state.dh.norm(dim=0)
             else:
-                state.h = _quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
+                state.h = quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
                                       audit_at, out=free)
                 pieces = rule.sub_intervals
             _require_finite(plan, seg_start, None, state.h, seg_end)
@@ -750,7 +730,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     if plan.faithful:  # the recorded training forward itself, all of the batch
         replayed = plan.training_pass(t, theta_t, batch, positions)
         g = replayed.sample_grads
-        _check_forward(plan, t, replayed, ck_next)
+        check_forward(plan, t, replayed, ck_next)
     else:
         # Every example of the batch, credited or not: the update check re-derives the update
         # from their sum, so that a partial audit's check is the full audit's, bit for bit, and
@@ -768,7 +748,7 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
         batch_grad = replayed.batch_grad.to(torch.float64)
         if not partial:
             rounding = batch_grad - (g.sum(0) / len(batch) if weights is None else weights @ g)
-            _check_sum(plan, t, rounding, batch_grad)
+            check_sum(plan, t, rounding, batch_grad)
     else:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
         batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
         for name, factors in (ghost_train or {}).items():  # those layers are not in g
@@ -793,12 +773,12 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
 
     delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, hp, clip)
     recorded_delta = theta_next - theta_t
-    errors = [_relative_error(delta, recorded_delta, theta_next, run.dtype)]
+    errors = [relative_error(delta, recorded_delta, theta_next, run.dtype)]
     for key in (k for k in predicted_state if k in after):  # where the run holds the state
         held = step_next.held.get(key)
         predicted, recorded = (predicted_state[key], after[key]) if held is None else \
             (predicted_state[key][held], after[key][held])
-        errors.append(_relative_error(predicted, recorded, recorded, run.dtype))
+        errors.append(relative_error(predicted, recorded, recorded, run.dtype))
     # NaN (a record that contradicts itself, e.g. a bias correction of a parameter never stepped)
     # must fail the gate, and max() would drop it behind a finite error
     worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
@@ -806,84 +786,9 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
     if not worst <= plan.max_update_error:
         raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "
                                f"gradients differs from the recorded one by {worst:.1e} (gate "
-                               f"{plan.max_update_error:g}; most in {_worst_parameter(plan, delta, recorded_delta, theta_next)}): "
-                               f"{_diagnose(plan, t)}; the audit would not describe this run "
+                               f"{plan.max_update_error:g}; most in {worst_parameter(plan, delta, recorded_delta, theta_next)}): "
+                               f"{diagnose(plan, t)}; the audit would not describe this run "
                                "(--accept-update-error E proceeds up to E and records it)")
-
-
-def _worst_parameter(plan: ReplayPlan, predicted: torch.Tensor, recorded: torch.Tensor,
-                     theta_next: torch.Tensor) -> str:
-    """'<name> (1.2e-01)': the recorded parameter whose update is re-derived worst."""
-    layout, dtype = plan.layout, plan.run.dtype
-    errors = {name: _relative_error(*parts, dtype) for name, *parts in zip(
-        layout.names, *(layout.unflatten(x).values() for x in (predicted, recorded, theta_next)))}
-    name = max(errors, key=lambda n: math.inf if math.isnan(errors[n]) else errors[n])
-    return f"{name} ({errors[name]:.1e})"
-
-
-def _check_sum(plan: ReplayPlan, t: int, rounding: torch.Tensor, batch_grad: torch.Tensor) -> None:
-    """The per-example gradients must add up to the batch gradient of the same forward."""
-    error = float(rounding.norm() / batch_grad.norm().clamp_min(1e-300))
-    if not error <= plan.max_update_error:
-        raise UpdateCheckError(
-            f"{plan.run.path}: update {t} -> {t + 1}: the per-example loss-term gradients, weighted as the "
-            f"task says, miss the batch gradient by {error:.1e} (gate {plan.max_update_error:g}): the "
-            f"training loss is not the task's Σ_m w_m ℓ_m ({plan.run.task.name}), or the task's loss "
-            "terms couple the examples")
-
-
-def _check_forward(plan: ReplayPlan, t: int, replayed, record) -> None:
-    """The replayed training forward against the record: its loss (the task's Σ w_m ℓ_m) and the
-    buffers it leaves (those of step t+1)."""
-    tolerance = plan.max_update_error
-    if _loss_differs(plan, replayed.loss, record.loss, tolerance):
-        raise UpdateCheckError(
-            f"{plan.run.path}: update {t} -> {t + 1}: the replayed training forward's loss {replayed.loss:.6g} "
-            f"differs from the recorded {record.loss:.6g}: {_loss_or_randomness(plan, t)}")
-    for name, recorded in plan.buffers(t + 1).items():
-        got, recorded = replayed.buffers[name], recorded.to(replayed.buffers[name].device)
-        scale = float(recorded.abs().max()) if recorded.is_floating_point() and recorded.numel() else 1.0
-        if got.shape != recorded.shape or (recorded.numel() and float(
-                (got.to(recorded.dtype) - recorded).abs().max()) > tolerance * max(scale, 1e-12)):
-            raise UpdateCheckError(
-                f"{plan.run.path}: buffer {name!r} of step {t + 1} is not what the replayed training forward "
-                f"of update {t} -> {t + 1} makes of step {t}'s: the buffer changed outside the model's "
-                "forward; change it inside forward() or make it a parameter, and re-train")
-
-
-def _loss_or_randomness(plan: ReplayPlan, t: int) -> str:
-    """Why a replayed training forward misses the record: randomness torch does not own, or a loss
-    that is not the task's weighted sum of per-example terms."""
-    flat, record = plan.trajectory.flat(t), plan.trajectory.flat(t + 1).checkpoint
-    batch = record.batch.to(plan.device)
-    model, theta = plan.gradients.model, flat.theta.to(plan.compute)
-    outputs, was_training = [], model.training
-    model.train()
-    for _ in range(2):
-        state = {**plan.layout.unflatten(theta), **{n: b.clone() for n, b in plan.buffers(t).items()}}
-        with torch.no_grad(), restored_rng(record.rng, plan.device):
-            outputs.append(torch.func.functional_call(model, state, (plan.x_train[batch],)))
-    model.train(was_training)
-    if not torch.equal(outputs[0], outputs[1]):
-        return ("the model's forward does not repeat from torch's generator states: it draws random "
-                "numbers elsewhere (numpy, Python's random); draw them with torch")
-    loss = float(plan.run.task.batch_loss(outputs[0], plan.y_train[batch]))
-    if _loss_differs(plan, loss, record.loss, LOSS_TOLERANCE[plan.compute]):
-        return (f"the recorded loss {record.loss:.6g} is not the task's weighted sum of per-example loss "
-                f"terms Σ w_m ℓ_m = {loss:.6g} ({plan.run.task.name}); train with the task's loss")
-    return ""
-
-
-def _loss_differs(plan: ReplayPlan, replayed: float, recorded: float | None, tolerance: float) -> bool:
-    return recorded is not None and abs(replayed - recorded) > tolerance * max(abs(recorded), 1e-12)
-
-
-def _diagnose(plan: ReplayPlan, t: int) -> str:
-    """The likely cause of a failed update check at update t -> t+1, in words."""
-    reason = _loss_or_randomness(plan, t)
-    return reason or ("the loss and the forward match the record, so the gradients the optimizer used "
-                      "were not the loss's (gradients not zeroed, changed by hand, or the optimizer's "
-                      "state or options changed)")
 
 
 def _audited(batch: torch.Tensor, row_of: torch.Tensor) -> torch.Tensor:
@@ -913,68 +818,12 @@ def _ghost_parts(plan: ReplayPlan, coeffs, train: dict, audit: dict) -> dict:
     return parts
 
 
-# The estimate of h's error (the nested rules' difference; Richardson would take a third of it)
-# times this factor is what the per-entry error bound propagates: chosen so that the bound held
-# for >= 99% of (example, audit point) entries against supersample:64 on the runs measured
-# (docs/results.md: ≥ 99.95% on 14 runs); the median entry's bound is then 28-91x its actual error.
-ERROR_BOUND_SAFETY = 10.0
-
-
 def _error_budget(plan: ReplayPlan, state: WalkState, segments: int) -> float:
     """adaptive:TOL's tolerance of each segment's mean error: TOL × mean |q(θ_T) − q(θ_0)| shared
     equally, so the segments' errors cannot add up to more than TOL × the mean true change (the
     rel. MRE is certified to TOL, up to the rounding floor of q)."""
     q_start, _ = plan.audit_side(plan.theta(0), buffers=plan.buffers(0))
     return plan.args.quadrature.tolerance * float((state.values[-1] - q_start).abs().mean()) / segments
-
-
-def _adaptive_quadrature(rule, a_start, a_end, theta_start, theta_end, q_change, tolerance, audit_side,
-                         out=None, coarse_out=None):
-    """h over a segment by the composite trapezoid, halved (the new midpoints only: nothing is
-    evaluated twice) until the columns' mean measured error |Δθ·h − Δq| is within ``tolerance``,
-    or rule.sub_intervals pieces (DESIGN.md v2: both ends of q are known, so a segment's
-    completeness error is measured, not estimated). Returns (h, pieces) and
-    writes h − h_coarser, the difference of the last two nested rules (euler, the left end, for a
-    segment the trapezoid already meets, scaled), times ERROR_BOUND_SAFETY, into ``coarse_out``:
-    what bounds the error of h."""
-    delta = theta_end - theta_start
-    h = torch.lerp(a_start, a_end, 0.5, out=out if out is not None else torch.empty_like(a_start))
-    coarse_out.copy_(h).sub_(a_start)
-    pieces, interior = 1, None
-    while pieces < rule.sub_intervals and not float((delta @ h - q_change).abs().mean()) <= tolerance:
-        if interior is None:
-            interior = torch.zeros_like(a_start)
-        for j in range(pieces):  # the midpoints of the current pieces
-            interior.add_(audit_side(theta_start + ((2 * j + 1) / (2 * pieces)) * delta)[1])
-        pieces *= 2
-        coarse_out.copy_(h)
-        torch.add(a_start, a_end, out=h).mul_(0.5).add_(interior).div_(pieces)
-        coarse_out.sub_(h).neg_()
-    if pieces == 1:
-        # The nested difference of a segment the trapezoid met is euler's, far larger than the
-        # trapezoid's own error: scale each column to the size measured exactly along the path,
-        # |Δθ·h − Δq| / |Δθ·(h − h_euler)| (at most 1), keeping the difference's direction.
-        measured = (delta @ h - q_change).abs()
-        along = (delta @ coarse_out).abs()
-        coarse_out.mul_(torch.where(along > 0, (measured / along).clamp(max=1.0), torch.ones_like(along)))
-    coarse_out.mul_(ERROR_BOUND_SAFETY)
-    return h, pieces
-
-
-def _quadrature(sub_intervals: int, a_start, a_end, theta_start, theta_end, audit_side, out=None):
-    """h over the segment: euler (0), or the composite trapezoid on `sub_intervals` pieces;
-    written into ``out`` (a tensor distinct from a_start and a_end) if given."""
-    if sub_intervals == 0:
-        return a_start
-    if out is None:
-        out = torch.empty_like(a_start)
-    if sub_intervals == 1:  # the trapezoid rule, in one pass over P x N*Q
-        return torch.lerp(a_start, a_end, 0.5, out=out)
-    h = torch.add(a_start, a_end, out=out).mul_(0.5)
-    for j in range(1, sub_intervals):
-        theta = theta_start + (j / sub_intervals) * (theta_end - theta_start)
-        h.add_(audit_side(theta)[1])
-    return h.div_(sub_intervals)
 
 
 def _target_results(state: WalkState, plan: ReplayPlan) -> list:
