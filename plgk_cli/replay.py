@@ -608,12 +608,12 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
                 # q is evaluated in the compute dtype: its rounding is a floor for the measured error
                 noise = 16 * torch.finfo(plan.compute).eps * float(values.abs().mean())
                 state.h, pieces = adaptive_quadrature(rule, a_start, a_end_held, theta_start, theta_end,
-                                                       q_change, max(budget, noise), audit_at, out=free,
-                                                       coarse_out=state.dh)
+                                                      q_change, max(budget, noise), audit_at, out=free,
+                                                      coarse_out=state.dh)
                 state.gradient_error[index] = state.dh.norm(dim=0)
             else:
                 state.h = quadrature(rule.sub_intervals, a_start, a_end_held, theta_start, theta_end,
-                                      audit_at, out=free)
+                                     audit_at, out=free)
                 pieces = rule.sub_intervals
             _require_finite(plan, seg_start, None, state.h, seg_end)
             state.segment_error[index] = (theta_end - theta_start) @ state.h - q_change
