@@ -266,7 +266,7 @@ class StreamedSVD:
         limit = self.power_iterations if self.power_iterations is not None else self.max_power_iterations
         finished = exact or len(self._ritz) > limit or (self.power_iterations is None and self.converged)
         if self.energy is not None and held is None and not exact:
-            finished = len(self._ritz) > limit  # converged on too few modes: keep growing instead
+            finished = len(self._ritz) > limit  # short of the energy: iterate on (or grow, above)
         if finished:
             self.rank = kept
             self._z_final = z
