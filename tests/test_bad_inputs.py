@@ -27,10 +27,9 @@ from safetensors.torch import load_file, safe_open, save_file
 
 from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
                              TrajectoryError)
-from plgk_cli.progress import progress_path
 from plgk_cli.trajectory import checksum_metadata, write_manifest
-from test_cli_errors import (assert_nothing_written, assert_one_line_error, invoke, replay,
-                             train_run, write_config, write_npz)
+from test_cli_errors import (assert_nothing_written, assert_one_line_error, crash_after_first_commit, invoke,
+                             replay, train_run, write_config, write_npz)
 
 
 @pytest.fixture(scope="module")
@@ -286,13 +285,8 @@ def test_disk_full_refused_before_work(runs, tmp_path, monkeypatch):
 def test_disk_full_keeps_progress_of_interrupted_replay(runs, tmp_path, monkeypatch):
     """A replay crashed after its first commit; resuming on a full disk keeps the progress."""
     out = tmp_path / "out.h5"
-    monkeypatch.setenv("PLGK_FAULT", "after_commit:1:CRASH")
-    monkeypatch.setenv("PLGK_FAULT_COUNT", "0")
-    crashed = replay(runs["run"], "--commit-every", "1", out=out)
-    assert isinstance(crashed.exception, RuntimeError), crashed.output
-    progress = progress_path(out)
+    progress = crash_after_first_commit(runs["run"], out, monkeypatch)
     before = progress.read_bytes()
-    monkeypatch.delenv("PLGK_FAULT")
     monkeypatch.setenv("PLGK_FREE_BYTES", "0")
     assert_one_line_error(replay(runs["run"], "--commit-every", "1", "--resume", out=out),
                           OutputError.exit_code, "bytes free", "needs about")

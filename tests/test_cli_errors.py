@@ -21,6 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from plgk_cli.cli import main
+from plgk_cli.progress import progress_path
 from plgk_cli.trajectory import write_manifest
 from plgk_cli.errors import (AuditSpecError, ConfigError, DataError, OutputError, StoreError,
                              TrajectoryError)
@@ -116,6 +117,18 @@ def run_copy(base, tmp_path) -> Path:
 
 def replay(run, *extra, audit_set="test[:4]", out=None):
     return invoke("replay", "--ckpts", run, "--audit-set", audit_set, "--out", out, "--quiet", *extra)
+
+
+def crash_after_first_commit(run, out: Path, monkeypatch) -> Path:
+    """Replay ``run`` into ``out`` with a crash (PLGK_FAULT) right after its first progress commit,
+    then clear the fault: the progress file is left, the output is not. Returns the progress file."""
+    monkeypatch.setenv("PLGK_FAULT", "after_commit:1:CRASH")
+    monkeypatch.setenv("PLGK_FAULT_COUNT", "0")
+    crashed = replay(run, "--commit-every", "1", out=out)
+    assert isinstance(crashed.exception, RuntimeError), crashed.output
+    monkeypatch.delenv("PLGK_FAULT")
+    assert progress_path(out).is_file() and not out.exists()
+    return progress_path(out)
 
 
 @pytest.fixture

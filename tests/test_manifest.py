@@ -39,8 +39,8 @@ from plgk_cli.manifest import content_checksum
 from plgk_cli.progress import progress_path
 from plgk_cli.recorder import Recorder
 from plgk_cli.trajectory import FORMAT_VERSION, read_manifest, write_manifest
-from test_cli_errors import (assert_nothing_written, assert_one_line_error, invoke, replay, train_run,
-                             write_config, write_npz)
+from test_cli_errors import (assert_nothing_written, assert_one_line_error, crash_after_first_commit, invoke,
+                             replay, train_run, write_config, write_npz)
 
 
 def error_classes(cls=PlgkError) -> list:
@@ -457,12 +457,7 @@ def test_fuzzed_manifest_replay_is_one_line_or_a_result(base, fuzz_paths, data):
 def crashed_replay(base, tmp_path, monkeypatch):
     """A replay of the tiny run that crashed right after its first progress commit."""
     out = tmp_path / "out.h5"
-    monkeypatch.setenv("PLGK_FAULT", "after_commit:1:CRASH")
-    monkeypatch.setenv("PLGK_FAULT_COUNT", "0")
-    crashed = replay(base["run"], "--commit-every", "1", out=out)
-    assert isinstance(crashed.exception, RuntimeError), crashed.output
-    monkeypatch.delenv("PLGK_FAULT")
-    assert progress_path(out).is_file() and not out.exists()
+    crash_after_first_commit(base["run"], out, monkeypatch)
     return out
 
 
