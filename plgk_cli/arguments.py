@@ -24,6 +24,9 @@ SUBSET_SPEC = re.compile(rf"(?:train)?\[{_BOUND}:{_BOUND}\]|{_BOUND}:{_BOUND}") 
 RULES = ("euler", "trapezoid", "supersample:K", "adaptive[:TOL]")
 
 
+SHARDINGS = ("auto", "rows", "audit")
+
+
 @dataclass(frozen=True)
 class ReplayArguments:
     ckpts: str
@@ -51,6 +54,7 @@ class ReplayArguments:
     save_modes: bool = False  # store V (P x K)
     ghost: bool = False  # ghost dot products for Linear layers (plain SGD, euler, stride 1)
     max_update_error: float | None = None  # the update check's gate; None: by the run's dtype
+    shard: str = "auto"  # under torchrun: rows | audit | auto (distributed.py); no effect on the result
 
     def __post_init__(self):
         # Python callers build this directly: every field is checked for its type and range here,
@@ -79,6 +83,8 @@ class ReplayArguments:
         parse_rule(self.rule)
         if self.group_by not in (None, "label"):
             raise AuditSpecError(f"--group-by: unknown grouping {self.group_by!r}; expected label")
+        if self.shard not in SHARDINGS:
+            raise AuditSpecError(f"--shard: expected {', '.join(SHARDINGS)}, got {self.shard!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise AuditSpecError(f"--device: expected auto, cpu or cuda, got {self.device!r}")
         for name, low, high in INTEGER_RANGES:

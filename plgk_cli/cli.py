@@ -200,12 +200,15 @@ def train(config_path, out, overwrite, resume, allow_nonfinite, threads, quiet):
               help="The update check's gate: stop where a re-derived update differs from the recorded "
                    "one by more (relative; default 1e-3 for float32 runs, 1e-8 for float64); a larger "
                    "value given here is recorded in the output (accepted_update_error).")
+@click.option("--shard", default="auto", show_default=True, type=click.Choice(["auto", "rows", "audit"]),
+              help="Under torchrun: rows also splits each minibatch's per-example gradients over the ranks, "
+                   "audit only the audit points; auto times both on the run (the result is the same).")
 @click.option("--threads", default=None, type=int, help=THREADS_HELP)
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @reports_errors
 def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride, device, chunk_size,
            memory_budget, overwrite, resume, commit_every, commit_seconds, kernel, kernel_stride, kernel_train,
-           precondition, modes, modes_at, modes_method, save_modes, ghost, max_update_error, threads, quiet):
+           precondition, modes, modes_at, modes_method, save_modes, ghost, max_update_error, shard, threads, quiet):
     """Replay a recorded run and write the training-data audit."""
     from plgk_cli.arguments import ReplayArguments
     from plgk_cli.errors import AuditSpecError
@@ -222,7 +225,7 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
                            kernel_stride=kernel_stride, kernel_train=kernel_train,
                            precondition=precondition, modes=modes, modes_at=tuple(modes_at),
                            modes_method=modes_method, save_modes=save_modes, ghost=ghost,
-                           max_update_error=max_update_error)
+                           max_update_error=max_update_error, shard=shard)
     result = run_replay(args, progress=not quiet)
     if result.rank != 0:
         return
@@ -231,6 +234,8 @@ def replay(ckpts, audit_set, out, targets, rule, train_subset, group_by, stride,
         # LC is a correlation over audit points: none for one point, or for changes all equal
         lc = f"{m['lc']:.6f}" if math.isfinite(m["lc"]) else "n/a (needs 2 audit points whose changes differ)"
         click.echo(f"{target}: MRE {m['mre']:.3e}  LC {lc}{caveat}")
+    if result.sharding:
+        click.echo(result.sharding)
     drift = "" if result.max_drift is None else f"; re-simulation drift {result.max_drift:.2e}"
     click.echo(f"worst update error {result.max_update_error:.2e} over {result.steps} steps{drift}; "
                f"wrote {out}")

@@ -1,9 +1,10 @@
 """Fault injection for the resume tests, inert unless PLGK_FAULT is set.
 
 PLGK_FAULT=POINT:K[:HOW] acts right after the K-th time the process passes POINT
-(``after_commit``: a replay progress commit; ``after_checkpoint``: a training checkpoint), HOW
+(``before_commit`` / ``after_commit``: a replay progress commit, before anything of it is written
+or once it is in place; ``after_checkpoint``: a training checkpoint), HOW
 being KILL (SIGKILL: no cleanup, like a power cut; the default), TERM or INT (a signal the command
-handles) or CRASH (an unexpected exception).
+handles) or CRASH (an unexpected exception). PLGK_FAULT_RANK=R limits it to torchrun's rank R.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ HOWS = ("KILL", "TERM", "INT", "CRASH")
 def fault_hook(point: str) -> None:
     spec = os.environ.get("PLGK_FAULT", "").split(":")
     if spec[0] != point:
+        return
+    if os.environ.get("PLGK_FAULT_RANK", os.environ.get("RANK", "0")) != os.environ.get("RANK", "0"):
         return
     how = spec[2] if len(spec) > 2 else "KILL"
     if len(spec) not in (2, 3) or not spec[1].isdigit() or how not in HOWS:

@@ -37,6 +37,11 @@ def progress_path(out: Path, rank: int | None = None) -> Path:
     return Path(out).with_name(Path(out).name + suffix)
 
 
+def previous_path(path: Path) -> Path:
+    """Where a torchrun rank keeps its previous commit until every rank has written the next one."""
+    return Path(path).with_name(Path(path).name + ".previous")
+
+
 def _checksum(metadata: dict, tensors: dict) -> str:
     """sha256 over every metadata entry but the checksum (format, version, state) and every
     tensor's name, dtype, shape and bytes."""
@@ -57,9 +62,12 @@ def _os_error(exc: SafetensorError) -> OSError:
     return OSError(number, os.strerror(number))
 
 
-def commit(path: Path, tensors: dict, metadata: dict) -> None:
+def commit(path: Path, tensors: dict, metadata: dict, keep_previous: bool = False) -> None:
     """Replace the progress file ``path`` by this commit; one that cannot be written is an
-    OutputError, the previous commit staying in place and no temporary file left."""
+    OutputError, the previous commit staying in place and no temporary file left.
+    ``keep_previous``: the commit it replaces moves to previous_path(path) (a torchrun rank's:
+    a resume may need the step that a rank killed mid-commit still holds)."""
+    fault_hook("before_commit")
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {"format": FORMAT, "version": VERSION, "state": json.dumps(metadata, sort_keys=True)}
     meta[CHECKSUM] = _checksum(meta, tensors)
@@ -69,6 +77,8 @@ def commit(path: Path, tensors: dict, metadata: dict) -> None:
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         respect_umask(tmp)  # safetensors creates it 0600
+        if keep_previous and path.exists():
+            os.replace(path, previous_path(path))
         os.replace(tmp, path)
     except (OSError, SafetensorError) as exc:
         try:
@@ -80,6 +90,18 @@ def commit(path: Path, tensors: dict, metadata: dict) -> None:
                             f"{kept}: free space (or fix the permissions), then run the replay again "
                             "with --resume") from None
     fault_hook("after_commit")
+
+
+def peek(path: Path) -> dict | None:
+    """The state a progress file holds, from its header alone; None if it cannot be read (load
+    says why, should it be the one chosen)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return json.loads((f.metadata() or {})["state"])
+    except (SafetensorError, OSError, ValueError, RuntimeError, KeyError):
+        if stopping():
+            raise KeyboardInterrupt from None
+        return None
 
 
 def load(path: Path) -> tuple[dict, dict]:

@@ -14,10 +14,15 @@ import torch
 ERROR_BOUND_SAFETY = 10.0
 
 
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean())
+
+
 def adaptive_quadrature(rule, a_start, a_end, theta_start, theta_end, q_change, tolerance, audit_side,
-                         out=None, coarse_out=None):
+                         out=None, coarse_out=None, mean=_mean):
     """h over a segment by the composite trapezoid, halved (the new midpoints only: nothing is
-    evaluated twice) until the columns' mean measured error |Δθ·h − Δq| is within ``tolerance``,
+    evaluated twice) until the columns' mean measured error |Δθ·h − Δq| is within ``tolerance``
+    (``mean``: of every column, where a torchrun rank holds some of them: distributed.column_mean),
     or rule.sub_intervals pieces (DESIGN.md v2: both ends of q are known, so a segment's
     completeness error is measured, not estimated). Returns (h, pieces) and
     writes h − h_coarser, the difference of the last two nested rules (euler, the left end, for a
@@ -27,7 +32,7 @@ def adaptive_quadrature(rule, a_start, a_end, theta_start, theta_end, q_change, 
     h = torch.lerp(a_start, a_end, 0.5, out=out if out is not None else torch.empty_like(a_start))
     coarse_out.copy_(h).sub_(a_start)
     pieces, interior = 1, None
-    while pieces < rule.sub_intervals and not float((delta @ h - q_change).abs().mean()) <= tolerance:
+    while pieces < rule.sub_intervals and not mean((delta @ h - q_change).abs()) <= tolerance:
         if interior is None:
             interior = torch.zeros_like(a_start)
         for j in range(pieces):  # the midpoints of the current pieces

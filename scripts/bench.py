@@ -11,6 +11,7 @@
     python scripts/bench.py --workload digits --profile      # + cProfile of the replay phase
     python scripts/bench.py --workload quadrature --threads 1 # trapezoid vs adaptive vs supersample:64
     python scripts/bench.py --workload quadrature --quadrature-runs demo,cnn-adam   # a subset
+    python scripts/bench.py --workload scale --threads 1      # 1 vs 2 torchrun processes, --shard rows / audit
 
 Workloads:
   digits           configs/demo.toml (CNN, Adam, 10 epochs), audit test[:64], rule trapezoid.
@@ -54,6 +55,11 @@ Workloads:
                    with |I_adaptive - I_ss64| <= error_bound (and with a float32 rounding allowance
                    2^-23 (|a| + |b|)), and the issue's bars (QUADRATURE_BARS) passed or missed.
                    --quadrature-runs picks runs by name (QUADRATURE_RUNS).
+  scale            mnist-synthetic's run (one epoch by default) replayed by 1 process and by 2 torchrun
+                   processes of one thread each, --shard rows (shared memory; gloo's all-gather) and
+                   --shard audit: wall time of each launch, its walk, speedups, the influence against
+                   the 1-process file, and the efficiency projected at 8 and 64 ranks (scripts/bench_scale.py).
+                   --repeat K: the modes take turns K times, each keeping its fastest launch.
 
 How it measures. Every phase (train, train without recording, replay, captum) runs in its own
 child process (`python -c`); times are taken inside the child around the phase itself, so they
@@ -106,7 +112,7 @@ MNIST_BATCH = 256
 # split are most of that), 10 minutes with two threads at load 3-5 (docs/performance.md).
 DEFAULT_STEPS_SCALE = 0.02
 DEFAULT_WORKLOADS = ("digits", "captum-sgd", "mnist-synthetic")
-ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer", "lm", "quadrature")
+ALL_WORKLOADS = ("digits", "mnist-synthetic", "captum-sgd", "memory", "transformer", "lm", "quadrature", "scale")
 TIMING_NOTE = ("times exclude process start and imports, include all of the phase's I/O; "
                "peak RSS includes the Python+torch process itself")
 
@@ -1435,6 +1441,13 @@ def run_bench(workloads: list, workdir: Path, *, device: str = "cpu", steps_scal
             todo = transformer_workloads()
         elif name == "lm":
             todo = [lm_workload(workdir / "data", steps_scale)]
+        elif name == "scale":
+            import bench_scale
+
+            w = mnist_workload(workdir / "data", DEFAULT_STEPS_SCALE if steps_scale is None else steps_scale)
+            rows.append(bench_scale.run_scale(w, workdir, lambda w: train_phase(
+                _with_device(w.config, "cpu"), workdir, w.name, baseline=False), echo=echo, repeat=repeat))
+            continue
         elif name == "quadrature":
             for w in quadrature_workloads(quadrature_runs):
                 echo(f"... {w.name} {w.label}: {', '.join(QUADRATURE_RULES)}", flush=True)
@@ -1575,13 +1588,19 @@ def main(argv=None) -> None:
                            quadrature_runs=quadrature_runs)
         rows = result["rows"]
         print()
-        plain = [r for r in rows if r["workload"] != "quadrature"]
+        plain = [r for r in rows if r["workload"] not in ("quadrature", "scale")]
         if plain:
             print(format_table(plain))
-        print(format_notes(rows, result["comparisons"]))
-        if len(plain) < len(rows):
+        print(format_notes([r for r in rows if r["workload"] != "scale"], result["comparisons"]))
+        if any(r["workload"] == "quadrature" for r in rows):
             print()
             print(format_quadrature_table(rows))
+        for r in rows:
+            if r["workload"] == "scale":
+                import bench_scale
+
+                print()
+                print(bench_scale.format_scale_table(r))
         if args.profile:
             for r in rows:
                 print(f"\n--- replay profile: {r['workload']} {r.get('label') or ''} (top 25 by own time) ---")

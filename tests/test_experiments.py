@@ -146,3 +146,87 @@ def test_fidelity(out):
     for r in rows.values():
         assert r["mre"] >= 0 and r["time_s"] >= 0
         assert math.isnan(r["lc"]) or -1 - 1e-9 <= r["lc"] <= 1 + 1e-9
+
+
+def test_lds(tmp_path):
+    """exp_lds --quick (every method but kronfluence, which is not in the `test` extra): the LDS of
+    every method is the Spearman correlation recomputed here from the saved subsets, outputs and
+    scores; the subsets' outputs are those of the model retrained on that subset; the scores are
+    the replay's influence, the exp_fidelity TracIn, the datamodel's ridge solution, with the signs
+    the script states; the top-k removal dropped each method's top k, flips mean misclassified."""
+    import argparse
+
+    import exp_common as C
+    import exp_fidelity
+    import exp_lds as L
+    import numpy as np
+    from scipy.stats import spearmanr
+
+    from plgk_cli.store import InfluenceFile
+
+    methods = [m for m in L.METHODS if m != "kronfluence"]
+    _run("exp_lds", tmp_path, "--methods", *methods, "--adaptive-rule", "euler")  # euler: the same code, faster
+    assert (tmp_path / "lds.png").stat().st_size > 0
+    result = json.loads((tmp_path / "lds.json").read_text())
+    arrays = np.load(tmp_path / "lds.npz")
+    masks, n_audit = arrays["masks"], result["audit_n"]
+    assert masks.shape == (result["subsets"], C.QUICK_TRAIN) and (masks.sum(1) == result["subset_keep"]).all()
+    assert len({row.tobytes() for row in masks}) == len(masks)  # distinct subsets
+    for name in methods:
+        for q in L.QUANTITIES:
+            scores, outputs = arrays[f"score_{name}_{q}"], arrays[f"outputs_{q}"]
+            assert scores.shape == (C.QUICK_TRAIN, n_audit)
+            st = result["lds"][name][q]
+            _stat_ok(st, n_audit)
+            assert st["se"] == pytest.approx(st["sd"] / math.sqrt(n_audit))
+            pred = masks.astype(float) @ scores
+            expect = [spearmanr(pred[:, n], outputs[:, n]).statistic for n in range(n_audit)]
+            assert st["all"] == pytest.approx(expect, abs=1e-9, nan_ok=True)
+    for name in ("trak", "trak-ens", "plgk-dm", "plgk-dm-pre", "plgk-kernel", "plgk-kernel-pre"):
+        assert np.array_equal(arrays[f"score_{name}_loss"], -arrays[f"score_{name}_margin"])
+
+    # the subsets' outputs come from models retrained on them (subset 0, seed --subset-seed)
+    run = Path(result["runs"][0])
+    data = C.load_run_data(run)
+    x_a, y_a = data.x_test[:n_audit], data.y_test[:n_audit]
+    config = C.make_config(argparse.Namespace(config=str(ROOT / "configs" / "demo.toml"), mnist=None, quick=True,
+                                              epochs=L.QUICK_EPOCHS, batch_size=None, out_dir=str(tmp_path)))
+    model = C.retrain(config, data, np.nonzero(masks[0])[0], seed=result["subset_seeds"][0])
+    ev = L.evaluate(model, x_a, y_a)
+    for q in L.QUANTITIES:
+        assert arrays[f"outputs_{q}"][0] == pytest.approx(ev[q], rel=1e-5, abs=1e-6)
+
+    # plgk: the replay's influence, which adds up to the loss change over training (sign check)
+    with InfluenceFile(tmp_path / "lds" / "plgk-s0.h5") as f:
+        for q in L.QUANTITIES:
+            assert arrays[f"score_plgk_{q}"][f.train_index] == pytest.approx(f.influence(q), rel=1e-6, abs=1e-9)
+        change = f.array("loss", "final") - f.array("loss", "initial")
+    assert np.corrcoef(arrays["score_plgk_loss"].sum(0), change)[0, 1] > 0.9
+    # TracIn: the exp_fidelity implementation (loss, all layers)
+    assert arrays["score_tracin_loss"] == pytest.approx(
+        exp_fidelity.tracin(run, x_a, y_a, last_layer_only=False).numpy(), rel=1e-4, abs=1e-9)
+    # the datamodel: (K_tt + λ I) τ = K_tn, K from the kernel replay
+    with InfluenceFile(tmp_path / "lds" / "plgk-dm.h5") as f:
+        k_tt, k_tn = f.kernel("train_gram"), f.kernel("audit_train_gram").T
+    tau = arrays["score_plgk-dm_margin"]
+    assert ((k_tt + k_tt.T) / 2 + result["plgk-dm_lambda"] * np.eye(len(k_tt))) @ tau == pytest.approx(k_tn, rel=1e-6,
+                                                                                                      abs=1e-9)
+    assert arrays["score_plgk-kernel_margin"] == pytest.approx(k_tn)
+
+    # top-k removal
+    points = result["topk_points"]
+    assert points and all(result["reference_margin"][n] > 0 for n in points)  # correct under the reference
+    assert points == arrays["topk_points"].tolist()
+    assert set(result["topk"]) == set(methods) - set(L.LDS_ONLY)
+    for name, by_k in result["topk"].items():
+        for k in result["ks"]:
+            r = by_k[str(k)]
+            assert len(r["flipped"]) == len(points) and r["flip_share"] == pytest.approx(np.mean(r["flipped"]))
+            assert all(f == (mg < 0) for f, mg in zip(r["flipped"], r["margin_after"]))
+            for n, drop in zip(points, r["dropped"]):
+                top = np.argsort(-arrays[f"score_{name}_margin"][:, n], kind="stable")[:k]
+                assert drop == top.tolist()
+    for st in result["ceiling"].values():
+        _stat_ok(st, n_audit)
+    assert result["total"]["wall_s"] > 0 and result["total"]["cpu_s"] > 0
+    assert all(c["wall_s"] >= 0 and c["cpu_s"] >= 0 for c in result["cost"].values())
