@@ -235,3 +235,23 @@ def test_a_commit_keeps_the_one_before(tmp_path):
         commit(path, {"x": torch.full((2,), float(step))}, {"walk": {"next_step": step}}, keep_previous=True)
     assert peek(path)["walk"]["next_step"] == 5
     assert peek(previous_path(path))["walk"]["next_step"] == 7
+
+
+def test_no_room_for_the_shared_rows_is_one_clear_error(monkeypatch):
+    import errno
+    import tempfile
+
+    import torch
+
+    from plgk_cli.distributed import SINGLE, SharedMemoryExchange
+    from plgk_cli.errors import OutputError
+
+    def full(fd, offset, size):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    exchange = SharedMemoryExchange(SINGLE)
+    with pytest.raises(OutputError, match=r"--shard rows: no room for \d+ MiB of shared memory .*--shard audit"):
+        exchange.rows("train", 256, 61706, torch.float64, torch.device("cpu"))
+    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    assert not list(directory.glob(f"plgk-rows-{exchange._token}-*"))  # the file it tried is gone
