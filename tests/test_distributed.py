@@ -29,7 +29,8 @@ from plgk_cli.arguments import ReplayArguments
 from plgk_cli.distributed import Shard, newest_common
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.progress import commit, peek, previous_path, progress_path
-from plgk_cli.replay import _shard_plan, plan_replay, replay
+from plgk_cli.replay import plan_replay, replay
+from plgk_cli.sharding import shard_plan
 from plgk_cli.store import InfluenceFile
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
@@ -208,7 +209,7 @@ def test_ghost_cannot_shard_rows(tmp_path, tiny_npz):
     args = ReplayArguments(ckpts=str(run), audit_set="test[0:4]", out=str(tmp_path / "o.h5"), rule="euler",
                            ghost=True, shard="rows", device="cpu")
     with pytest.raises(AuditSpecError, match="--shard rows: --ghost"):
-        _shard_plan(plan_replay(args), args, Shard(0, 2))
+        shard_plan(plan_replay(args), args, Shard(0, 2))
 
 
 def test_newest_common_step():
