@@ -613,6 +613,24 @@ class InfluenceFile:
             raise StoreError(f"{self.path}: no /kernel/{name}")
         return group[name][()]
 
+    def datamodel(self, ridge: float = 10.0) -> np.ndarray:
+        """The PLGK datamodel: τ = (K_tt + λ I)⁻¹ K_tn (M x N; λ = ``ridge`` × the mean of K_tt's
+        diagonal), a kernel regression on the path-integrated features, TRAK-style, from one run;
+        τ[m, n] > 0 predicts that training on example m lowers audit point n's loss (raises its
+        margin), and Σ_{m∈S} τ[m, n] what a model retrained on the subset S does to it, up to a
+        constant (docs/experiments.md (e): its LDS against TRAK's). Needs a replay with
+        --kernel --kernel-train (K_tt) and, for Adam's preconditioned kernel, --precondition."""
+        group = self._kernel_group()
+        if "train_gram" not in group:
+            raise StoreError(f"{self.path}: no /kernel/train_gram; replay with --kernel --kernel-train")
+        if not (isinstance(ridge, (int, float)) and np.isfinite(ridge) and ridge > 0):
+            raise StoreError(f"datamodel: ridge must be a finite number > 0, got {ridge!r}")
+        k_tt = group["train_gram"][()].astype(np.float64)
+        k_tt = (k_tt + k_tt.T) / 2  # symmetric up to the rounding of its accumulation
+        k_tn = group["audit_train_gram"][()].astype(np.float64).T
+        lam = ridge * float(np.mean(np.diag(k_tt)))
+        return np.linalg.solve(k_tt + lam * np.eye(len(k_tt)), k_tn)
+
     def distances(self, which: str = "audit_ips") -> tuple[np.ndarray, np.ndarray]:
         """(chord, angle) distances of an IPS matrix (paper Cor. 4.1.1): sqrt(2 − 2·IPS), arccos(IPS)."""
         import torch

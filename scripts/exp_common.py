@@ -187,6 +187,41 @@ def random_sign_perturbation(x, eps: float, seed: int = 0):
     return (x + eps * sign).clamp(0, 1)
 
 
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its waited-for children (resource.getrusage):
+    unlike wall time, not inflated while the process is paused (SIGSTOP) or shares its cores."""
+    import resource
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+class Stopwatch:
+    """Wall and CPU seconds per named phase; timing the same name again adds to it.
+
+        clock = Stopwatch()
+        with clock("replay"):
+            ...
+        clock.rows  # {"replay": {"wall_s": ..., "cpu_s": ...}}
+    """
+
+    def __init__(self):
+        self.rows: dict = {}
+
+    def __call__(self, name: str):
+        import contextlib
+
+        @contextlib.contextmanager
+        def span():
+            w0, c0 = time.perf_counter(), cpu_seconds()
+            try:
+                yield
+            finally:
+                row = self.rows.setdefault(name, {"wall_s": 0.0, "cpu_s": 0.0})
+                row["wall_s"] += time.perf_counter() - w0
+                row["cpu_s"] += cpu_seconds() - c0
+        return span()
+
+
 def out_dir(args) -> Path:
     d = Path(args.out_dir)
     d.mkdir(parents=True, exist_ok=True)

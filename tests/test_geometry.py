@@ -17,6 +17,7 @@ from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
 from plgk_cli.cli import main
 from plgk_cli.config import load_config
+from plgk_cli.errors import StoreError
 from plgk_cli.replay import replay
 from plgk_cli.run import load_run
 from plgk_cli.store import InfluenceFile
@@ -168,3 +169,20 @@ def test_inspect_kernel_json(run_dir, tmp_path):
     assert set(summary["difficulty"]["table"]) == {"ips_l2_norm", "ips_class_margin", "max_softmax",
                                                    "logit_margin"}
     assert summary["regime"]["feature_overlap"][-1] == pytest.approx(1.0)
+
+
+def test_datamodel_is_the_ridge_regression_on_the_path_kernel(run_dir, tmp_path):
+    with _replay(run_dir, tmp_path / "k.h5", kernel_train=True) as f:
+        k_tt, k_tn = f.kernel("train_gram"), f.kernel("audit_train_gram").T
+        tau = f.datamodel(ridge=0.5)
+        lam = 0.5 * np.mean(np.diag(k_tt))
+        assert tau.shape == k_tn.shape == (len(k_tt), 5)
+        np.testing.assert_allclose(((k_tt + k_tt.T) / 2 + lam * np.eye(len(k_tt))) @ tau, k_tn,
+                                   rtol=0, atol=1e-9 * np.abs(k_tn).max())
+        # a large ridge leaves the kernel itself, scaled: τ ≈ K_tn / λ
+        big = f.datamodel(ridge=1e6)
+        np.testing.assert_allclose(big * 1e6 * np.mean(np.diag(k_tt)), k_tn, rtol=1e-4, atol=1e-4 * np.abs(k_tn).max())
+        with pytest.raises(StoreError, match="ridge must be"):
+            f.datamodel(ridge=0)
+    with _replay(run_dir, tmp_path / "nok.h5") as f, pytest.raises(StoreError, match="--kernel-train"):
+        f.datamodel()
