@@ -107,7 +107,9 @@ def main(argv=None) -> int:
     total = trajectory.read_manifest(run)["total_steps"]
     steps = sorted({int(s) for s in np.linspace(total / 5, total, 5).round()} - {0})
     model = C.final_model(run)
-    for ckpts, label in (([total], "TRAK (1 ckpt: θ_T)"), (steps, f"TRAK ({len(steps)} ckpts of the run)")):
+    trak_rows = [([total], "TRAK (1 ckpt: θ_T)")] + ([(steps, f"TRAK ({len(steps)} ckpts of the run)")]
+                                                       if len(steps) > 1 else [])  # a run of < 2 updates: θ_T only
+    for ckpts, label in trak_rows:
         t0 = time.perf_counter()
         states = [{k: v.to(torch.float32) for k, v in trajectory.read_checkpoint(run, t).params.items()} for t in ckpts]
         tau = trak_scores(model, states, data, x_a, y_a, args.trak_proj_dim, out / "fidelity-trak", C.Stopwatch(),

@@ -4,8 +4,9 @@
 
 SPECS.json is a list of ReplayArguments keyword dicts (and "row_exchange": gloo to take the
 process group's all-gather where shared memory would serve); each replay runs in turn on every
-rank, in the group this script opens, and each rank prints a JSON line of its summary (replay() leaves a group it did not open in place), which
-spares the tests a torchrun start per replay.
+rank, in the group this script opens (replay() leaves a group it did not open in place), which
+spares the tests a torchrun start per replay. Each rank writes what its summary says of the
+replay beside the output, OUT.rankR.json.
 """
 
 from __future__ import annotations
@@ -27,8 +28,9 @@ def main(specs_path: str) -> None:
         for spec in json.loads(open(specs_path).read()):
             os.environ["PLGK_ROW_EXCHANGE"] = spec.pop("row_exchange", "")
             summary = replay(ReplayArguments(**spec), progress=False)
-            print(json.dumps({"out": spec["out"], "rank": summary.rank, "sharding": summary.sharding,
-                              "row_share": summary.row_share}), flush=True)
+            # a file per rank: the ranks' lines on one stdout can interleave
+            with open(f"{spec['out']}.rank{summary.rank}.json", "w") as f:
+                json.dump({"sharding": summary.sharding, "row_share": summary.row_share}, f)
     finally:
         torch.distributed.destroy_process_group()
 

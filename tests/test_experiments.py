@@ -142,7 +142,10 @@ def test_fidelity(out):
     _run("exp_fidelity", out, "--audit-n", "4", "--rules", "euler", "adaptive:1e-2")
     assert (out / "fidelity.png").stat().st_size > 0
     rows = {r["method"]: r for r in json.loads((out / "fidelity.json").read_text())["rows"]}
-    assert set(rows) == {"Audit (euler)", "Audit (adaptive:1e-2)", "TracIn (last layer)", "TracIn (all layers)"}
+    # the quick run has one update: TRAK on θ_T only, no ensemble over checkpoints
+    assert set(rows) == {"Audit (euler)", "Audit (adaptive:1e-2)", "TracIn (last layer)", "TracIn (all layers)",
+                         "TRAK (1 ckpt: θ_T)"}
+    assert rows["TRAK (1 ckpt: θ_T)"]["steps"] == [1]
     for r in rows.values():
         assert r["mre"] >= 0 and r["time_s"] >= 0
         assert math.isnan(r["lc"]) or -1 - 1e-9 <= r["lc"] <= 1 + 1e-9
