@@ -123,23 +123,19 @@ def all_gather_object(shard: Shard, payload) -> list:
     return gathered
 
 
-def any_rank(shard: Shard, *flags: bool) -> tuple:
-    """Each flag, true if it is true on any rank (one small all-reduce)."""
-    if not shard.distributed:
-        return tuple(bool(f) for f in flags)
-    t = torch.tensor([float(f) for f in flags], dtype=torch.float64)
-    with _peers(shard):
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return tuple(bool(x) for x in t.tolist())
-
-
 def max_over_ranks(shard: Shard, *values: float) -> tuple:
+    """Each value's largest over the ranks (one small all-reduce)."""
     if not shard.distributed:
         return tuple(values)
     t = torch.tensor(values, dtype=torch.float64)
     with _peers(shard):
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
     return tuple(t.tolist())
+
+
+def any_rank(shard: Shard, *flags: bool) -> tuple:
+    """Each flag, true if it is true on any rank."""
+    return tuple(value > 0 for value in max_over_ranks(shard, *(float(bool(f)) for f in flags)))
 
 
 def column_mean(shard: Shard, x: torch.Tensor) -> float:

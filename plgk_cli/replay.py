@@ -523,10 +523,7 @@ def _replay(args: ReplayArguments, shard: Shard, out: Path, progress_file: Path,
     state = WalkState(rank_plan)
     chosen = resume_from(args, shard, progress_file)
     if chosen is not None:
-        tensors, saved = load_progress(chosen)
-        if saved.get("world", 1) != shard.world:
-            raise AuditSpecError(f"{chosen}: was made by a replay of {saved.get('world', 1)} process(es), this "
-                                 f"one has {shard.world}; resume with as many, or start over with --overwrite")
+        tensors, saved = load_progress(chosen)  # resume_from has checked its world size
         if saved.get("run_id") != plan.run.run_id:
             raise AuditSpecError(f"{progress_file}: was made for run {saved.get('run_id')!r}, not "
                                  f"{plan.run.run_id!r}; start over with --overwrite")
@@ -593,8 +590,8 @@ def _replay(args: ReplayArguments, shard: Shard, out: Path, progress_file: Path,
             layers=[name for name, _ in plan.layout.layers], complete_audit=args.train_subset is None,
             geometry=geometry, drift=plan.trajectory.drift, overwrite=True)
     finish_distributed(shard, owned)  # rank 0 has written the output before any rank returns
-    if rank_plan.exchange is not None:
-        rank_plan.exchange.close()
+    if exchange is not None:
+        exchange.close()
     for path in (progress_file, previous_path(progress_file)):
         path.unlink(missing_ok=True)
     if shard.rank != 0:

@@ -72,8 +72,8 @@ def shard_plan(plan: ReplayPlan, args: ReplayArguments, shard: Shard) -> tuple[R
     rows_plan = dataclasses.replace(rank_plan, exchange=row_exchange(shard, plan.device))
     if args.shard == "rows":
         return rows_plan, f"sharded by training rows and audit points {where} (--shard rows)"
-    compute, exchange = max_over_ranks(shard, *_probe_rows(rows_plan))
-    k = min(len(plan.trajectory.flat(plan.total).checkpoint.batch), PROBE_ROWS)
+    k, *timings = _probe_rows(rows_plan)
+    compute, exchange = max_over_ranks(shard, *timings)
     figures = (f"a per-example gradient took {compute / k * 1e3:.3g} ms, exchanging it "
                f"{exchange / k * 1e3:.3g} ms ({k}-row probe)")
     # rows spares each rank (1 - 1/R) of a minibatch's gradients and exchanges 1/R of it (per rank)
@@ -83,9 +83,10 @@ def shard_plan(plan: ReplayPlan, args: ReplayArguments, shard: Shard) -> tuple[R
     return rank_plan, f"sharded by audit points {where} (--shard auto: {figures})"
 
 
-def _probe_rows(plan: ReplayPlan) -> tuple[float, float]:
-    """(seconds for the per-example gradients of k training rows beyond those of one row, seconds
-    to exchange k rows from every rank), each the second of two timings (the first warms up)."""
+def _probe_rows(plan: ReplayPlan) -> tuple[int, float, float]:
+    """(k, seconds for the per-example gradients of k training rows beyond those of one row,
+    seconds to exchange k rows from every rank), each time the second of two timings (the first
+    warms up); k = PROBE_ROWS, or the last minibatch's rows where it has fewer."""
     batch = plan.trajectory.flat(plan.total).checkpoint.batch.to(plan.device)
     k = min(len(batch), PROBE_ROWS)
     alone = dataclasses.replace(plan, exchange=None)
@@ -110,4 +111,4 @@ def _probe_rows(plan: ReplayPlan) -> tuple[float, float]:
         start = time.perf_counter()
         plan.exchange.gather(full, own)
         exchange = time.perf_counter() - start
-    return compute, exchange
+    return k, compute, exchange
