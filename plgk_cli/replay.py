@@ -39,8 +39,8 @@ from plgk_cli.arguments import ReplayArguments, check_vocabulary, resolve_audit_
 from plgk_cli.audit import AuditAccumulator, completeness
 from plgk_cli.check import validate_run
 from plgk_cli.data import dataset_files, to_device
-from plgk_cli.distributed import (SINGLE, RowExchange, Shard, any_rank, barrier, column_mean,
-                                  current_shard, gather_to_root)
+from plgk_cli.distributed import (SINGLE, BoundaryAgreement, RowExchange, Shard, barrier, column_mean,
+                                  current_shard, gather_tensors_to_root)
 from plgk_cli.distributed import finish as finish_distributed
 from plgk_cli.distributed import init as init_distributed
 from plgk_cli.geometry import compute_geometry
@@ -394,19 +394,22 @@ class WalkState:
     segment starting there (``h_start``); values of q at every boundary set up are in ``values``.
     """
 
-    def __init__(self, plan: ReplayPlan, evaluate_end: bool = True):
+    def __init__(self, plan: ReplayPlan, evaluate_end: bool = True, walking: bool = True):
+        """``walking``: False for a finished walk's result (``stitched``), which needs no P x
+        columns adjoints (with 256 columns on LeNet-5, half a gigabyte to allocate and zero)."""
         f64 = dict(dtype=torch.float64, device=plan.device)
+        adjoint = (lambda: _adjoint_buffer(plan)) if walking else (lambda: None)
         num_rows = len(plan.group) if plan.group is not None else len(plan.train_index)
         epochs = plan.run.epoch_of(plan.total - 1) + 1
         self.acc = AuditAccumulator(plan.row_of, num_rows, plan.columns, plan.total, epochs,
                                     plan.layout.layers, plan.device, bounded=plan.args.quadrature.adaptive)
-        self.w = _adjoint_buffer(plan)
+        self.w = adjoint()
         self.decay_next = 0.0
         self.values = torch.zeros(len(plan.boundaries), plan.columns, **f64)
         self.next_step = plan.total - 1
         self.h_start = plan.total
-        self.a_boundary = _adjoint_buffer(plan)
-        self.h = _adjoint_buffer(plan)
+        self.a_boundary = adjoint()
+        self.h = adjoint()
         # q(θ_end, b_end) − q(θ_end, b_start) of each segment: what the buffers' change did
         self.buffer_part = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
         # Each segment's own completeness error Δθ·h − Δq (both ends of q are known), the pieces
@@ -416,13 +419,13 @@ class WalkState:
         self.gradient_error = torch.zeros(len(plan.boundaries) - 1, plan.columns, **f64)
         # adaptive: h − h_coarser of the segment being walked (dh) and its adjoint (dw, dv), which
         # carry the per-example error bound the way w and v carry the influence
-        self.dh = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
-        self.dw = _adjoint_buffer(plan) if plan.args.quadrature.adaptive else None
+        self.dh = adjoint() if plan.args.quadrature.adaptive else None
+        self.dw = adjoint() if plan.args.quadrature.adaptive else None
         self.dv = torch.empty_like(self.dw) if self.dw is not None else None
         # Buffers the walk reuses rather than allocating P x columns float64 tensors each step (a
         # fresh one costs its page faults on first write): v_s, and a free one for ∇q at the
         # next boundary. Not part of the walk's state.
-        self.v = torch.empty_like(self.w)
+        self.v = torch.empty_like(self.w) if walking else None
         self.spare: torch.Tensor | None = None
         if evaluate_end:
             self.values[-1], self.a_boundary = plan.audit_side(plan.theta(plan.total), out=self.a_boundary,
@@ -433,7 +436,7 @@ class WalkState:
     def stitched(cls, plan: ReplayPlan, shards: list) -> "WalkState":
         """The finished walk of the whole audit set from the ranks' finished walks (columns are
         the last axis of every walked tensor and ranks hold contiguous audit points, in order)."""
-        state = cls(plan, evaluate_end=False)
+        state = cls(plan, evaluate_end=False, walking=False)
         tensors = {key: torch.cat([t[key] for t in shards], dim=-1) for key in shards[0]}
         tensors["audit/update_error"] = torch.stack([t["audit/update_error"] for t in shards]).amax(0)
         state.restore(tensors, {"next_step": -1, "h_start": 0, "decay_next": 0.0}, adjoints=False)
@@ -461,7 +464,7 @@ class WalkState:
         return {"next_step": self.next_step, "h_start": self.h_start, "decay_next": decay}
 
     def restore(self, tensors: dict, scalars: dict, adjoints: bool = True) -> None:
-        device = self.w.device
+        device = self.values.device
         names = ("values", "buffer_part", "segment_error", "sub_intervals", "gradient_error")
         if adjoints:
             names += tuple(name for name in self.ADJOINTS if getattr(self, name) is not None)
@@ -569,7 +572,7 @@ def _replay(args: ReplayArguments, shard: Shard, out: Path, progress_file: Path,
 
     _require_finite_results(rank_plan, state)
     if shard.distributed:
-        gathered = gather_to_root(shard, {k: v.cpu() for k, v in state.tensors(adjoints=False).items()})
+        gathered = gather_tensors_to_root(shard, {k: v.cpu() for k, v in state.tensors(adjoints=False).items()})
         if shard.rank == 0:
             state = WalkState.stitched(plan, gathered)
     geometry = None
@@ -653,6 +656,16 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
     run, args = plan.run, plan.args
     decomposition = run.decomposition
     last_commit_time, since_commit = time.monotonic(), 0
+    agreement = BoundaryAgreement(plan.shard)
+
+    def request() -> tuple[bool, bool]:
+        """(stop, commit) as this process sees it: a commit is due at the boundary where the
+        ranks act on it (``lag`` after this one) once --commit-every updates or --commit-seconds
+        have passed."""
+        due = (args.commit_every and since_commit + agreement.lag >= args.commit_every) or \
+            time.monotonic() - last_commit_time >= args.commit_seconds
+        return stop.requested, bool(due)
+
     segments = list(zip(plan.boundaries, plan.boundaries[1:]))
     budget = _error_budget(plan, state, len(segments)) if args.quadrature.adaptive else None
     for index in range(len(segments) - 1, -1, -1):
@@ -712,21 +725,21 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             state.next_step = t - 1
             bar.update(1)
             since_commit += 1
-            now = time.monotonic()
-            due = (args.commit_every and since_commit >= args.commit_every) or \
-                now - last_commit_time >= args.commit_seconds
             # under torchrun the ranks commit and stop together: a signal or a due commit on one
-            # is one on all (each holds the same step, so a resume finds a step all of them hold)
-            stopping, due = any_rank(plan.shard, stop.requested, due and state.next_step >= 0)
-            if stopping or due:
+            # is one on all, one boundary later (each holds the same step, so a resume finds a
+            # step all of them hold)
+            stopping, due = agreement.decide(request, last=t == 0)
+            if stopping or (due and state.next_step >= 0):
                 with stop.committing():
                     save()
-                last_commit_time, since_commit = now, 0
+                last_commit_time, since_commit = time.monotonic(), 0
                 # a signal during the commit stops one process here; ranks stop at the next boundary
                 stopping = stopping or (stop.requested and not plan.shard.distributed)
             if stopping:
                 raise Interrupted(f"replay stopped at step {t} of {plan.total}; progress committed "
                                   f"to {progress_file}: continue with --resume")
+            if t > 0:
+                agreement.post(request)
 
 
 def _audited_quantity(plan: ReplayPlan, column: int) -> tuple[int, str]:
@@ -837,23 +850,29 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
         parts = _ghost_parts(plan, coeffs, ghost_train, ghost_audit)
         if partial:
             parts = {layer: part[positions] for layer, part in parts.items()}
+    # Under torchrun each update's check runs on one rank: every rank credits the same per-example
+    # gradients (computed alike, or exchanged), and the stitched record takes each step's largest.
+    checked = plan.shard.checks_update(t)
     rounding = None  # faithful runs: ∇L_B − Σ_m w_m g_m, what float rounding leaves to no example
+    batch_grad = None
     if replayed is not None:
         batch_grad = replayed.batch_grad.to(torch.float64)
         if not partial:
             rounding = batch_grad - (g.sum(0) / len(batch) if weights is None else weights @ g)
             check_sum(plan, t, rounding, batch_grad)
-    else:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
-        batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
-        for name, factors in (ghost_train or {}).items():  # those layers are not in g
-            for kind, sl in plan.gradients.layer_parameters(name):
-                batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
+    else:
+        if checked:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
+            batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
+            for name, factors in (ghost_train or {}).items():  # those layers are not in g
+                for kind, sl in plan.gradients.layer_parameters(name):
+                    batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
         if partial:  # credit only the audited rows
             g = torch.index_select(g, 0, positions, out=plan.workspace.get(
                 "audited64", len(positions), layout.size, torch.float64, device))
     if frozen is not None:  # the optimizer saw no gradient there
         g = g.masked_fill(frozen, 0.0)
-        batch_grad = batch_grad.masked_fill(frozen, 0.0)
+        if batch_grad is not None:
+            batch_grad = batch_grad.masked_fill(frozen, 0.0)
         if rounding is not None:
             rounding = rounding.masked_fill(frozen, 0.0)
     scale = clip / len(batch) if weights is None else clip * weights[positions]  # c_s w_m
@@ -865,17 +884,19 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
         # full steps; no example owns it, so it goes through the same v_s into the residual.
         acc.add_residual(clip * (rounding @ v))
 
-    delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, hp, clip)
     recorded_delta = theta_next - theta_t
-    errors = [relative_error(delta, recorded_delta, theta_next, run.dtype)]
-    for key in (k for k in predicted_state if k in after):  # where the run holds the state
-        held = step_next.held.get(key)
-        predicted, recorded = (predicted_state[key], after[key]) if held is None else \
-            (predicted_state[key][held], after[key][held])
-        errors.append(relative_error(predicted, recorded, recorded, run.dtype))
-    # NaN (a record that contradicts itself, e.g. a bias correction of a parameter never stepped)
-    # must fail the gate, and max() would drop it behind a finite error
-    worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
+    worst = 0.0  # another rank's check: its figure is the one the stitched record keeps
+    if checked:
+        delta, predicted_state, _ = decomposition.simulate(before, theta_t, batch_grad, hp, clip)
+        errors = [relative_error(delta, recorded_delta, theta_next, run.dtype)]
+        for key in (k for k in predicted_state if k in after):  # where the run holds the state
+            held = step_next.held.get(key)
+            predicted, recorded = (predicted_state[key], after[key]) if held is None else \
+                (predicted_state[key][held], after[key][held])
+            errors.append(relative_error(predicted, recorded, recorded, run.dtype))
+        # NaN (a record that contradicts itself, e.g. a bias correction of a parameter never
+        # stepped) must fail the gate, and max() would drop it behind a finite error
+        worst = math.nan if any(math.isnan(e) for e in errors) else max(errors)
     acc.record_step(t, recorded_delta, state.h, worst)
     if not worst <= plan.max_update_error:
         raise UpdateCheckError(f"{run.path}: update {t} -> {t + 1} re-derived from the per-example "

@@ -14,8 +14,8 @@ across machines needs per update.
 
 From those it projects 8 and 64 ranks: for rows, T_R = (T_1 - S)/R + S on one machine (shared
 memory) and + C_R across machines, with S = 2 T_2 - T_1 the per-update work that rows does not
-divide (the update check, reading θ_t, the waits) and C_R = 2 C_2 (R - 1)/R the all-gather (each
-rank receives (R - 1)/R of the minibatch); for audit,
+divide (reading θ_t, the optimizer's coefficients, the waits) and C_R = 2 C_2 (R - 1)/R the
+all-gather (each rank receives (R - 1)/R of the minibatch); for audit,
 T_R = (T_1 - A)/R + A with A = 2 T_2 - T_1 the training side every rank repeats. Efficiency is
 T_1 / (R T_R). It assumes the per-rank bandwidth measured here (loopback TCP) and work that
 divides evenly; the audit set must hold at least R points (256 here: 4 a rank at 64).

@@ -253,3 +253,25 @@ def test_no_room_for_the_shared_rows_is_one_clear_error(monkeypatch):
         exchange.rows("train", 256, 61706, torch.float64, torch.device("cpu"))
     directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
     assert not list(directory.glob(f"plgk-rows-{exchange._token}-*"))  # the file it tried is gone
+
+
+def test_each_update_is_checked_by_one_rank():
+    for world in (1, 2, 3):
+        assert all(sum(Shard(r, world).checks_update(t) for r in range(world)) == 1 for t in range(7))
+
+
+def test_no_room_in_shared_memory_for_a_walk_is_no_file(monkeypatch, tmp_path):
+    import tempfile
+
+    import torch
+
+    from plgk_cli.distributed import save_to_shared_memory
+
+    def full(obj, path):
+        Path(path).write_bytes(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", full)
+    assert save_to_shared_memory({"x": torch.zeros(3)}, "walk-test") is None  # gather_object then
+    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    assert not list(directory.glob("plgk-walk-test-*"))
