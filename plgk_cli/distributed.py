@@ -132,8 +132,10 @@ def gather_tensors_to_root(shard: Shard, tensors: dict) -> list | None:
     if not shard.distributed:
         return [tensors]
     shared = through_shared_memory(shard)
-    path = save_to_shared_memory(tensors, f"walk-rank{shard.rank}") if shared and shard.rank != 0 else None
+    path = None
     try:
+        if shared and shard.rank != 0:
+            path = save_to_shared_memory(tensors, f"walk-rank{shard.rank}")
         paths = all_gather_object(shard, path)
         if not shared or any(p is None for p in paths[1:]):
             return gather_to_root(shard, tensors)
@@ -165,10 +167,12 @@ def save_to_shared_memory(tensors: dict, name: str) -> str | None:
     path = os.path.join(_shared_directory(), f"plgk-{name}-{uuid.uuid4().hex}")
     try:
         torch.save(tensors, path)
-    except (OSError, RuntimeError):  # torch.save reports a full tmpfs (ENOSPC) as a RuntimeError
+    except BaseException as exc:  # a signal too: no half-written file stays in /dev/shm
         with contextlib.suppress(OSError):
             os.unlink(path)
-        return None
+        if isinstance(exc, (OSError, RuntimeError)):  # torch.save reports ENOSPC as a RuntimeError
+            return None
+        raise
     return path
 
 

@@ -575,6 +575,7 @@ def _replay(args: ReplayArguments, shard: Shard, out: Path, progress_file: Path,
         gathered = gather_tensors_to_root(shard, {k: v.cpu() for k, v in state.tensors(adjoints=False).items()})
         if shard.rank == 0:
             state = WalkState.stitched(plan, gathered)
+        del gathered  # the other ranks' walks, mapped from /dev/shm: the stitched state holds them now
     geometry = None
     if shard.rank == 0 and args.geometry:
         if not shard.distributed:
@@ -656,6 +657,7 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
     run, args = plan.run, plan.args
     decomposition = run.decomposition
     last_commit_time, since_commit = time.monotonic(), 0
+    boundary_time = last_commit_time  # of the last update boundary
     agreement = BoundaryAgreement(plan.shard)
 
     def request() -> tuple[bool, bool]:
@@ -738,8 +740,12 @@ def _walk(plan: ReplayPlan, state: WalkState, bar, stop: StopRequest, save, prog
             if stopping:
                 raise Interrupted(f"replay stopped at step {t} of {plan.total}; progress committed "
                                   f"to {progress_file}: continue with --resume")
+            now = time.monotonic()
+            update_seconds, boundary_time = now - boundary_time, now
             if t > 0:
                 agreement.post(request)
+                if stop.requested and agreement.lag:  # acted on at the end of the next update
+                    stop.extend(2 * update_seconds)
 
 
 def _audited_quantity(plan: ReplayPlan, column: int) -> tuple[int, str]:

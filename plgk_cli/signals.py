@@ -106,6 +106,12 @@ class StopRequest:
         self.requested = True
         signal.setitimer(signal.ITIMER_REAL, GRACE_SECONDS)
 
+    def extend(self, seconds: float) -> None:
+        """The stop requested is acted on ``seconds`` from now (a torchrun rank's, which every rank
+        acts on at the next boundary): GRACE_SECONDS counts from then."""
+        if self.requested and self._main:
+            signal.setitimer(signal.ITIMER_REAL, seconds + GRACE_SECONDS)
+
     def _overdue(self, signum, frame):
         self._interrupt(StopOverdue())
 

@@ -201,6 +201,28 @@ def test_a_rank_killed_before_a_commit_resumes_to_the_uninterrupted_result(tmp_p
     assert not any(tmp_path.glob("two.h5.progress*"))
 
 
+def test_a_signal_to_one_rank_stops_every_rank_at_one_committed_step(tmp_path, tiny_npz):
+    """SIGTERM to rank 1 right after its first commit: the ranks agree on the stop one boundary
+    later, both commit that step and exit 130; the resume lands on the single-process file."""
+    run = _train(tmp_path / "run", tiny_npz, RUNS["adam"][0])
+    out = tmp_path / "two.h5"
+    common = ["-m", "plgk_cli", "replay", "--ckpts", str(run), "--audit-set", "test[0:5]", "--quiet",
+              "--device", "cpu", "--target", "loss", "--target", "logits", "--shard", "rows",
+              "--commit-every", "3", "--out", str(out)]
+    stopped = _torchrun(common, {"PLGK_FAULT": "after_commit:1:TERM", "PLGK_FAULT_RANK": "1"})
+    assert stopped.returncode != 0 and not out.exists()
+    assert stopped.stderr.count("replay stopped at step") == 2, stopped.stderr[-3000:]  # both ranks, one step
+    steps = [peek(progress_path(out, r))["walk"]["next_step"] for r in (0, 1)]
+    first = peek(previous_path(progress_path(out, 1)))["walk"]["next_step"]
+    # rank 1 asks at the boundary of its first commit; every rank stops at the next one
+    assert steps[0] == steps[1] == first - 1, (steps, first)
+    resumed = _torchrun(common + ["--resume"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    replay(ReplayArguments(ckpts=str(run), audit_set="test[0:5]", targets=TARGETS, device="cpu",
+                           out=str(tmp_path / "one.h5")), progress=False)
+    _assert_same_file(tmp_path / "one.h5", out)
+
+
 def test_ghost_cannot_shard_rows(tmp_path, tiny_npz):
     run = train_tiny(tmp_path / "run", tiny_npz, {"name": "sgd", "lr": 0.1})
     args = ReplayArguments(ckpts=str(run), audit_set="test[0:4]", out=str(tmp_path / "o.h5"), rule="euler",
