@@ -168,6 +168,19 @@ def test_float32_rows_agree_to_float32_rounding(tmp_path, tiny_npz):
         np.testing.assert_allclose(one.update_error, two.update_error, rtol=0, atol=1e-7)
 
 
+def _rows_replay(run: Path, out: Path, commit_every: int) -> list:
+    """`python -m plgk_cli replay` of ``run`` on test[0:5] with --shard rows (torchrun's arguments)."""
+    return ["-m", "plgk_cli", "replay", "--ckpts", str(run), "--audit-set", "test[0:5]", "--quiet",
+            "--device", "cpu", "--target", "loss", "--target", "logits", "--shard", "rows",
+            "--commit-every", str(commit_every), "--out", str(out)]
+
+
+def _single_process(run: Path, out: Path) -> Path:
+    replay(ReplayArguments(ckpts=str(run), audit_set="test[0:5]", targets=TARGETS, device="cpu", out=str(out)),
+           progress=False)
+    return out
+
+
 def test_a_rank_killed_before_a_commit_resumes_to_the_uninterrupted_result(tmp_path, tiny_npz):
     """Rank 1 is SIGKILLed just before its third commit: rank 0 may hold that step, rank 1 holds
     the one before. The resume starts both from the step both hold, and is killed the same way
@@ -176,9 +189,7 @@ def test_a_rank_killed_before_a_commit_resumes_to_the_uninterrupted_result(tmp_p
     on the file an uninterrupted single process writes."""
     run = _train(tmp_path / "run", tiny_npz, RUNS["sgd-momentum"][0])
     out = tmp_path / "two.h5"
-    common = ["-m", "plgk_cli", "replay", "--ckpts", str(run), "--audit-set", "test[0:5]", "--quiet",
-              "--device", "cpu", "--target", "loss", "--target", "logits", "--shard", "rows",
-              "--commit-every", "1", "--out", str(out)]
+    common = _rows_replay(run, out, commit_every=1)
     killed = _torchrun(common, {"PLGK_FAULT": "before_commit:3:KILL", "PLGK_FAULT_RANK": "1"})
     assert killed.returncode != 0 and not out.exists()
     held = [{peek(p)["walk"]["next_step"] for p in (progress_path(out, r), previous_path(progress_path(out, r)))
@@ -195,9 +206,7 @@ def test_a_rank_killed_before_a_commit_resumes_to_the_uninterrupted_result(tmp_p
         assert newest in steps, (r, steps)
     resumed = _torchrun(common + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    replay(ReplayArguments(ckpts=str(run), audit_set="test[0:5]", targets=TARGETS, device="cpu",
-                           out=str(tmp_path / "one.h5")), progress=False)
-    _assert_same_file(tmp_path / "one.h5", out)
+    _assert_same_file(_single_process(run, tmp_path / "one.h5"), out)
     assert not any(tmp_path.glob("two.h5.progress*"))
 
 
@@ -206,9 +215,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_committed_step(tmp_path, t
     later, both commit that step and exit 130; the resume lands on the single-process file."""
     run = _train(tmp_path / "run", tiny_npz, RUNS["adam"][0])
     out = tmp_path / "two.h5"
-    common = ["-m", "plgk_cli", "replay", "--ckpts", str(run), "--audit-set", "test[0:5]", "--quiet",
-              "--device", "cpu", "--target", "loss", "--target", "logits", "--shard", "rows",
-              "--commit-every", "3", "--out", str(out)]
+    common = _rows_replay(run, out, commit_every=3)
     stopped = _torchrun(common, {"PLGK_FAULT": "after_commit:1:TERM", "PLGK_FAULT_RANK": "1"})
     assert stopped.returncode != 0 and not out.exists()
     assert stopped.stderr.count("replay stopped at step") == 2, stopped.stderr[-3000:]  # both ranks, one step
@@ -218,9 +225,7 @@ def test_a_signal_to_one_rank_stops_every_rank_at_one_committed_step(tmp_path, t
     assert steps[0] == steps[1] == first - 1, (steps, first)
     resumed = _torchrun(common + ["--resume"])
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    replay(ReplayArguments(ckpts=str(run), audit_set="test[0:5]", targets=TARGETS, device="cpu",
-                           out=str(tmp_path / "one.h5")), progress=False)
-    _assert_same_file(tmp_path / "one.h5", out)
+    _assert_same_file(_single_process(run, tmp_path / "one.h5"), out)
 
 
 def test_ghost_cannot_shard_rows(tmp_path, tiny_npz):
