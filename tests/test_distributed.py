@@ -26,7 +26,7 @@ import pytest
 
 from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
-from plgk_cli.distributed import Shard, newest_common
+from plgk_cli.distributed import Shard, _shared_directory, newest_common
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.progress import commit, peek, previous_path, progress_path
 from plgk_cli.replay import plan_replay, replay
@@ -264,7 +264,6 @@ def test_a_commit_keeps_the_one_before(tmp_path):
 
 def test_no_room_for_the_shared_rows_is_one_clear_error(monkeypatch):
     import errno
-    import tempfile
 
     import torch
 
@@ -278,7 +277,7 @@ def test_no_room_for_the_shared_rows_is_one_clear_error(monkeypatch):
     exchange = SharedMemoryExchange(SINGLE)
     with pytest.raises(OutputError, match=r"--shard rows: no room for \d+ MiB of shared memory .*--shard audit"):
         exchange.rows("train", 256, 61706, torch.float64, torch.device("cpu"))
-    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    directory = Path(_shared_directory())
     assert not list(directory.glob(f"plgk-rows-{exchange._token}-*"))  # the file it tried is gone
 
 
@@ -288,8 +287,6 @@ def test_each_update_is_checked_by_one_rank():
 
 
 def test_no_room_in_shared_memory_for_a_walk_is_no_file(monkeypatch, tmp_path):
-    import tempfile
-
     import torch
 
     from plgk_cli.distributed import save_to_shared_memory
@@ -300,5 +297,5 @@ def test_no_room_in_shared_memory_for_a_walk_is_no_file(monkeypatch, tmp_path):
 
     monkeypatch.setattr(torch, "save", full)
     assert save_to_shared_memory({"x": torch.zeros(3)}, "walk-test") is None  # gather_object then
-    directory = Path("/dev/shm") if os.path.isdir("/dev/shm") else Path(tempfile.gettempdir())
+    directory = Path(_shared_directory())
     assert not list(directory.glob("plgk-walk-test-*"))
