@@ -16,7 +16,8 @@ The walk's state is laid out the same in both modes (a rank's columns), so a res
 modes. Ranks agree on whether to commit progress and whether to stop (``BoundaryAgreement``), so
 their commits are always of the same step; each keeps its previous commit until the next one is
 written everywhere, and a resume starts from the newest step every rank holds. Each update's
-check runs on one rank (``Shard.checks_update``), and rank 0 gathers the finished walks, through
+check runs on one rank (``Shard.checks_update``); under rows every rank sums its share of the
+check's Σ_m w_m g_m first (``ReplayPlan.batch_gradient``). Rank 0 gathers the finished walks, through
 shared memory where the ranks share a machine (``gather_tensors_to_root``).
 """
 

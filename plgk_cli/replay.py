@@ -103,6 +103,9 @@ def _row_mapping(run: Run, subset: torch.Tensor | None, group_by: str | None):
     return row_of, audited, y[audited], None
 
 
+CHECK_COLUMNS = 4096  # columns of ∇L_B = Σ_m w_m g_m that one product sums (ReplayPlan.batch_gradient)
+
+
 @dataclass(frozen=True)
 class ReplayPlan:
     """Everything fixed for one replay, derived from its arguments and the run (no state)."""
@@ -249,6 +252,30 @@ class ReplayPlan:
         theta = theta.to(self.compute)  # --ghost is audit-sharded: no factors here
         return self._exchanged("train", rows, lambda mine, block: self.gradients.loss_gradients(
             theta, self.x_train[mine], self.y_train[mine], block)[0] if len(mine) else None)
+
+    def batch_gradient(self, g: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+        """∇L_B = Σ_m w_m g_m of the minibatch's per-example gradients g (B x P, float64; w_m =
+        1/|B| where the task has no weights): what the update check re-derives the update from.
+        Summed CHECK_COLUMNS columns at a time, so that under --shard rows each rank sums a share
+        of the chunks, the exchange brings the others', and every rank holds the single process's
+        vector bit for bit: summed whole on one rank, it was the one step of the walk that only
+        one rank did (each rank waiting for the other's check every other update)."""
+        if weights is None:
+            weights = torch.full((len(g),), 1.0 / len(g), dtype=torch.float64, device=g.device)
+        size = self.layout.size
+        chunks = -(-size // CHECK_COLUMNS)
+        if self.exchange is None:
+            full = own = self.workspace.get("batch_gradient", chunks, CHECK_COLUMNS, torch.float64, self.device)
+            mine = range(chunks)
+        else:
+            full, own = self.exchange.rows("batch_gradient", chunks, CHECK_COLUMNS, torch.float64, self.device)
+            mine = range(*self.shard.row_slice(chunks).indices(chunks))
+        for row, chunk in enumerate(mine):
+            columns = slice(chunk * CHECK_COLUMNS, min((chunk + 1) * CHECK_COLUMNS, size))
+            torch.mv(g[:, columns].T, weights, out=own[row, :columns.stop - columns.start])
+        if self.exchange is not None:
+            full = self.exchange.gather(full, own)
+        return full.reshape(-1)[:size]
 
     def _buffer(self, name: str, rows: int, dtype) -> torch.Tensor:
         return self.workspace.get(name, rows, self.layout.size, dtype, self.device)
@@ -867,8 +894,8 @@ def _audit_update(plan: ReplayPlan, state: WalkState, decomposition, t: int, ste
             rounding = batch_grad - (g.sum(0) / len(batch) if weights is None else weights @ g)
             check_sum(plan, t, rounding, batch_grad)
     else:
-        if checked:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example gradients
-            batch_grad = g.sum(0) / len(batch) if weights is None else weights @ g
+        if checked or plan.exchange is not None:  # ∇L_B = Σ_m w_m g_m: the check tests the per-example
+            batch_grad = plan.batch_gradient(g, weights)  # gradients (under rows each rank sums its share)
             for name, factors in (ghost_train or {}).items():  # those layers are not in g
                 for kind, sl in plan.gradients.layer_parameters(name):
                     batch_grad[sl] = ghost_batch_gradient(factors, kind) / len(batch)
