@@ -15,6 +15,8 @@ test_float32_rows_agree_to_float32_rounding.
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import os
 import subprocess
@@ -24,16 +26,18 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 
 from conftest import train_tiny
 from plgk_cli.arguments import ReplayArguments
-from plgk_cli.distributed import Shard, _shared_directory, newest_common
+from plgk_cli.distributed import RowExchange, Shard, _shared_directory, newest_common
 from plgk_cli.errors import AuditSpecError
 from plgk_cli.progress import commit, peek, previous_path, progress_path
 from plgk_cli.replay import plan_replay, replay
 from plgk_cli.sharding import shard_plan
 from plgk_cli.store import InfluenceFile
 
+replay_module = importlib.import_module("plgk_cli.replay")  # the package's `replay` is the function
 WORKER = Path(__file__).with_name("distributed_worker.py")
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 TARGETS = ("loss", "logits")
@@ -316,3 +320,41 @@ def test_no_room_in_shared_memory_for_a_walk_is_no_file(monkeypatch, tmp_path):
     assert save_to_shared_memory({"x": torch.zeros(3)}, "walk-test") is None  # gather_object then
     directory = Path(_shared_directory())
     assert not list(directory.glob("plgk-walk-test-*"))
+
+
+class _InProcessExchange(RowExchange):
+    """The ranks of one process, one after another: every rank's rows land in one tensor."""
+
+    def __init__(self, shard: Shard, shared: dict):
+        super().__init__(shard)
+        self.shared = shared
+
+    def rows(self, name, n, width, dtype, device):
+        b = self.shard.block_rows(n)
+        full = self.shared.setdefault(name, torch.full((self.shard.world * b, width), float("nan"), dtype=dtype))
+        return full, full[self.shard.rank * b:(self.shard.rank + 1) * b]
+
+    def gather(self, full, own):
+        return full
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_ranks_sum_shares_of_the_batch_gradient_to_the_single_process_vector(monkeypatch, tmp_path, tiny_npz, world):
+    """ReplayPlan.batch_gradient in chunks of 8 columns (the tiny MLP's 63 parameters: 8 chunks):
+    the ranks' shares laid together equal the single process's vector bit for bit, and that
+    equals Σ_m w_m g_m summed by explicit loops."""
+    monkeypatch.setattr(replay_module, "CHECK_COLUMNS", 8)
+    run = train_tiny(tmp_path / "run", tiny_npz, {"name": "adam", "lr": 0.05})
+    plan = plan_replay(ReplayArguments(ckpts=str(run), audit_set="test[0:5]", device="cpu", out=str(tmp_path / "a.h5")))
+    g = torch.randn(6, plan.layout.size, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    for weights in (None, torch.rand(6, dtype=torch.float64, generator=torch.Generator().manual_seed(1))):
+        single = plan.batch_gradient(g, weights).clone()
+        w = [1 / 6] * 6 if weights is None else weights.tolist()
+        naive = torch.tensor([sum(w[m] * float(g[m, p]) for m in range(6)) for p in range(plan.layout.size)],
+                             dtype=torch.float64)
+        assert torch.allclose(single, naive, rtol=1e-14, atol=1e-15)
+        shared: dict = {}
+        for rank in range(world):
+            shard = Shard(rank, world)
+            dataclasses.replace(plan, shard=shard, exchange=_InProcessExchange(shard, shared)).batch_gradient(g, weights)
+        assert torch.equal(shared["batch_gradient"].reshape(-1)[:plan.layout.size], single)
